@@ -1,0 +1,767 @@
+//! [`IdempotencyChecker`]: the one path every entry point goes through.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::FutureExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use crate::config::{DuplicatePolicy, IdempotencyConfig, InProgressPolicy};
+use crate::envelope::EventEnvelope;
+use crate::error::{IdempotencyError, Result};
+use crate::key::{fingerprint, stored_key};
+use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
+use crate::stats::{CheckerStats, Counters, bump};
+use crate::store::{ClaimRequest, IdempotencyStore};
+
+/// What [`IdempotencyChecker::process`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Processed<T> {
+    /// The handler ran (this call held the key) and returned this value.
+    Executed(T),
+    /// The key was already completed; this is the first attempt's result,
+    /// decoded from the record. The handler did not run.
+    Replayed(T),
+}
+
+impl<T> Processed<T> {
+    /// The value, executed or replayed.
+    pub fn into_inner(self) -> T {
+        match self {
+            Self::Executed(v) | Self::Replayed(v) => v,
+        }
+    }
+
+    /// A reference to the value.
+    pub fn value(&self) -> &T {
+        match self {
+            Self::Executed(v) | Self::Replayed(v) => v,
+        }
+    }
+
+    /// Whether the handler ran in this call.
+    pub fn was_executed(&self) -> bool {
+        matches!(self, Self::Executed(_))
+    }
+
+    /// Whether the value was replayed from an earlier attempt.
+    pub fn was_replayed(&self) -> bool {
+        matches!(self, Self::Replayed(_))
+    }
+}
+
+/// A key-based request: what the envelope entry point, the macro, NATS and
+/// HTTP integrations all reduce to.
+///
+/// ```
+/// use idempotency_core::KeyedRequest;
+/// let request = KeyedRequest::new("order-42:charge")
+///     .event_type("order.charge")
+///     .fingerprint_of(&serde_json::json!({"amount": 1200}))?;
+/// # let _ = request;
+/// # Ok::<(), idempotency_core::IdempotencyError>(())
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct KeyedRequest<'a> {
+    key: &'a str,
+    event_id: Option<&'a str>,
+    event_type: Option<&'a str>,
+    fingerprint: Option<String>,
+    ttl: Option<Duration>,
+    in_progress_timeout: Option<Duration>,
+}
+
+impl<'a> KeyedRequest<'a> {
+    /// A request for `key` (the raw idempotency key, validated by the checker).
+    pub fn new(key: &'a str) -> Self {
+        Self {
+            key,
+            event_id: None,
+            event_type: None,
+            fingerprint: None,
+            ttl: None,
+            in_progress_timeout: None,
+        }
+    }
+
+    /// A request for an envelope's effective key, with its event id and type.
+    /// The payload is fingerprinted when `fingerprint_payload` is true.
+    pub fn from_envelope<P: Serialize>(
+        envelope: &'a EventEnvelope<P>,
+        fingerprint_payload: bool,
+    ) -> Result<Self> {
+        let request = Self::new(envelope.effective_key())
+            .event_id(&envelope.event_id)
+            .event_type(&envelope.event_type);
+        if fingerprint_payload {
+            request.fingerprint_of(&envelope.payload)
+        } else {
+            Ok(request)
+        }
+    }
+
+    /// Records this event id.
+    pub fn event_id(mut self, event_id: &'a str) -> Self {
+        self.event_id = Some(event_id);
+        self
+    }
+
+    /// Records this event type.
+    pub fn event_type(mut self, event_type: &'a str) -> Self {
+        self.event_type = Some(event_type);
+        self
+    }
+
+    /// Sets the fingerprint: a later request with the same key and a different
+    /// fingerprint fails with [`IdempotencyError::FingerprintMismatch`].
+    pub fn fingerprint(mut self, fingerprint: impl Into<String>) -> Self {
+        self.fingerprint = Some(fingerprint.into());
+        self
+    }
+
+    /// Sets the fingerprint to that of `payload` (SHA-256 of its canonical JSON).
+    pub fn fingerprint_of<P: Serialize + ?Sized>(self, payload: &P) -> Result<Self> {
+        Ok(self.fingerprint(fingerprint(payload)?))
+    }
+
+    /// Overrides the checker's `ttl` for this request.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Overrides the checker's `in_progress_timeout` (the lease) for this request.
+    pub fn in_progress_timeout(mut self, timeout: Duration) -> Self {
+        self.in_progress_timeout = Some(timeout);
+        self
+    }
+}
+
+struct Inner {
+    store: Arc<dyn IdempotencyStore>,
+    config: IdempotencyConfig,
+    counters: Counters,
+}
+
+/// Makes handlers idempotent over an [`IdempotencyStore`].
+///
+/// Cheap to clone; clones share the store, configuration and statistics.
+///
+/// ```
+/// use idempotency_core::{EventEnvelope, IdempotencyChecker, IdempotencyError, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), IdempotencyError> {
+/// let checker = IdempotencyChecker::new(MemoryStore::new());
+/// let event = EventEnvelope::new("order.placed", serde_json::json!({"order": 42}));
+///
+/// let first = checker
+///     .process(&event, |_lease| async { Ok::<_, IdempotencyError>("charged") })
+///     .await?;
+/// let again = checker
+///     .process(&event, |_lease| async { Ok::<_, IdempotencyError>("charged twice!") })
+///     .await?;
+/// assert!(first.was_executed());
+/// assert!(again.was_replayed());
+/// assert_eq!(again.into_inner(), "charged");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyChecker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for IdempotencyChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyChecker")
+            .field("store", &self.inner.store)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Where a claim (after the in-progress policy) left a request.
+enum Claimed {
+    Acquired(Lease),
+    Duplicate(IdempotencyRecord),
+    InProgress(IdempotencyRecord),
+}
+
+impl IdempotencyChecker {
+    /// A checker over `store` with the default configuration.
+    pub fn new(store: impl IdempotencyStore + 'static) -> Self {
+        Self::with_config(store, IdempotencyConfig::default())
+    }
+
+    /// A checker over `store` with `config`.
+    pub fn with_config(store: impl IdempotencyStore + 'static, config: IdempotencyConfig) -> Self {
+        Self::from_shared(Arc::new(store), config)
+    }
+
+    /// A checker over a store shared with other checkers.
+    pub fn from_shared(store: Arc<dyn IdempotencyStore>, config: IdempotencyConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IdempotencyConfig {
+        &self.inner.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn IdempotencyStore> {
+        &self.inner.store
+    }
+
+    /// What this checker has seen so far.
+    pub fn stats(&self) -> CheckerStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Checks that the store answers.
+    pub async fn health_check(&self) -> Result<()> {
+        self.count_store_error(self.inner.store.health().await)
+    }
+
+    /// The storage key for a raw idempotency key (prefix, optional hashing),
+    /// after validating it.
+    pub fn storage_key(&self, key: &str) -> Result<String> {
+        Ok(stored_key(key, &self.inner.config)?.storage)
+    }
+
+    fn count_store_error<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(
+            IdempotencyError::StoreUnavailable { .. } | IdempotencyError::CorruptRecord { .. },
+        ) = &result
+        {
+            bump(&self.inner.counters.store_errors);
+        }
+        result
+    }
+
+    /// The record for a raw idempotency key, whatever its status.
+    pub async fn get_processing_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
+        let storage = self.storage_key(key)?;
+        self.count_store_error(self.inner.store.get(&storage).await)
+    }
+
+    /// Whether a new delivery of `key` should be skipped: the key is
+    /// `COMPLETED`, or `PROCESSING` under a live lease. A `FAILED` key is not a
+    /// duplicate: its retry runs.
+    ///
+    /// This is a read for dashboards and pre-checks; it decides nothing. The
+    /// atomic decision is the claim made by [`process`](Self::process),
+    /// [`guard`](Self::guard) and [`mark_processing`](Self::mark_processing).
+    /// Lease liveness is judged here by this host's clock.
+    pub async fn is_duplicate(&self, key: &str) -> Result<bool> {
+        Ok(self.get_processing_record(key).await?.is_some_and(|r| {
+            r.status == ProcessingStatus::Completed || r.is_live_processing(Utc::now())
+        }))
+    }
+
+    /// Deletes the record of a raw idempotency key (so the key is processed
+    /// again); returns whether there was one.
+    pub async fn delete_record(&self, key: &str) -> Result<bool> {
+        let storage = self.storage_key(key)?;
+        self.count_store_error(self.inner.store.delete(&storage).await)
+    }
+
+    /// Claims the envelope's key: the low-level first step. On
+    /// [`ClaimOutcome::Acquired`] the caller must finish with
+    /// [`mark_completed`](Self::mark_completed) or
+    /// [`mark_failed`](Self::mark_failed) before the lease
+    /// (`in_progress_timeout`) runs out; nothing renews it. Prefer
+    /// [`process`](Self::process) or [`guard`](Self::guard).
+    pub async fn mark_processing<P: Serialize>(
+        &self,
+        envelope: &EventEnvelope<P>,
+    ) -> Result<ClaimOutcome> {
+        let request =
+            KeyedRequest::from_envelope(envelope, self.inner.config.fingerprint_payloads)?;
+        let (claimed, _, _) = self.claim(&request).await?;
+        Ok(match claimed {
+            Claimed::Acquired(lease) => ClaimOutcome::Acquired(lease),
+            Claimed::Duplicate(record) => ClaimOutcome::Duplicate(record),
+            Claimed::InProgress(record) => ClaimOutcome::InProgress(record),
+        })
+    }
+
+    /// Records `result` for a lease from [`mark_processing`](Self::mark_processing).
+    /// Fails with [`IdempotencyError::LeaseLost`] if the lease was taken over.
+    pub async fn mark_completed<T: Serialize + ?Sized>(
+        &self,
+        lease: &Lease,
+        result: &T,
+    ) -> Result<()> {
+        let value = serde_json::to_value(result)?;
+        self.complete(lease, &value, self.inner.config.ttl).await
+    }
+
+    /// Records a failure for a lease from [`mark_processing`](Self::mark_processing),
+    /// so the next delivery retries.
+    pub async fn mark_failed(&self, lease: &Lease, error: &str) -> Result<()> {
+        self.fail(lease, error, self.inner.config.ttl).await
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        value: &serde_json::Value,
+        ttl: Duration,
+    ) -> Result<()> {
+        let result = self.inner.store.complete(lease, value, ttl).await;
+        match &result {
+            Ok(()) => bump(&self.inner.counters.executed),
+            Err(IdempotencyError::LeaseLost { .. }) => {
+                bump(&self.inner.counters.lease_lost);
+                tracing::warn!(
+                    attempt = lease.attempt,
+                    "lease lost before completion; result not recorded"
+                );
+            }
+            Err(_) => {}
+        }
+        self.count_store_error(result)
+    }
+
+    async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
+        let result = self.inner.store.fail(lease, error, ttl).await;
+        match &result {
+            Ok(()) => bump(&self.inner.counters.failed),
+            Err(IdempotencyError::LeaseLost { .. }) => bump(&self.inner.counters.lease_lost),
+            Err(_) => {}
+        }
+        self.count_store_error(result)
+    }
+
+    /// The one claim path: validate, claim, apply the in-progress policy.
+    async fn claim(&self, request: &KeyedRequest<'_>) -> Result<(Claimed, Durations, String)> {
+        let config = &self.inner.config;
+        let key = stored_key(request.key, config)?;
+        let durations = Durations {
+            ttl: request.ttl.unwrap_or(config.ttl),
+            lease: request
+                .in_progress_timeout
+                .unwrap_or(config.in_progress_timeout),
+        };
+        let token = new_token();
+        let claim = ClaimRequest {
+            key: &key.storage,
+            recorded_key: &key.recorded,
+            event_id: request.event_id,
+            event_type: request.event_type,
+            fingerprint: request.fingerprint.as_deref(),
+            token: &token,
+            lease: durations.lease,
+            ttl: durations.ttl,
+        };
+        let deadline = match config.on_in_progress {
+            InProgressPolicy::Wait(bound) => Some(Instant::now() + bound),
+            InProgressPolicy::Error => None,
+        };
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let outcome = self.inner.store.claim(&claim).await;
+            let outcome = match outcome {
+                Err(e @ IdempotencyError::FingerprintMismatch { .. }) => {
+                    bump(&self.inner.counters.fingerprint_mismatches);
+                    return Err(e);
+                }
+                other => self.count_store_error(other)?,
+            };
+            let claimed = match outcome {
+                ClaimOutcome::Acquired(lease) => Claimed::Acquired(lease),
+                ClaimOutcome::Duplicate(record) => {
+                    bump(&self.inner.counters.replayed);
+                    Claimed::Duplicate(record)
+                }
+                ClaimOutcome::InProgress(record) => {
+                    let now = Instant::now();
+                    if let Some(deadline) = deadline.filter(|d| *d > now) {
+                        tokio::time::sleep(pause.min(deadline - now)).await;
+                        pause = (pause * 2).min(Duration::from_millis(250));
+                        continue;
+                    }
+                    bump(&self.inner.counters.in_progress);
+                    Claimed::InProgress(record)
+                }
+            };
+            tracing::debug!(key = %key.storage, outcome = claimed.name(), "claim");
+            return Ok((claimed, durations, key.storage));
+        }
+    }
+
+    /// Claims the envelope's key and returns a guard for the manual style.
+    /// See [`IdempotencyGuard`].
+    pub async fn guard<P: Serialize>(
+        &self,
+        envelope: &EventEnvelope<P>,
+    ) -> Result<IdempotencyGuard> {
+        let request =
+            KeyedRequest::from_envelope(envelope, self.inner.config.fingerprint_payloads)?;
+        self.guard_request(request).await
+    }
+
+    /// Like [`guard`](Self::guard), for a key-based request.
+    pub async fn guard_request(&self, request: KeyedRequest<'_>) -> Result<IdempotencyGuard> {
+        let (claimed, durations, _) = self.claim(&request).await?;
+        Ok(IdempotencyGuard {
+            checker: self.clone(),
+            state: match claimed {
+                Claimed::Acquired(lease) => GuardState::Held(lease),
+                Claimed::Duplicate(record) => GuardState::Duplicate(record),
+                Claimed::InProgress(record) => GuardState::InProgress(record),
+            },
+            durations,
+        })
+    }
+
+    /// Runs `handler` at most once per effective key of `envelope`.
+    ///
+    /// - The key is claimed atomically. The first caller runs the handler,
+    ///   which gets the [`Lease`] (its `token` fences the handler's own writes);
+    ///   the lease is renewed in the background while the handler runs.
+    /// - `Ok(v)` is recorded as `COMPLETED` and returned as
+    ///   [`Processed::Executed`]; later calls get [`Processed::Replayed`] with
+    ///   `v` decoded from the record (or [`IdempotencyError::Duplicate`] under
+    ///   [`DuplicatePolicy::Error`]).
+    /// - `Err(e)` is recorded as `FAILED` with `e`'s text and returned; the next
+    ///   call runs the handler again.
+    /// - A panic is recorded as `FAILED` and then resumed.
+    /// - While another attempt runs, the call fails with
+    ///   [`IdempotencyError::InProgress`] (or waits, under
+    ///   [`InProgressPolicy::Wait`]).
+    /// - If the store cannot be reached the handler does not run and the error
+    ///   is returned (fail closed).
+    pub async fn process<P, T, E, F, Fut>(
+        &self,
+        envelope: &EventEnvelope<P>,
+        handler: F,
+    ) -> Result<Processed<T>, E>
+    where
+        P: Serialize,
+        T: Serialize + DeserializeOwned,
+        E: From<IdempotencyError> + std::fmt::Display,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let request =
+            KeyedRequest::from_envelope(envelope, self.inner.config.fingerprint_payloads)?;
+        self.process_request(request, handler).await
+    }
+
+    /// [`process`](Self::process) for a key-based request: the path the macro,
+    /// NATS and HTTP integrations share.
+    pub async fn process_request<T, E, F, Fut>(
+        &self,
+        request: KeyedRequest<'_>,
+        handler: F,
+    ) -> Result<Processed<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<IdempotencyError> + std::fmt::Display,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let (claimed, durations, key) = self.claim(&request).await?;
+        let lease = match claimed {
+            Claimed::Acquired(lease) => lease,
+            Claimed::Duplicate(record) => return self.replay(key, &record).map_err(E::from),
+            Claimed::InProgress(record) => {
+                return Err(E::from(IdempotencyError::InProgress {
+                    key,
+                    attempt: record.attempts,
+                }));
+            }
+        };
+        let mut guard = IdempotencyGuard {
+            checker: self.clone(),
+            state: GuardState::Held(lease.clone()),
+            durations,
+        };
+
+        let run = AssertUnwindSafe(async move { handler(lease).await }).catch_unwind();
+        let outcome = {
+            let heartbeat = guard.heartbeat();
+            tokio::pin!(run, heartbeat);
+            tokio::select! {
+                biased;
+                outcome = &mut run => outcome,
+                never = &mut heartbeat => match never {},
+            }
+        };
+        match outcome {
+            Ok(Ok(value)) => {
+                let json = match serde_json::to_value(&value) {
+                    Ok(json) => json,
+                    Err(e) => {
+                        let _ = guard
+                            .finish_failed(&format!("result not serializable: {e}"))
+                            .await;
+                        return Err(E::from(IdempotencyError::Serialization(e)));
+                    }
+                };
+                guard.finish_completed(&json).await.map_err(E::from)?;
+                Ok(Processed::Executed(value))
+            }
+            Ok(Err(error)) => {
+                if let Err(store_error) = guard.finish_failed(&error.to_string()).await {
+                    tracing::warn!(error = %store_error, "could not record the failed attempt; its lease will expire");
+                }
+                Err(error)
+            }
+            Err(panic) => {
+                if let Err(store_error) = guard.finish_failed("handler panicked").await {
+                    tracing::warn!(error = %store_error, "could not record the panicked attempt; its lease will expire");
+                }
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    fn replay<T: DeserializeOwned>(
+        &self,
+        key: String,
+        record: &IdempotencyRecord,
+    ) -> Result<Processed<T>> {
+        match self.inner.config.on_duplicate {
+            DuplicatePolicy::Error => Err(IdempotencyError::Duplicate {
+                key,
+                cached_result: record.result.clone(),
+            }),
+            DuplicatePolicy::Replay => {
+                let value = record.result.clone().unwrap_or(serde_json::Value::Null);
+                Ok(Processed::Replayed(serde_json::from_value(value)?))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Durations {
+    ttl: Duration,
+    lease: Duration,
+}
+
+impl Claimed {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Acquired(_) => "acquired",
+            Self::Duplicate(_) => "duplicate",
+            Self::InProgress(_) => "in_progress",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum GuardState {
+    Held(Lease),
+    Duplicate(IdempotencyRecord),
+    InProgress(IdempotencyRecord),
+    Finished,
+}
+
+/// The manual guard: Rust's answer to a context manager.
+///
+/// Get one from [`IdempotencyChecker::guard`]. If it holds the key, do the
+/// work and call [`complete`](Self::complete) or [`fail`](Self::fail). A guard
+/// dropped while holding the key (an early return, `?`, a panic, a cancelled
+/// task) records the attempt as `FAILED` in the background, so the next
+/// delivery retries. If it does not hold the key,
+/// [`is_duplicate`](Self::is_duplicate) is true and
+/// [`cached_result`](Self::cached_result) has the first attempt's result once
+/// it completed.
+///
+/// The guard does not renew its lease by itself: finish within
+/// `in_progress_timeout`, or call [`renew`](Self::renew).
+///
+/// ```
+/// use idempotency_core::{EventEnvelope, IdempotencyChecker, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idempotency_core::IdempotencyError> {
+/// let checker = IdempotencyChecker::new(MemoryStore::new());
+/// let event = EventEnvelope::new("user.signed_up", serde_json::json!({"user": 7}));
+///
+/// let guard = checker.guard(&event).await?;
+/// if guard.is_duplicate() {
+///     let earlier: Option<u32> = guard.cached_result()?;
+///     println!("already handled: {earlier:?}");
+/// } else {
+///     let welcome_mail_id = 42u32; // ... the side effect ...
+///     guard.complete(&welcome_mail_id).await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a guard dropped while holding its key records the attempt as failed"]
+pub struct IdempotencyGuard {
+    checker: IdempotencyChecker,
+    state: GuardState,
+    durations: Durations,
+}
+
+impl IdempotencyGuard {
+    /// Whether another attempt already has this key (completed or running),
+    /// so this caller must not do the work.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(
+            self.state,
+            GuardState::Duplicate(_) | GuardState::InProgress(_)
+        )
+    }
+
+    /// Whether the key is held by another attempt that is still running.
+    pub fn is_in_progress(&self) -> bool {
+        matches!(self.state, GuardState::InProgress(_))
+    }
+
+    /// The first attempt's result, when the key was already `COMPLETED`.
+    pub fn cached_result<T: DeserializeOwned>(&self) -> Result<Option<T>> {
+        match &self.state {
+            GuardState::Duplicate(record) => {
+                let value = record.result.clone().unwrap_or(serde_json::Value::Null);
+                Ok(Some(serde_json::from_value(value)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The record found by the claim when this caller did not get the key.
+    pub fn record(&self) -> Option<&IdempotencyRecord> {
+        match &self.state {
+            GuardState::Duplicate(record) | GuardState::InProgress(record) => Some(record),
+            _ => None,
+        }
+    }
+
+    /// The lease, when this caller holds the key.
+    pub fn lease(&self) -> Option<&Lease> {
+        match &self.state {
+            GuardState::Held(lease) => Some(lease),
+            _ => None,
+        }
+    }
+
+    fn held(&self) -> Result<&Lease> {
+        match &self.state {
+            GuardState::Held(lease) => Ok(lease),
+            GuardState::Duplicate(r) | GuardState::InProgress(r) => {
+                Err(IdempotencyError::LeaseLost {
+                    key: r.idempotency_key.clone(),
+                })
+            }
+            GuardState::Finished => Err(IdempotencyError::LeaseLost { key: String::new() }),
+        }
+    }
+
+    /// Extends the lease by `in_progress_timeout` from now.
+    pub async fn renew(&mut self) -> Result<()> {
+        let lease = self.held()?;
+        let store = &self.checker.inner.store;
+        let renewed = store.renew(lease, self.durations.lease).await;
+        let renewed = self.checker.count_store_error(renewed)?;
+        self.state = GuardState::Held(renewed);
+        Ok(())
+    }
+
+    /// Records `result` as the key's result. Fails with
+    /// [`IdempotencyError::LeaseLost`] if this caller does not hold the key
+    /// (anymore).
+    pub async fn complete<T: Serialize + ?Sized>(mut self, result: &T) -> Result<()> {
+        let value = serde_json::to_value(result)?;
+        self.finish_completed(&value).await
+    }
+
+    /// Records the attempt as `FAILED` with `error`, so the next delivery retries.
+    pub async fn fail(mut self, error: &str) -> Result<()> {
+        self.finish_failed(error).await
+    }
+
+    async fn finish_completed(&mut self, value: &serde_json::Value) -> Result<()> {
+        let result = self
+            .checker
+            .complete(self.held()?, value, self.durations.ttl)
+            .await;
+        self.state = GuardState::Finished;
+        result
+    }
+
+    async fn finish_failed(&mut self, error: &str) -> Result<()> {
+        let result = self
+            .checker
+            .fail(self.held()?, error, self.durations.ttl)
+            .await;
+        self.state = GuardState::Finished;
+        result
+    }
+
+    /// Renews the lease every third of the lease until dropped. Never returns.
+    fn heartbeat(&self) -> impl Future<Output = Infallible> + use<> {
+        let store = Arc::clone(&self.checker.inner.store);
+        let lease_duration = self.durations.lease;
+        let mut lease = self.lease().cloned();
+        async move {
+            let every = (lease_duration / 3).max(Duration::from_millis(1));
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(current) = &lease else {
+                    continue;
+                };
+                match store.renew(current, lease_duration).await {
+                    Ok(renewed) => lease = Some(renewed),
+                    Err(IdempotencyError::LeaseLost { .. }) => {
+                        tracing::warn!(
+                            attempt = current.attempt,
+                            "lease lost while the handler runs; it will not be able to complete"
+                        );
+                        lease = None;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not renew the lease; will try again")
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for IdempotencyGuard {
+    fn drop(&mut self) {
+        let GuardState::Held(lease) = std::mem::replace(&mut self.state, GuardState::Finished)
+        else {
+            return;
+        };
+        let checker = self.checker.clone();
+        let ttl = self.durations.ttl;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = checker
+                        .fail(&lease, "the attempt was dropped before it completed", ttl)
+                        .await;
+                });
+            }
+            Err(_) => tracing::warn!(
+                "an idempotency guard was dropped outside a Tokio runtime; its key stays PROCESSING until the lease expires"
+            ),
+        }
+    }
+}

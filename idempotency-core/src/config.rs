@@ -1,0 +1,352 @@
+//! Configuration of an [`IdempotencyChecker`](crate::IdempotencyChecker).
+
+use std::time::Duration;
+
+use crate::error::{IdempotencyError, Result};
+
+/// Longest duration the stores accept (Redis `PX` takes a signed 64-bit
+/// millisecond count; we stay far below it).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// What a duplicate of a `COMPLETED` key gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DuplicatePolicy {
+    /// Return the first attempt's result, decoded from the record (default).
+    #[default]
+    Replay,
+    /// Return [`IdempotencyError::Duplicate`] carrying the cached result.
+    Error,
+}
+
+/// What a call gets when another attempt holds a live lease on its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum InProgressPolicy {
+    /// Return [`IdempotencyError::InProgress`] at once (default).
+    #[default]
+    Error,
+    /// Poll the record until the other attempt finishes, then replay its result
+    /// (or, if it failed or its lease ran out, try to claim the key), for at most
+    /// this long; after that return [`IdempotencyError::InProgress`].
+    Wait(Duration),
+}
+
+/// Parses a human duration such as `"24h"`, `"7d"`, `"30m"`, `"1h30m"` or `"250ms"`.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(idempotency_core::parse_duration("1h30m")?, Duration::from_secs(5400));
+/// assert!(idempotency_core::parse_duration("24x").is_err());
+/// assert!(idempotency_core::parse_duration("0s").is_err());
+/// # Ok::<(), idempotency_core::IdempotencyError>(())
+/// ```
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|e| IdempotencyError::Config(format!("`{text}` is not a duration: {e}")))?;
+    check_duration("duration", duration)
+}
+
+fn check_duration(what: &str, duration: Duration) -> Result<Duration> {
+    if duration.is_zero() {
+        return Err(IdempotencyError::Config(format!(
+            "{what} must be greater than zero"
+        )));
+    }
+    if duration > MAX_DURATION {
+        return Err(IdempotencyError::Config(format!(
+            "{what} must be at most 10 years"
+        )));
+    }
+    if duration < Duration::from_millis(1) {
+        return Err(IdempotencyError::Config(format!(
+            "{what} must be at least 1ms"
+        )));
+    }
+    Ok(duration)
+}
+
+/// A duration given either as a [`Duration`] or as text like `"24h"`.
+#[derive(Debug, Clone)]
+pub enum DurationArg {
+    /// An exact duration.
+    Exact(Duration),
+    /// Text parsed by [`parse_duration`] when the config is built.
+    Text(String),
+}
+
+impl From<Duration> for DurationArg {
+    fn from(d: Duration) -> Self {
+        Self::Exact(d)
+    }
+}
+
+impl From<&str> for DurationArg {
+    fn from(s: &str) -> Self {
+        Self::Text(s.to_owned())
+    }
+}
+
+impl From<String> for DurationArg {
+    fn from(s: String) -> Self {
+        Self::Text(s)
+    }
+}
+
+impl DurationArg {
+    fn resolve(self, what: &str) -> Result<Duration> {
+        match self {
+            Self::Exact(d) => check_duration(what, d),
+            Self::Text(t) => {
+                parse_duration(&t).map_err(|e| IdempotencyError::Config(format!("{what}: {e}")))
+            }
+        }
+    }
+}
+
+/// How a checker names, guards and times its records.
+///
+/// Build one with [`IdempotencyConfig::builder`]; [`Default`] gives the
+/// documented defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    pub(crate) ttl: Duration,
+    pub(crate) in_progress_timeout: Duration,
+    pub(crate) key_prefix: String,
+    pub(crate) hash_keys: bool,
+    pub(crate) max_key_len: usize,
+    pub(crate) fingerprint_payloads: bool,
+    pub(crate) on_duplicate: DuplicatePolicy,
+    pub(crate) on_in_progress: InProgressPolicy,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(24 * 3600),
+            in_progress_timeout: Duration::from_secs(5 * 60),
+            key_prefix: "idempotency:events:".to_owned(),
+            hash_keys: false,
+            max_key_len: 255,
+            fingerprint_payloads: false,
+            on_duplicate: DuplicatePolicy::Replay,
+            on_in_progress: InProgressPolicy::Error,
+        }
+    }
+}
+
+impl IdempotencyConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> IdempotencyConfigBuilder {
+        IdempotencyConfigBuilder {
+            config: Self::default(),
+            ttl: None,
+            in_progress_timeout: None,
+            wait: None,
+        }
+    }
+
+    /// How long a record (and so its replay) lives after its last write. Default 24h.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The lease: how long an attempt may go without renewing before another
+    /// worker may take the key over. Default 5 minutes.
+    pub fn in_progress_timeout(&self) -> Duration {
+        self.in_progress_timeout
+    }
+
+    /// The prefix of every storage key. Default `idempotency:events:`.
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
+    /// Whether keys are stored as their SHA-256 digest. Default off.
+    pub fn hash_keys(&self) -> bool {
+        self.hash_keys
+    }
+
+    /// The longest accepted key, in characters. Default 255.
+    pub fn max_key_len(&self) -> usize {
+        self.max_key_len
+    }
+
+    /// Whether payloads are fingerprinted, so reusing a key with a different
+    /// payload is an error. Default off.
+    pub fn fingerprint_payloads(&self) -> bool {
+        self.fingerprint_payloads
+    }
+
+    /// What a duplicate of a completed key gets. Default: replay.
+    pub fn on_duplicate(&self) -> DuplicatePolicy {
+        self.on_duplicate
+    }
+
+    /// What a call gets while another attempt runs. Default: an error.
+    pub fn on_in_progress(&self) -> InProgressPolicy {
+        self.on_in_progress
+    }
+}
+
+/// Builder of [`IdempotencyConfig`]; [`build`](Self::build) validates.
+///
+/// ```
+/// use idempotency_core::{IdempotencyConfig, InProgressPolicy};
+/// use std::time::Duration;
+///
+/// let config = IdempotencyConfig::builder()
+///     .ttl("7d")
+///     .in_progress_timeout("30s")
+///     .key_prefix("billing:")
+///     .hash_keys(true)
+///     .on_in_progress_wait("10s")
+///     .build()?;
+/// assert_eq!(config.ttl(), Duration::from_secs(7 * 24 * 3600));
+/// assert_eq!(config.on_in_progress(), InProgressPolicy::Wait(Duration::from_secs(10)));
+/// # Ok::<(), idempotency_core::IdempotencyError>(())
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct IdempotencyConfigBuilder {
+    config: IdempotencyConfig,
+    ttl: Option<DurationArg>,
+    in_progress_timeout: Option<DurationArg>,
+    wait: Option<DurationArg>,
+}
+
+impl IdempotencyConfigBuilder {
+    /// Sets [`IdempotencyConfig::ttl`], e.g. `"24h"` or a [`Duration`].
+    pub fn ttl(mut self, ttl: impl Into<DurationArg>) -> Self {
+        self.ttl = Some(ttl.into());
+        self
+    }
+
+    /// Sets [`IdempotencyConfig::in_progress_timeout`] (the lease).
+    pub fn in_progress_timeout(mut self, timeout: impl Into<DurationArg>) -> Self {
+        self.in_progress_timeout = Some(timeout.into());
+        self
+    }
+
+    /// Sets [`IdempotencyConfig::key_prefix`].
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.key_prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`IdempotencyConfig::hash_keys`].
+    pub fn hash_keys(mut self, on: bool) -> Self {
+        self.config.hash_keys = on;
+        self
+    }
+
+    /// Sets [`IdempotencyConfig::max_key_len`].
+    pub fn max_key_len(mut self, max: usize) -> Self {
+        self.config.max_key_len = max;
+        self
+    }
+
+    /// Sets [`IdempotencyConfig::fingerprint_payloads`].
+    pub fn fingerprint_payloads(mut self, on: bool) -> Self {
+        self.config.fingerprint_payloads = on;
+        self
+    }
+
+    /// Sets [`IdempotencyConfig::on_duplicate`].
+    pub fn on_duplicate(mut self, policy: DuplicatePolicy) -> Self {
+        self.config.on_duplicate = policy;
+        self
+    }
+
+    /// Answer [`IdempotencyError::InProgress`] at once while another attempt
+    /// runs (the default).
+    pub fn on_in_progress_error(mut self) -> Self {
+        self.wait = None;
+        self.config.on_in_progress = InProgressPolicy::Error;
+        self
+    }
+
+    /// Wait up to `bound` for a running attempt to finish
+    /// ([`InProgressPolicy::Wait`]).
+    pub fn on_in_progress_wait(mut self, bound: impl Into<DurationArg>) -> Self {
+        self.wait = Some(bound.into());
+        self
+    }
+
+    /// Validates and returns the configuration.
+    pub fn build(self) -> Result<IdempotencyConfig> {
+        let mut config = self.config;
+        if let Some(ttl) = self.ttl {
+            config.ttl = ttl.resolve("ttl")?;
+        }
+        if let Some(timeout) = self.in_progress_timeout {
+            config.in_progress_timeout = timeout.resolve("in_progress_timeout")?;
+        }
+        if let Some(wait) = self.wait {
+            config.on_in_progress = InProgressPolicy::Wait(wait.resolve("in-progress wait")?);
+        }
+        if config.max_key_len == 0 {
+            return Err(IdempotencyError::Config(
+                "max_key_len must be at least 1".into(),
+            ));
+        }
+        if config.key_prefix.chars().any(char::is_control) {
+            return Err(IdempotencyError::Config(
+                "key_prefix must not contain control characters".into(),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_durations_parse() {
+        for (text, secs) in [
+            ("24h", 86_400),
+            ("7d", 604_800),
+            ("30m", 1800),
+            ("1h30m", 5400),
+        ] {
+            assert_eq!(parse_duration(text).expect(text), Duration::from_secs(secs));
+        }
+    }
+
+    #[test]
+    fn bad_durations_are_config_errors() {
+        for text in ["24x", "0s", "", "-5m", "20y"] {
+            assert!(
+                matches!(parse_duration(text), Err(IdempotencyError::Config(_))),
+                "{text} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn builder_reports_which_option_is_wrong() {
+        let err = IdempotencyConfig::builder()
+            .ttl("soon")
+            .build()
+            .expect_err("bad ttl");
+        assert!(err.to_string().contains("ttl"), "{err}");
+        let err = IdempotencyConfig::builder()
+            .max_key_len(0)
+            .build()
+            .expect_err("bad len");
+        assert!(err.to_string().contains("max_key_len"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = IdempotencyConfig::default();
+        assert_eq!(c.ttl(), Duration::from_secs(86_400));
+        assert_eq!(c.in_progress_timeout(), Duration::from_secs(300));
+        assert_eq!(c.key_prefix(), "idempotency:events:");
+        assert_eq!(c.max_key_len(), 255);
+        assert_eq!(c.on_duplicate(), DuplicatePolicy::Replay);
+        assert_eq!(c.on_in_progress(), InProgressPolicy::Error);
+    }
+}

@@ -1,0 +1,141 @@
+//! The event envelope handlers receive.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// An event as it travels between services: identity, type, time and payload.
+///
+/// The *effective key* that makes a handler idempotent is `idempotency_key`
+/// when set, else `event_id`. Publishers that retry should reuse the same
+/// `event_id` (or set the same `idempotency_key`) for every copy.
+///
+/// JSON without `idempotency_key`, `source` or `correlation_id` parses; a
+/// missing `event_id` gets a fresh UUID v4 and a missing `occurred_at` gets
+/// the time of parsing, so such an event only deduplicates by its
+/// `idempotency_key`.
+///
+/// ```
+/// use idempotency_core::EventEnvelope;
+///
+/// let json = r#"{"event_id":"evt-1","event_type":"field.created","occurred_at":"2026-01-01T00:00:00Z","payload":{"n":1}}"#;
+/// let envelope: EventEnvelope = serde_json::from_str(json)?;
+/// assert_eq!(envelope.effective_key(), "evt-1");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope<P = serde_json::Value> {
+    /// Unique id of the event (a UUID v4 string by default).
+    #[serde(default = "new_event_id")]
+    pub event_id: String,
+    /// What happened, e.g. `"field.created"`.
+    pub event_type: String,
+    /// An explicit idempotency key; when absent the `event_id` is the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// When the event happened.
+    #[serde(default = "Utc::now")]
+    pub occurred_at: DateTime<Utc>,
+    /// The event's data.
+    pub payload: P,
+    /// The service that emitted the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// An id shared by the events of one business flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+}
+
+fn new_event_id() -> String {
+    Uuid::new_v4().to_string()
+}
+
+impl<P> EventEnvelope<P> {
+    /// A new envelope with a fresh UUID v4 `event_id`, `occurred_at` = now,
+    /// and no explicit idempotency key.
+    pub fn new(event_type: impl Into<String>, payload: P) -> Self {
+        Self {
+            event_id: new_event_id(),
+            event_type: event_type.into(),
+            idempotency_key: None,
+            occurred_at: Utc::now(),
+            payload,
+            source: None,
+            correlation_id: None,
+        }
+    }
+
+    /// Sets the event id.
+    #[must_use]
+    pub fn with_event_id(mut self, event_id: impl Into<String>) -> Self {
+        self.event_id = event_id.into();
+        self
+    }
+
+    /// Sets an explicit idempotency key.
+    #[must_use]
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Sets the source.
+    #[must_use]
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    #[must_use]
+    pub fn with_correlation_id(mut self, correlation_id: impl Into<String>) -> Self {
+        self.correlation_id = Some(correlation_id.into());
+        self
+    }
+
+    /// The key that makes this event idempotent: `idempotency_key`, else `event_id`.
+    pub fn effective_key(&self) -> &str {
+        self.idempotency_key.as_deref().unwrap_or(&self.event_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_key_prefers_the_explicit_key() {
+        let e = EventEnvelope::new("t", ()).with_event_id("e1");
+        assert_eq!(e.effective_key(), "e1");
+        assert_eq!(e.with_idempotency_key("k1").effective_key(), "k1");
+    }
+
+    #[test]
+    fn new_event_ids_are_uuid_v4() {
+        let e = EventEnvelope::new("t", ());
+        let id = Uuid::parse_str(&e.event_id).expect("a uuid");
+        assert_eq!(id.get_version_num(), 4);
+    }
+
+    #[test]
+    fn json_without_optional_fields_parses() {
+        let e: EventEnvelope = serde_json::from_str(
+            r#"{"event_id":"e","event_type":"t","occurred_at":"2026-01-01T00:00:00Z","payload":null}"#,
+        )
+        .expect("parses");
+        assert_eq!(e.idempotency_key, None);
+        assert_eq!(e.effective_key(), "e");
+    }
+
+    #[test]
+    fn json_round_trips_with_typed_payload() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Created {
+            id: u64,
+        }
+        let e = EventEnvelope::new("created", Created { id: 7 }).with_idempotency_key("k");
+        let json = serde_json::to_string(&e).expect("serializes");
+        let back: EventEnvelope<Created> = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,154 @@
+//! The one error type of the framework.
+
+use std::error::Error as StdError;
+
+/// A boxed error from a store's client library, kept as the source of
+/// [`IdempotencyError::StoreUnavailable`].
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why an idempotency key was rejected before any store was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidKeyReason {
+    /// The key is the empty string.
+    Empty,
+    /// The key has more characters than `max_key_len` allows.
+    TooLong {
+        /// The key's length in characters.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The key contains a control character (newline, NUL, ...).
+    ControlCharacter,
+}
+
+impl std::fmt::Display for InvalidKeyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Empty => f.write_str("the key is empty"),
+            Self::TooLong { len, max } => {
+                write!(
+                    f,
+                    "the key is {len} characters long, more than the maximum of {max}"
+                )
+            }
+            Self::ControlCharacter => f.write_str("the key contains a control character"),
+        }
+    }
+}
+
+/// Everything that can go wrong when making a handler idempotent.
+///
+/// Handlers return their own error type `E`; the checker asks for
+/// `E: From<IdempotencyError>` so both kinds of failure travel in one `Result`.
+/// Raw idempotency keys never appear in these messages; where a key is named it
+/// is the *storage* key, which is a SHA-256 digest when key hashing is on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdempotencyError {
+    /// Another attempt holds a live lease on this key.
+    #[error("event `{key}` is being processed by another attempt (attempt {attempt})")]
+    InProgress {
+        /// The storage key.
+        key: String,
+        /// The attempt number of the running attempt.
+        attempt: u32,
+    },
+
+    /// The key was already completed, and the duplicate policy is
+    /// [`DuplicatePolicy::Error`](crate::DuplicatePolicy::Error).
+    #[error("event `{key}` was already processed")]
+    Duplicate {
+        /// The storage key.
+        key: String,
+        /// The result stored by the attempt that completed, as JSON.
+        cached_result: Option<serde_json::Value>,
+    },
+
+    /// The key was used before with a different payload.
+    #[error("idempotency key `{key}` was already used with a different payload")]
+    FingerprintMismatch {
+        /// The storage key.
+        key: String,
+    },
+
+    /// The lease was lost: it expired and another attempt took the key over,
+    /// or the record was deleted. Nothing was written.
+    #[error("the lease on `{key}` was lost to another attempt; nothing was written")]
+    LeaseLost {
+        /// The storage key.
+        key: String,
+    },
+
+    /// The event carries no usable key (an envelope with neither an
+    /// `idempotency_key` nor an `event_id`).
+    #[error("the event has no idempotency key and no event id")]
+    MissingKey,
+
+    /// The key failed validation; no store was asked and no handler ran.
+    #[error("invalid idempotency key: {reason}")]
+    InvalidKey {
+        /// What is wrong with the key.
+        reason: InvalidKeyReason,
+    },
+
+    /// The store could not be reached or did not answer in time. The handler
+    /// did not run (the checker fails closed).
+    #[error("the {store} store is unavailable")]
+    StoreUnavailable {
+        /// Which store (`"redis"`, `"memory"`, ...).
+        store: &'static str,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The value stored under a key is not a record this framework wrote.
+    #[error("the record at `{key}` is corrupt")]
+    CorruptRecord {
+        /// The storage key.
+        key: String,
+        /// Why it could not be read.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A result could not be turned into JSON or back.
+    #[error("could not (de)serialize the handler's result")]
+    Serialization(#[from] serde_json::Error),
+
+    /// A configuration value was rejected.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl IdempotencyError {
+    /// A `StoreUnavailable` error for `store` caused by `source`.
+    pub fn store_unavailable(store: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::StoreUnavailable {
+            store,
+            source: source.into(),
+        }
+    }
+
+    /// A `CorruptRecord` error for `key` caused by `source`.
+    pub fn corrupt(key: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::CorruptRecord {
+            key: key.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether retrying the same call later may succeed (store outages and
+    /// keys held by another attempt).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::InProgress { .. } | Self::StoreUnavailable { .. }
+        )
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T, E = IdempotencyError> = std::result::Result<T, E>;

@@ -1,0 +1,63 @@
+//! The engine of the `idempotency` framework.
+//!
+//! Distributed systems deliver messages at least once. This crate makes each
+//! event's side effects happen once: a key is claimed atomically in a shared
+//! store, the first caller runs the handler under a renewed lease, duplicates
+//! get the first result replayed, failed attempts are retried, and a crashed
+//! attempt is taken over once its lease runs out.
+//!
+//! Most applications depend on the umbrella crate `idempotency`, which
+//! re-exports this one. Store authors depend on this crate and implement
+//! [`IdempotencyStore`].
+//!
+//! # Example
+//! ```
+//! use idempotency_core::{EventEnvelope, IdempotencyChecker, IdempotencyError, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), IdempotencyError> {
+//! let checker = IdempotencyChecker::new(MemoryStore::new());
+//! let event = EventEnvelope::new("invoice.paid", serde_json::json!({"invoice": 7}));
+//!
+//! for _delivery in 0..3 {
+//!     let receipt = checker
+//!         .process(&event, |lease| async move {
+//!             // Side effects go here; `lease.token` can fence them.
+//!             Ok::<_, IdempotencyError>(format!("receipt for attempt {}", lease.attempt))
+//!         })
+//!         .await?;
+//!     assert_eq!(receipt.value(), "receipt for attempt 1");
+//! }
+//! assert_eq!(checker.stats().executed, 1);
+//! assert_eq!(checker.stats().replayed, 2);
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//! | feature | what it adds |
+//! |---|---|
+//! | `redis` | [`RedisStore`], on the `redis` crate's `ConnectionManager` |
+
+mod checker;
+mod config;
+mod envelope;
+mod error;
+mod key;
+pub mod record;
+mod stats;
+pub mod store;
+
+pub use checker::{IdempotencyChecker, IdempotencyGuard, KeyedRequest, Processed};
+pub use config::{
+    DuplicatePolicy, DurationArg, IdempotencyConfig, IdempotencyConfigBuilder, InProgressPolicy,
+    parse_duration,
+};
+pub use envelope::EventEnvelope;
+pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result};
+pub use key::{canonical_json, fingerprint, sha256_hex};
+pub use record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
+pub use stats::CheckerStats;
+pub use store::memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use store::redis::{RedisStore, RedisStoreBuilder};
+pub use store::{ClaimRequest, IdempotencyStore};

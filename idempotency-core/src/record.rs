@@ -1,0 +1,332 @@
+//! The record stored per key, and the state machine that moves it.
+//!
+//! ```text
+//! absent ──claim──> PROCESSING ──complete(token)──> COMPLETED  (terminal until the record expires)
+//!                       │  └────fail(token)──────> FAILED ──claim──> PROCESSING (attempt+1)
+//!                       └─ lease expired ──claim──> PROCESSING (new token, attempt+1)
+//! ```
+//!
+//! The functions at the bottom of this module are the state machine as pure
+//! decisions. [`MemoryStore`](crate::MemoryStore) calls them directly; the Redis
+//! store's Lua scripts implement the same table, and both pass one conformance
+//! suite.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Where a key is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ProcessingStatus {
+    /// An attempt holds the key under a lease.
+    Processing,
+    /// An attempt finished; its result is replayed to duplicates.
+    Completed,
+    /// The last attempt failed; the next claim starts a new attempt.
+    Failed,
+}
+
+impl ProcessingStatus {
+    /// The status as written on the wire: `PROCESSING`, `COMPLETED` or `FAILED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processing => "PROCESSING",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+        }
+    }
+}
+
+impl std::fmt::Display for ProcessingStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The document stored under each key (one JSON object in Redis).
+///
+/// Timestamps are integers: milliseconds since the Unix epoch, taken from the
+/// store's clock (Redis `TIME`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// The effective idempotency key, or its SHA-256 digest when key hashing is on.
+    pub idempotency_key: String,
+    /// The event id of the attempt that last claimed the key, if any.
+    #[serde(default)]
+    pub event_id: Option<String>,
+    /// The event type of the attempt that last claimed the key, if any.
+    #[serde(default)]
+    pub event_type: Option<String>,
+    /// Where the key is in its life.
+    pub status: ProcessingStatus,
+    /// The handler's result as JSON (only when `COMPLETED`).
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
+    /// The handler's error text (only when `FAILED`).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the key was first claimed.
+    #[serde(with = "chrono::serde::ts_milliseconds")]
+    pub first_seen_at: DateTime<Utc>,
+    /// When the key was completed.
+    #[serde(default, with = "chrono::serde::ts_milliseconds_option")]
+    pub completed_at: Option<DateTime<Utc>>,
+    /// How many attempts have claimed the key (1 for the first).
+    pub attempts: u32,
+    /// The fencing token of the attempt that last claimed the key.
+    #[serde(default)]
+    pub lease_token: Option<String>,
+    /// When the current lease runs out (only when `PROCESSING`).
+    #[serde(default, with = "chrono::serde::ts_milliseconds_option")]
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The payload fingerprint recorded by the first claim, if fingerprinting is on.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+impl IdempotencyRecord {
+    /// Whether the record is `PROCESSING` with a lease that is still live at `now`.
+    pub fn is_live_processing(&self, now: DateTime<Utc>) -> bool {
+        self.status == ProcessingStatus::Processing
+            && self.lease_expires_at.is_some_and(|at| at > now)
+    }
+}
+
+/// The right to run one attempt for one key, handed out by a successful claim.
+///
+/// The `token` is a fencing token: fresh and random for each claim. Only the
+/// holder of the current token can complete, fail or renew the record, so a
+/// worker whose lease was taken over can never overwrite the newer attempt.
+/// Handlers can use the token to fence their own writes too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The storage key (prefix included).
+    pub key: String,
+    /// The fencing token of this attempt.
+    pub token: String,
+    /// The attempt number (1 for the first attempt).
+    pub attempt: u32,
+    /// When the lease runs out unless renewed, as of the last claim or renewal.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// The caller now holds the key: run the handler.
+    Acquired(Lease),
+    /// The key is `COMPLETED`: replay `record.result`.
+    Duplicate(IdempotencyRecord),
+    /// Another attempt holds a live lease.
+    InProgress(IdempotencyRecord),
+}
+
+// ---------------------------------------------------------------------------
+// The state machine as pure decisions.
+// ---------------------------------------------------------------------------
+
+/// What a claim does with what it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClaimDecision {
+    /// Write a new `PROCESSING` record with this attempt number.
+    Acquire { attempt: u32 },
+    /// The record is already `PROCESSING` under the caller's own token (a
+    /// retried claim whose first try was applied): the caller holds it.
+    AlreadyHeld,
+    /// `COMPLETED`: replay.
+    Duplicate,
+    /// `PROCESSING` under someone else's live lease.
+    InProgress,
+    /// The key was used with a different payload.
+    FingerprintMismatch,
+}
+
+pub(crate) fn decide_claim(
+    existing: Option<&IdempotencyRecord>,
+    fingerprint: Option<&str>,
+    token: &str,
+    now: DateTime<Utc>,
+) -> ClaimDecision {
+    let Some(record) = existing else {
+        return ClaimDecision::Acquire { attempt: 1 };
+    };
+    if let (Some(theirs), Some(ours)) = (record.fingerprint.as_deref(), fingerprint)
+        && theirs != ours
+    {
+        return ClaimDecision::FingerprintMismatch;
+    }
+    match record.status {
+        ProcessingStatus::Completed => ClaimDecision::Duplicate,
+        ProcessingStatus::Processing if record.lease_token.as_deref() == Some(token) => {
+            ClaimDecision::AlreadyHeld
+        }
+        ProcessingStatus::Processing if record.is_live_processing(now) => ClaimDecision::InProgress,
+        ProcessingStatus::Processing | ProcessingStatus::Failed => ClaimDecision::Acquire {
+            attempt: record.attempts.saturating_add(1),
+        },
+    }
+}
+
+/// What `complete`, `fail` or `renew` does with what it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FinishDecision {
+    /// The caller holds the lease: write.
+    Apply,
+    /// The same transition by the same token was already applied (a retried
+    /// call whose first try went through): succeed without writing.
+    AlreadyApplied,
+    /// The caller does not hold the lease: write nothing.
+    LeaseLost,
+}
+
+/// Decide a token-checked transition to `target` (`Processing` means renew).
+pub(crate) fn decide_finish(
+    existing: Option<&IdempotencyRecord>,
+    token: &str,
+    target: ProcessingStatus,
+) -> FinishDecision {
+    let Some(record) = existing else {
+        return FinishDecision::LeaseLost;
+    };
+    if record.lease_token.as_deref() != Some(token) {
+        return FinishDecision::LeaseLost;
+    }
+    match record.status {
+        ProcessingStatus::Processing => FinishDecision::Apply,
+        status if status == target => FinishDecision::AlreadyApplied,
+        _ => FinishDecision::LeaseLost,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeDelta;
+
+    fn record(status: ProcessingStatus, token: &str, lease_ms: i64) -> IdempotencyRecord {
+        let now = Utc::now();
+        IdempotencyRecord {
+            idempotency_key: "k".into(),
+            event_id: None,
+            event_type: None,
+            status,
+            result: None,
+            error: None,
+            first_seen_at: now,
+            completed_at: None,
+            attempts: 2,
+            lease_token: Some(token.into()),
+            lease_expires_at: Some(now + TimeDelta::milliseconds(lease_ms)),
+            fingerprint: Some("fp".into()),
+        }
+    }
+
+    #[test]
+    fn absent_key_is_acquired_as_attempt_one() {
+        assert_eq!(
+            decide_claim(None, None, "t", Utc::now()),
+            ClaimDecision::Acquire { attempt: 1 }
+        );
+    }
+
+    #[test]
+    fn completed_is_a_duplicate() {
+        let r = record(ProcessingStatus::Completed, "a", -1000);
+        assert_eq!(
+            decide_claim(Some(&r), Some("fp"), "b", Utc::now()),
+            ClaimDecision::Duplicate
+        );
+    }
+
+    #[test]
+    fn live_processing_is_in_progress_and_expired_is_taken_over() {
+        let live = record(ProcessingStatus::Processing, "a", 60_000);
+        assert_eq!(
+            decide_claim(Some(&live), None, "b", Utc::now()),
+            ClaimDecision::InProgress
+        );
+        let expired = record(ProcessingStatus::Processing, "a", -1);
+        assert_eq!(
+            decide_claim(Some(&expired), None, "b", Utc::now()),
+            ClaimDecision::Acquire { attempt: 3 }
+        );
+    }
+
+    #[test]
+    fn own_token_counts_as_held() {
+        let live = record(ProcessingStatus::Processing, "a", 60_000);
+        assert_eq!(
+            decide_claim(Some(&live), None, "a", Utc::now()),
+            ClaimDecision::AlreadyHeld
+        );
+    }
+
+    #[test]
+    fn failed_is_reclaimable_with_next_attempt() {
+        let failed = record(ProcessingStatus::Failed, "a", 60_000);
+        assert_eq!(
+            decide_claim(Some(&failed), Some("fp"), "b", Utc::now()),
+            ClaimDecision::Acquire { attempt: 3 }
+        );
+    }
+
+    #[test]
+    fn fingerprint_mismatch_wins_over_every_status() {
+        for status in [
+            ProcessingStatus::Processing,
+            ProcessingStatus::Completed,
+            ProcessingStatus::Failed,
+        ] {
+            let r = record(status, "a", 60_000);
+            assert_eq!(
+                decide_claim(Some(&r), Some("other"), "b", Utc::now()),
+                ClaimDecision::FingerprintMismatch
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_token_holder_finishes() {
+        let r = record(ProcessingStatus::Processing, "a", -5);
+        assert_eq!(
+            decide_finish(Some(&r), "a", ProcessingStatus::Completed),
+            FinishDecision::Apply
+        );
+        assert_eq!(
+            decide_finish(Some(&r), "b", ProcessingStatus::Completed),
+            FinishDecision::LeaseLost
+        );
+        assert_eq!(
+            decide_finish(None, "a", ProcessingStatus::Failed),
+            FinishDecision::LeaseLost
+        );
+    }
+
+    #[test]
+    fn repeated_finish_is_idempotent_but_not_a_different_transition() {
+        let done = record(ProcessingStatus::Completed, "a", 0);
+        assert_eq!(
+            decide_finish(Some(&done), "a", ProcessingStatus::Completed),
+            FinishDecision::AlreadyApplied
+        );
+        assert_eq!(
+            decide_finish(Some(&done), "a", ProcessingStatus::Failed),
+            FinishDecision::LeaseLost
+        );
+        assert_eq!(
+            decide_finish(Some(&done), "a", ProcessingStatus::Processing),
+            FinishDecision::LeaseLost
+        );
+    }
+
+    #[test]
+    fn wire_format_uses_screaming_status_and_millisecond_times() {
+        let r = record(ProcessingStatus::Processing, "a", 1000);
+        let json = serde_json::to_value(&r).expect("serializes");
+        assert_eq!(json["status"], "PROCESSING");
+        assert!(json["first_seen_at"].is_i64());
+        assert!(json["lease_expires_at"].is_i64());
+        let back: IdempotencyRecord = serde_json::from_value(json).expect("parses");
+        assert_eq!(back.status, ProcessingStatus::Processing);
+    }
+}

@@ -1,0 +1,278 @@
+//! [`MemoryStore`]: the in-process store.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::{ClaimRequest, IdempotencyStore};
+use crate::error::{IdempotencyError, Result};
+use crate::record::{
+    ClaimDecision, ClaimOutcome, FinishDecision, IdempotencyRecord, Lease, ProcessingStatus,
+    decide_claim, decide_finish,
+};
+
+const SHARDS: usize = 64;
+const PURGE_EVERY: TimeDelta = TimeDelta::seconds(1);
+
+/// An in-process store for a single process, examples and tests.
+///
+/// Records live in 64 mutex-guarded shards; a lock is held only for the few
+/// instructions of one transition and never across an `.await`. Expired
+/// records are purged as shards are used (each shard sweeps itself at most
+/// once a second), and on demand by [`purge_expired`](Self::purge_expired), so
+/// memory stays bounded by the keys seen within one TTL.
+///
+/// It gives the same guarantees as the Redis store within one process; it
+/// does not coordinate separate processes.
+///
+/// ```
+/// use idempotency_core::{IdempotencyChecker, MemoryStore};
+/// let checker = IdempotencyChecker::new(MemoryStore::new());
+/// # let _ = checker;
+/// ```
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+}
+
+#[derive(Default)]
+struct Shard {
+    entries: HashMap<String, Entry>,
+    last_purge: Option<DateTime<Utc>>,
+}
+
+struct Entry {
+    record: IdempotencyRecord,
+    expires_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn delta(d: Duration) -> TimeDelta {
+    TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX)
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        let index = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
+        // A poisoned shard only means a panic elsewhere while it was held; its
+        // map is never left half-written by our code, so keep using it.
+        let mut shard = self.shards[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Utc::now();
+        if shard.last_purge.is_none_or(|at| now - at >= PURGE_EVERY) {
+            shard.entries.retain(|_, e| e.expires_at > now);
+            shard.last_purge = Some(now);
+        }
+        shard
+    }
+
+    /// Removes every expired record now; returns how many were removed.
+    pub fn purge_expired(&self) -> usize {
+        let now = Utc::now();
+        self.shards
+            .iter()
+            .map(|s| {
+                let mut shard = s.lock().unwrap_or_else(PoisonError::into_inner);
+                let before = shard.entries.len();
+                shard.entries.retain(|_, e| e.expires_at > now);
+                shard.last_purge = Some(now);
+                before - shard.entries.len()
+            })
+            .sum()
+    }
+
+    /// How many records are held, expired ones not yet purged included.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entries
+                    .len()
+            })
+            .sum()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Shard {
+    fn live(&self, key: &str, now: DateTime<Utc>) -> Option<&Entry> {
+        self.entries.get(key).filter(|e| e.expires_at > now)
+    }
+
+    /// Applies a token-checked transition; `write` edits the record in place
+    /// and returns its new expiry.
+    fn finish(
+        &mut self,
+        lease: &Lease,
+        target: ProcessingStatus,
+        write: impl FnOnce(&mut IdempotencyRecord, DateTime<Utc>) -> DateTime<Utc>,
+    ) -> Result<()> {
+        let now = Utc::now();
+        let existing = self.live(&lease.key, now).map(|e| &e.record);
+        match decide_finish(existing, &lease.token, target) {
+            FinishDecision::LeaseLost => Err(IdempotencyError::LeaseLost {
+                key: lease.key.clone(),
+            }),
+            FinishDecision::AlreadyApplied => Ok(()),
+            FinishDecision::Apply => {
+                if let Some(entry) = self.entries.get_mut(&lease.key) {
+                    entry.expires_at = write(&mut entry.record, now);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
+        let now = Utc::now();
+        let mut shard = self.shard(request.key);
+        let existing = shard.live(request.key, now).map(|e| &e.record);
+        let decision = decide_claim(existing, request.fingerprint, request.token, now);
+        let attempt = match (decision, existing) {
+            (ClaimDecision::Acquire { attempt }, _) => attempt,
+            (ClaimDecision::FingerprintMismatch, _) => {
+                return Err(IdempotencyError::FingerprintMismatch {
+                    key: request.key.to_owned(),
+                });
+            }
+            (ClaimDecision::Duplicate, Some(record)) => {
+                return Ok(ClaimOutcome::Duplicate(record.clone()));
+            }
+            (ClaimDecision::InProgress, Some(record)) => {
+                return Ok(ClaimOutcome::InProgress(record.clone()));
+            }
+            (ClaimDecision::AlreadyHeld, Some(record)) => {
+                return Ok(ClaimOutcome::Acquired(Lease {
+                    key: request.key.to_owned(),
+                    token: request.token.to_owned(),
+                    attempt: record.attempts,
+                    expires_at: record.lease_expires_at.unwrap_or(now),
+                }));
+            }
+            // The decisions above are only made for a present record.
+            (_, None) => 1,
+        };
+        let first_seen_at = existing.map_or(now, |r| r.first_seen_at);
+        let lease_expires_at = now + delta(request.lease);
+        let record = IdempotencyRecord {
+            idempotency_key: request.recorded_key.to_owned(),
+            event_id: request.event_id.map(str::to_owned),
+            event_type: request.event_type.map(str::to_owned),
+            status: ProcessingStatus::Processing,
+            result: None,
+            error: None,
+            first_seen_at,
+            completed_at: None,
+            attempts: attempt,
+            lease_token: Some(request.token.to_owned()),
+            lease_expires_at: Some(lease_expires_at),
+            fingerprint: request
+                .fingerprint
+                .map(str::to_owned)
+                .or_else(|| existing.and_then(|r| r.fingerprint.clone())),
+        };
+        let expires_at = now + delta(request.ttl.max(request.lease));
+        shard
+            .entries
+            .insert(request.key.to_owned(), Entry { record, expires_at });
+        Ok(ClaimOutcome::Acquired(Lease {
+            key: request.key.to_owned(),
+            token: request.token.to_owned(),
+            attempt,
+            expires_at: lease_expires_at,
+        }))
+    }
+
+    async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
+        let mut renewed = lease.clone();
+        self.shard(&lease.key)
+            .finish(lease, ProcessingStatus::Processing, |record, now| {
+                let until = now + delta(lease_duration);
+                record.lease_expires_at = Some(until);
+                renewed.expires_at = until;
+                until
+            })?;
+        Ok(renewed)
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        result: &serde_json::Value,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.shard(&lease.key)
+            .finish(lease, ProcessingStatus::Completed, |record, now| {
+                record.status = ProcessingStatus::Completed;
+                record.result = Some(result.clone());
+                record.completed_at = Some(now);
+                record.lease_expires_at = None;
+                now + delta(ttl)
+            })
+    }
+
+    async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
+        self.shard(&lease.key)
+            .finish(lease, ProcessingStatus::Failed, |record, now| {
+                record.status = ProcessingStatus::Failed;
+                record.error = Some(error.to_owned());
+                record.lease_expires_at = None;
+                now + delta(ttl)
+            })
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
+        let now = Utc::now();
+        Ok(self.shard(key).live(key, now).map(|e| e.record.clone()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let now = Utc::now();
+        let removed = self.shard(key).entries.remove(key);
+        Ok(removed.is_some_and(|e| e.expires_at > now))
+    }
+
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,480 @@
+//! [`RedisStore`]: the shared store for fleets of workers.
+//!
+//! # Schema
+//! - Key: `{prefix}{idempotency_key}` (prefix default `idempotency:events:`; with
+//!   key hashing on, the key part is the SHA-256 hex digest of the raw key).
+//! - Value: one JSON document, the serialized [`IdempotencyRecord`]. Timestamps
+//!   are integer milliseconds since the Unix epoch from Redis `TIME`.
+//! - Expiry: the key's own TTL (`PX`): `max(ttl, lease)` while `PROCESSING`,
+//!   `ttl` from the moment it becomes `COMPLETED` or `FAILED`.
+//!
+//! Claim, renew, complete and fail are Lua scripts run with `EVALSHA` (loaded
+//! once, reloaded transparently after a `SCRIPT FLUSH`): one round trip each,
+//! every one touching a single key, so Redis Cluster works unchanged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script, Value};
+
+use super::{ClaimRequest, IdempotencyStore};
+use crate::error::{IdempotencyError, Result};
+use crate::record::{ClaimOutcome, IdempotencyRecord, Lease};
+
+const STORE: &str = "redis";
+
+/// Shared by every script: the store's clock and a tolerant record loader.
+const PRELUDE: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- returns raw, record | raw, nil (absent) | reason, false (not a record)
+local function load(key)
+  local raw = redis.pcall('GET', key)
+  if type(raw) == 'table' and raw.err then return raw.err, false end
+  if not raw then return nil, nil end
+  local ok, rec = pcall(cjson.decode, raw)
+  if not ok then return 'value is not JSON', false end
+  if type(rec) ~= 'table' then return 'value is not a JSON object', false end
+  local st = rec.status
+  if st ~= 'PROCESSING' and st ~= 'COMPLETED' and st ~= 'FAILED' then
+    return 'unknown status', false
+  end
+  return raw, rec
+end
+local function opt(s) if s == '' then return nil end return s end
+"#;
+
+/// KEYS[1] key; ARGV token, lease_ms, ttl_ms, fingerprint, recorded_key, event_id, event_type
+const CLAIM: &str = r#"
+local key, token = KEYS[1], ARGV[1]
+local lease_ms, ttl_ms, fp = tonumber(ARGV[2]), tonumber(ARGV[3]), opt(ARGV[4])
+local raw, rec = load(key)
+if rec == false then return {'corrupt', raw} end
+local now = now_ms()
+local attempts, first_seen = 0, now
+if rec then
+  if fp and type(rec.fingerprint) == 'string' and rec.fingerprint ~= fp then return {'mismatch'} end
+  if rec.status == 'COMPLETED' then return {'duplicate', raw} end
+  if rec.status == 'PROCESSING' then
+    if rec.lease_token == token then
+      return {'acquired', tonumber(rec.attempts) or 1, tonumber(rec.lease_expires_at) or now}
+    end
+    if type(rec.lease_expires_at) == 'number' and rec.lease_expires_at > now then
+      return {'in_progress', raw}
+    end
+  end
+  attempts = tonumber(rec.attempts) or 0
+  first_seen = tonumber(rec.first_seen_at) or now
+  if not fp and type(rec.fingerprint) == 'string' then fp = rec.fingerprint end
+end
+local expires = now + lease_ms
+local doc = cjson.encode({
+  idempotency_key = ARGV[5], event_id = opt(ARGV[6]), event_type = opt(ARGV[7]),
+  status = 'PROCESSING', first_seen_at = first_seen, attempts = attempts + 1,
+  lease_token = token, lease_expires_at = expires, fingerprint = fp })
+redis.call('SET', key, doc, 'PX', math.max(ttl_ms, lease_ms))
+return {'acquired', attempts + 1, expires}
+"#;
+
+/// KEYS[1] key; ARGV token, lease_ms
+const RENEW: &str = r#"
+local raw, rec = load(KEYS[1])
+if rec == false then return {'corrupt', raw} end
+if not rec or rec.lease_token ~= ARGV[1] or rec.status ~= 'PROCESSING' then return {'lost'} end
+local lease_ms = tonumber(ARGV[2])
+rec.lease_expires_at = now_ms() + lease_ms
+local pttl = redis.call('PTTL', KEYS[1])
+redis.call('SET', KEYS[1], cjson.encode(rec), 'PX', math.max(pttl, lease_ms))
+return {'ok', rec.lease_expires_at}
+"#;
+
+/// KEYS[1] key; ARGV token, ttl_ms, status ('COMPLETED' | 'FAILED'), payload
+/// (the result's JSON text, or the error text).
+const FINISH: &str = r#"
+local raw, rec = load(KEYS[1])
+if rec == false then return {'corrupt', raw} end
+local target = ARGV[3]
+if not rec or rec.lease_token ~= ARGV[1] then return {'lost'} end
+if rec.status == target then return {'ok'} end
+if rec.status ~= 'PROCESSING' then return {'lost'} end
+rec.status = target
+rec.lease_expires_at = nil
+rec.result = nil
+local doc
+if target == 'COMPLETED' then
+  rec.completed_at = now_ms()
+  rec.error = nil
+  doc = cjson.encode(rec)
+  -- The result is spliced in verbatim, so Lua never re-encodes (and never
+  -- rounds) the handler's numbers.
+  doc = string.sub(doc, 1, -2) .. ',"result":' .. ARGV[4] .. '}'
+else
+  rec.error = ARGV[4]
+  doc = cjson.encode(rec)
+end
+redis.call('SET', KEYS[1], doc, 'PX', tonumber(ARGV[2]))
+return {'ok'}
+"#;
+
+#[derive(Debug)]
+struct Scripts {
+    claim: Script,
+    renew: Script,
+    finish: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            claim: Script::new(&format!("{PRELUDE}{CLAIM}")),
+            renew: Script::new(&format!("{PRELUDE}{RENEW}")),
+            finish: Script::new(&format!("{PRELUDE}{FINISH}")),
+        }
+    }
+}
+
+/// Builder of [`RedisStore`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RedisStoreBuilder {
+    url: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    max_retries: u32,
+}
+
+impl RedisStoreBuilder {
+    /// How long one connection attempt may take. Default 1s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one command may wait for its answer. Default 1s.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How many times an operation is retried after a timeout or a dropped
+    /// connection (with backoff and jitter). Default 2. Retrying is safe:
+    /// every script recognises its own earlier, applied try by the fencing
+    /// token.
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// Connects (failing fast with
+    /// [`StoreUnavailable`](IdempotencyError::StoreUnavailable) when Redis
+    /// does not answer) and returns the store.
+    pub async fn connect(self) -> Result<RedisStore> {
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|e| IdempotencyError::Config(format!("invalid Redis URL: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let connect = ConnectionManager::new_with_config(client, config);
+        let conn = tokio::time::timeout(self.connect_timeout * 2, connect)
+            .await
+            .map_err(|elapsed| IdempotencyError::store_unavailable(STORE, elapsed))?
+            .map_err(|e| IdempotencyError::store_unavailable(STORE, e))?;
+        Ok(RedisStore {
+            conn,
+            scripts: Arc::new(Scripts::new()),
+            max_retries: self.max_retries,
+            op_timeout: self.response_timeout * (self.max_retries + 1)
+                + Duration::from_millis(200) * self.max_retries,
+        })
+    }
+}
+
+/// The Redis store: single node today (Sentinel and Cluster are planned).
+///
+/// Cheap to clone: clones share one multiplexed connection.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), idempotency_core::IdempotencyError> {
+/// use idempotency_core::{IdempotencyChecker, RedisStore};
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// let checker = IdempotencyChecker::new(store);
+/// # let _ = checker; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    max_retries: u32,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("max_retries", &self.max_retries)
+            .field("op_timeout", &self.op_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn transient(e: &RedisError) -> bool {
+    e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+fn unavailable(e: impl Into<crate::error::BoxError>) -> IdempotencyError {
+    IdempotencyError::store_unavailable(STORE, e)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn ms_to_time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+/// A script reply: `{tag, ...}`.
+struct Reply {
+    tag: String,
+    rest: Vec<Value>,
+}
+
+impl Reply {
+    fn parse(key: &str, value: Value) -> Result<Self> {
+        let Value::Array(mut items) = value else {
+            return Err(unavailable(format!("unexpected script reply {value:?}")));
+        };
+        if items.is_empty() {
+            return Err(unavailable("empty script reply"));
+        }
+        let rest = items.split_off(1);
+        let tag = text(key, items.remove(0))?;
+        if tag == "corrupt" {
+            let reason = rest.into_iter().next().map(|v| text(key, v)).transpose()?;
+            return Err(IdempotencyError::corrupt(
+                key,
+                reason.unwrap_or_else(|| "unreadable value".to_owned()),
+            ));
+        }
+        Ok(Self { tag, rest })
+    }
+
+    fn int(&self, i: usize) -> Result<i64> {
+        match self.rest.get(i) {
+            Some(Value::Int(n)) => Ok(*n),
+            other => Err(unavailable(format!("expected an integer, got {other:?}"))),
+        }
+    }
+
+    fn record(self, key: &str) -> Result<IdempotencyRecord> {
+        let raw = self.rest.into_iter().next().unwrap_or(Value::Nil);
+        parse_record(key, &text(key, raw)?)
+    }
+}
+
+fn text(key: &str, value: Value) -> Result<String> {
+    match value {
+        Value::BulkString(bytes) => {
+            String::from_utf8(bytes).map_err(|e| IdempotencyError::corrupt(key, e))
+        }
+        Value::SimpleString(s) => Ok(s),
+        other => Err(unavailable(format!("expected a string, got {other:?}"))),
+    }
+}
+
+fn parse_record(key: &str, raw: &str) -> Result<IdempotencyRecord> {
+    serde_json::from_str(raw).map_err(|e| IdempotencyError::corrupt(key, e))
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://[user:password@]host:port[/db]`) with the
+    /// default timeouts.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::builder(url).connect().await
+    }
+
+    /// A builder for `url`.
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            max_retries: 2,
+        }
+    }
+
+    /// Runs `op` with bounded retries on transient errors, all within the
+    /// operation timeout.
+    async fn run<T, F, Fut>(&self, key: &str, op: F) -> Result<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let attempts = async {
+            let mut tries = 0;
+            loop {
+                match op(self.conn.clone()).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) if transient(&e) && tries < self.max_retries => {
+                        tries += 1;
+                        let base = 25u64 << tries.min(6);
+                        let jitter = uuid::Uuid::new_v4().as_u128() as u64 % base;
+                        tracing::debug!(error = %e, tries, "retrying a Redis operation");
+                        tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+                    }
+                    // WRONGTYPE: something that is not a record lives at the key.
+                    Err(e) if e.code() == Some("WRONGTYPE") => {
+                        return Err(IdempotencyError::corrupt(key, e));
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+        };
+        tokio::time::timeout(self.op_timeout, attempts)
+            .await
+            .map_err(unavailable)?
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for RedisStore {
+    fn name(&self) -> &'static str {
+        STORE
+    }
+
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
+        let mut invocation = self.scripts.claim.key(request.key);
+        invocation
+            .arg(request.token)
+            .arg(millis(request.lease))
+            .arg(millis(request.ttl))
+            .arg(request.fingerprint.unwrap_or(""))
+            .arg(request.recorded_key)
+            .arg(request.event_id.unwrap_or(""))
+            .arg(request.event_type.unwrap_or(""));
+        let value: Value = self
+            .run(request.key, |mut conn| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await?;
+        let reply = Reply::parse(request.key, value)?;
+        match reply.tag.as_str() {
+            "acquired" => Ok(ClaimOutcome::Acquired(Lease {
+                key: request.key.to_owned(),
+                token: request.token.to_owned(),
+                attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
+                expires_at: ms_to_time(reply.int(1)?),
+            })),
+            "duplicate" => Ok(ClaimOutcome::Duplicate(reply.record(request.key)?)),
+            "in_progress" => Ok(ClaimOutcome::InProgress(reply.record(request.key)?)),
+            "mismatch" => Err(IdempotencyError::FingerprintMismatch {
+                key: request.key.to_owned(),
+            }),
+            other => Err(unavailable(format!("unexpected claim reply `{other}`"))),
+        }
+    }
+
+    async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
+        let mut invocation = self.scripts.renew.key(&lease.key);
+        invocation.arg(&lease.token).arg(millis(lease_duration));
+        let value: Value = self
+            .run(&lease.key, |mut conn| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await?;
+        let reply = Reply::parse(&lease.key, value)?;
+        match reply.tag.as_str() {
+            "ok" => Ok(Lease {
+                expires_at: ms_to_time(reply.int(0)?),
+                ..lease.clone()
+            }),
+            _ => Err(IdempotencyError::LeaseLost {
+                key: lease.key.clone(),
+            }),
+        }
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        result: &serde_json::Value,
+        ttl: Duration,
+    ) -> Result<()> {
+        let result = serde_json::to_string(result)?;
+        self.finish(lease, ttl, "COMPLETED", &result).await
+    }
+
+    async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
+        self.finish(lease, ttl, "FAILED", error).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
+        let raw: Option<Vec<u8>> = self
+            .run(key, |mut conn| async move {
+                redis::cmd("GET").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        raw.map(|bytes| {
+            let text = String::from_utf8(bytes).map_err(|e| IdempotencyError::corrupt(key, e))?;
+            parse_record(key, &text)
+        })
+        .transpose()
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let removed: i64 = self
+            .run(key, |mut conn| async move {
+                redis::cmd("DEL").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(removed > 0)
+    }
+
+    async fn health(&self) -> Result<()> {
+        let _: String = self
+            .run("", |mut conn| async move {
+                redis::cmd("PING").query_async(&mut conn).await
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+impl RedisStore {
+    async fn finish(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        status: &str,
+        payload: &str,
+    ) -> Result<()> {
+        let mut invocation = self.scripts.finish.key(&lease.key);
+        invocation
+            .arg(&lease.token)
+            .arg(millis(ttl))
+            .arg(status)
+            .arg(payload);
+        let value: Value = self
+            .run(&lease.key, |mut conn| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await?;
+        match Reply::parse(&lease.key, value)?.tag.as_str() {
+            "ok" => Ok(()),
+            _ => Err(IdempotencyError::LeaseLost {
+                key: lease.key.clone(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! `idempotency`: make event and request handlers idempotent.
+//!
+//! Distributed systems deliver messages at least once: NATS and JetStream
+//! redeliver, webhooks retry, clients resend. This crate makes each event's
+//! side effects happen once, and gives retries the first answer back.
+//!
+//! This is the crate applications depend on; it re-exports
+//! [`idempotency-core`](idempotency_core) (envelope, checker, stores). See
+//! `IDEMPOTENCY_GUIDE.md` for the guide.
+//!
+//! # Example
+//! ```
+//! use idempotency::{EventEnvelope, IdempotencyChecker, IdempotencyError, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), IdempotencyError> {
+//! let checker = IdempotencyChecker::new(MemoryStore::new());
+//! let event = EventEnvelope::new("order.placed", serde_json::json!({"order": 42}));
+//!
+//! let first = checker.process(&event, |_| async { Ok::<_, IdempotencyError>(1) }).await?;
+//! let retry = checker.process(&event, |_| async { Ok::<_, IdempotencyError>(2) }).await?;
+//! assert!(first.was_executed() && retry.was_replayed());
+//! assert_eq!(retry.into_inner(), 1);
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `redis` | yes | [`RedisStore`], the shared store for fleets of workers |
+
+#[doc(inline)]
+pub use idempotency_core::*;
