@@ -1,0 +1,667 @@
+//! Behaviour of `IdempotencyChecker` through the public API, on the memory
+//! store and on a real Redis. Every test runs once per store.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::RedisServer;
+use idempotency::{
+    ClaimOutcome, DuplicatePolicy, EventEnvelope, IdempotencyChecker, IdempotencyConfig,
+    IdempotencyError, IdempotencyStore, InvalidKeyReason, MemoryStore, Processed, ProcessingStatus,
+    RedisStore,
+};
+use serde_json::json;
+
+/// A checker over one store, keeping its server alive.
+struct Env {
+    checker: IdempotencyChecker,
+    store: Arc<dyn IdempotencyStore>,
+    _server: Option<RedisServer>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Memory,
+    Redis,
+}
+
+async fn env(kind: Kind, config: IdempotencyConfig) -> Env {
+    let (server, store): (_, Arc<dyn IdempotencyStore>) = match kind {
+        Kind::Memory => (None, Arc::new(MemoryStore::new())),
+        Kind::Redis => {
+            let server = RedisServer::start();
+            let store = RedisStore::connect(&server.url()).await.expect("connect");
+            (Some(server), Arc::new(store))
+        }
+    };
+    Env {
+        checker: IdempotencyChecker::from_shared(Arc::clone(&store), config),
+        store,
+        _server: server,
+    }
+}
+
+fn config() -> idempotency::IdempotencyConfigBuilder {
+    IdempotencyConfig::builder()
+}
+
+fn event(key: &str) -> EventEnvelope {
+    EventEnvelope::new("test.event", json!({"key": key})).with_idempotency_key(key)
+}
+
+/// A handler error type, as an application would have.
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error("business rule failed: {0}")]
+    Business(String),
+    #[error(transparent)]
+    Idempotency(#[from] IdempotencyError),
+}
+
+async fn sixty_four_concurrent_tasks_execute_once(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let executions = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let checker = env.checker.clone();
+        let executions = Arc::clone(&executions);
+        tasks.push(tokio::spawn(async move {
+            checker
+                .process(&event("race-64"), |_| async move {
+                    executions.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok::<_, IdempotencyError>("receipt".to_owned())
+                })
+                .await
+        }));
+    }
+    let (mut executed, mut replayed, mut in_progress) = (0, 0, 0);
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(Processed::Executed(v)) => {
+                assert_eq!(v, "receipt");
+                executed += 1;
+            }
+            Ok(Processed::Replayed(v)) => {
+                assert_eq!(v, "receipt");
+                replayed += 1;
+            }
+            Err(IdempotencyError::InProgress { .. }) => in_progress += 1,
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(
+        executions.load(Ordering::SeqCst),
+        1,
+        "the handler body ran once"
+    );
+    assert_eq!(executed, 1);
+    assert_eq!(executed + replayed + in_progress, 64);
+}
+
+async fn thousand_keys_eight_tasks_each(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..1000).map(|_| AtomicUsize::new(0)).collect());
+    let mut tasks = Vec::new();
+    for copy in 0..8 {
+        for key in 0..1000usize {
+            let checker = env.checker.clone();
+            let counts = Arc::clone(&counts);
+            tasks.push(tokio::spawn(async move {
+                let envelope = event(&format!("bulk-{key}"));
+                let _ = copy;
+                checker
+                    .process(&envelope, |_| async move {
+                        counts[key].fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, IdempotencyError>(key)
+                    })
+                    .await
+            }));
+        }
+    }
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) | Err(IdempotencyError::InProgress { .. }) => {}
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+    let total: usize = counts.iter().map(|c| c.load(Ordering::SeqCst)).sum();
+    assert_eq!(total, 1000);
+    assert!(counts.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+    assert_eq!(env.checker.stats().executed, 1000);
+}
+
+async fn failed_attempt_is_retried_then_replayed(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let e = event("retry-me");
+    let runs = AtomicUsize::new(0);
+    let handler = |fail: bool| {
+        let runs = &runs;
+        move |lease: idempotency::Lease| async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            if fail {
+                Err(AppError::Business("card declined".into()))
+            } else {
+                Ok(format!("charged on attempt {}", lease.attempt))
+            }
+        }
+    };
+
+    let first = env.checker.process(&e, handler(true)).await;
+    assert!(matches!(first, Err(AppError::Business(_))));
+    let record = env
+        .checker
+        .get_processing_record("retry-me")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.status, ProcessingStatus::Failed);
+    assert_eq!(
+        record.error.as_deref(),
+        Some("business rule failed: card declined")
+    );
+    assert_eq!(record.attempts, 1);
+    assert!(
+        !env.checker
+            .is_duplicate("retry-me")
+            .await
+            .expect("is_duplicate")
+    );
+
+    let second = env
+        .checker
+        .process(&e, handler(false))
+        .await
+        .expect("retry runs");
+    assert_eq!(
+        second,
+        Processed::Executed("charged on attempt 2".to_owned())
+    );
+    let third = env
+        .checker
+        .process(&e, handler(false))
+        .await
+        .expect("replay");
+    assert_eq!(
+        third,
+        Processed::Replayed("charged on attempt 2".to_owned())
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let record = env
+        .checker
+        .get_processing_record("retry-me")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.attempts, 2);
+    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert!(
+        env.checker
+            .is_duplicate("retry-me")
+            .await
+            .expect("is_duplicate")
+    );
+}
+
+async fn expired_lease_is_taken_over_and_stale_worker_loses(kind: Kind) {
+    let env = env(
+        kind,
+        config()
+            .in_progress_timeout(Duration::from_millis(200))
+            .build()
+            .expect("config"),
+    )
+    .await;
+    let e = event("crashy");
+    // Worker A claims and then "crashes": it never renews or finishes.
+    let ClaimOutcome::Acquired(stale) = env.checker.mark_processing(&e).await.expect("claim")
+    else {
+        panic!("first claim must acquire");
+    };
+    let blocked = env
+        .checker
+        .process(&e, |_| async { Ok::<_, IdempotencyError>("B".to_owned()) })
+        .await;
+    assert!(matches!(
+        blocked,
+        Err(IdempotencyError::InProgress { attempt: 1, .. })
+    ));
+
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let taken = env
+        .checker
+        .process(&e, |lease| async move {
+            assert_eq!(lease.attempt, 2);
+            Ok::<_, IdempotencyError>("B".to_owned())
+        })
+        .await
+        .expect("takeover");
+    assert_eq!(taken, Processed::Executed("B".to_owned()));
+
+    let late = env.checker.mark_completed(&stale, &"A").await;
+    assert!(
+        matches!(late, Err(IdempotencyError::LeaseLost { .. })),
+        "{late:?}"
+    );
+    let record = env
+        .checker
+        .get_processing_record("crashy")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.result, Some(json!("B")));
+    assert_eq!(env.checker.stats().lease_lost, 1);
+}
+
+async fn renewal_keeps_a_slow_handler_alive(kind: Kind) {
+    let lease = Duration::from_millis(300);
+    let env = env(
+        kind,
+        config().in_progress_timeout(lease).build().expect("config"),
+    )
+    .await;
+    let executions = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let checker = env.checker.clone();
+        let executions = Arc::clone(&executions);
+        tokio::spawn(async move {
+            checker
+                .process(&event("slow"), |_| async move {
+                    executions.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(lease * 3).await;
+                    Ok::<_, IdempotencyError>(7)
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut duplicates = 0;
+    while !slow.is_finished() {
+        let outcome = env
+            .checker
+            .process(&event("slow"), |_| {
+                let executions = Arc::clone(&executions);
+                async move {
+                    executions.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, IdempotencyError>(8)
+                }
+            })
+            .await;
+        match outcome {
+            Err(IdempotencyError::InProgress { .. }) => duplicates += 1,
+            Ok(Processed::Replayed(7)) => {}
+            other => panic!("duplicate must not run: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        slow.await.expect("task").expect("slow handler"),
+        Processed::Executed(7)
+    );
+    assert!(
+        duplicates >= 6,
+        "duplicates kept arriving during the run ({duplicates})"
+    );
+    assert_eq!(executions.load(Ordering::SeqCst), 1);
+}
+
+async fn expired_record_is_processed_again(kind: Kind) {
+    let env = env(
+        kind,
+        config()
+            .ttl(Duration::from_millis(200))
+            .in_progress_timeout(Duration::from_millis(100))
+            .build()
+            .expect("config"),
+    )
+    .await;
+    let runs = AtomicUsize::new(0);
+    let run = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, IdempotencyError>(())
+    };
+    assert!(
+        env.checker
+            .process(&event("short"), |_| run())
+            .await
+            .expect("1")
+            .was_executed()
+    );
+    assert!(
+        env.checker
+            .process(&event("short"), |_| run())
+            .await
+            .expect("2")
+            .was_replayed()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        env.checker
+            .process(&event("short"), |_| run())
+            .await
+            .expect("3")
+            .was_executed()
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+async fn key_reuse_with_another_payload_is_rejected(kind: Kind) {
+    let env = env(
+        kind,
+        config().fingerprint_payloads(true).build().expect("config"),
+    )
+    .await;
+    let runs = AtomicUsize::new(0);
+    let first = EventEnvelope::new("pay", json!({"amount": 10})).with_idempotency_key("pay-1");
+    let same = EventEnvelope::new("pay", json!({"amount": 10})).with_idempotency_key("pay-1");
+    let other = EventEnvelope::new("pay", json!({"amount": 99})).with_idempotency_key("pay-1");
+    let run = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, IdempotencyError>(1)
+    };
+    env.checker.process(&first, |_| run()).await.expect("first");
+    assert!(
+        env.checker
+            .process(&same, |_| run())
+            .await
+            .expect("same")
+            .was_replayed()
+    );
+    let mismatch = env.checker.process(&other, |_| run()).await;
+    assert!(
+        matches!(mismatch, Err(IdempotencyError::FingerprintMismatch { .. })),
+        "{mismatch:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(env.checker.stats().fingerprint_mismatches, 1);
+}
+
+async fn invalid_keys_never_reach_the_store_or_handler(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let runs = AtomicUsize::new(0);
+    let long = "k".repeat(256);
+    for (key, expected) in [
+        ("", InvalidKeyReason::Empty),
+        (
+            long.as_str(),
+            InvalidKeyReason::TooLong { len: 256, max: 255 },
+        ),
+        ("line\nbreak", InvalidKeyReason::ControlCharacter),
+        ("nul\0", InvalidKeyReason::ControlCharacter),
+    ] {
+        let outcome = env
+            .checker
+            .process(&event(key), |_| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, IdempotencyError>(())
+            })
+            .await;
+        match outcome {
+            Err(IdempotencyError::InvalidKey { reason }) => assert_eq!(reason, expected),
+            other => panic!("expected InvalidKey for {key:?}, got {other:?}"),
+        }
+        assert!(
+            env.store
+                .get(&format!("idempotency:events:{key}"))
+                .await
+                .expect("get")
+                .is_none()
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+async fn dropped_guard_marks_failed_and_retry_runs(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let e = event("dropped");
+    {
+        let guard = env.checker.guard(&e).await.expect("guard");
+        assert!(!guard.is_duplicate());
+        assert_eq!(guard.lease().expect("held").attempt, 1);
+        // An early return: the guard goes out of scope unfinished.
+    }
+    let mut status = None;
+    for _ in 0..100 {
+        status = env
+            .checker
+            .get_processing_record("dropped")
+            .await
+            .expect("get")
+            .map(|r| r.status);
+        if status == Some(ProcessingStatus::Failed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, Some(ProcessingStatus::Failed));
+    let guard = env.checker.guard(&e).await.expect("guard");
+    assert!(!guard.is_duplicate(), "a dropped attempt is retryable");
+    assert_eq!(guard.lease().expect("held").attempt, 2);
+    guard.complete(&"done").await.expect("complete");
+    let guard = env.checker.guard(&e).await.expect("guard");
+    assert!(guard.is_duplicate());
+    assert_eq!(
+        guard.cached_result::<String>().expect("decode"),
+        Some("done".to_owned())
+    );
+}
+
+async fn panicking_handler_is_failed_and_panic_propagates(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let checker = env.checker.clone();
+    let joined = tokio::spawn(async move {
+        checker
+            .process(&event("panics"), |_| async {
+                if true {
+                    panic!("handler exploded");
+                }
+                Ok::<_, IdempotencyError>(())
+            })
+            .await
+    })
+    .await;
+    assert!(joined.expect_err("the panic propagates").is_panic());
+    let record = env
+        .checker
+        .get_processing_record("panics")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.status, ProcessingStatus::Failed);
+    assert_eq!(record.error.as_deref(), Some("handler panicked"));
+    let retried = env
+        .checker
+        .process(&event("panics"), |_| async { Ok::<_, IdempotencyError>(5) })
+        .await
+        .expect("retry");
+    assert_eq!(retried, Processed::Executed(5));
+}
+
+async fn duplicate_policy_error_carries_the_cached_result(kind: Kind) {
+    let env = env(
+        kind,
+        config()
+            .on_duplicate(DuplicatePolicy::Error)
+            .build()
+            .expect("config"),
+    )
+    .await;
+    env.checker
+        .process(&event("dup-err"), |_| async {
+            Ok::<_, IdempotencyError>(json!({"id": 1}))
+        })
+        .await
+        .expect("first");
+    match env
+        .checker
+        .process(&event("dup-err"), |_| async {
+            Ok::<_, IdempotencyError>(json!({"id": 2}))
+        })
+        .await
+    {
+        Err(IdempotencyError::Duplicate { cached_result, .. }) => {
+            assert_eq!(cached_result, Some(json!({"id": 1})));
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+}
+
+async fn waiting_duplicate_gets_the_result(kind: Kind) {
+    let env = env(
+        kind,
+        config().on_in_progress_wait("5s").build().expect("config"),
+    )
+    .await;
+    let first = {
+        let checker = env.checker.clone();
+        tokio::spawn(async move {
+            checker
+                .process(&event("wait"), |_| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, IdempotencyError>("first".to_owned())
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = env
+        .checker
+        .process(&event("wait"), |_| async {
+            Ok::<_, IdempotencyError>("second".to_owned())
+        })
+        .await
+        .expect("waited");
+    assert_eq!(second, Processed::Replayed("first".to_owned()));
+    assert_eq!(
+        first.await.expect("task").expect("first"),
+        Processed::Executed("first".to_owned())
+    );
+}
+
+async fn manual_api_round_trip(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let e = event("manual");
+    assert!(
+        env.checker
+            .get_processing_record("manual")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    let ClaimOutcome::Acquired(lease) = env.checker.mark_processing(&e).await.expect("claim")
+    else {
+        panic!("must acquire");
+    };
+    assert!(
+        env.checker
+            .is_duplicate("manual")
+            .await
+            .expect("live lease")
+    );
+    assert!(matches!(
+        env.checker.mark_processing(&e).await.expect("claim"),
+        ClaimOutcome::InProgress(_)
+    ));
+    env.checker
+        .mark_completed(&lease, &json!({"ok": true}))
+        .await
+        .expect("complete");
+    match env.checker.mark_processing(&e).await.expect("claim") {
+        ClaimOutcome::Duplicate(record) => assert_eq!(record.result, Some(json!({"ok": true}))),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert!(env.checker.delete_record("manual").await.expect("delete"));
+    assert!(!env.checker.is_duplicate("manual").await.expect("deleted"));
+    env.checker.health_check().await.expect("healthy");
+}
+
+async fn hashed_keys_hide_the_raw_key(kind: Kind) {
+    let env = env(kind, config().hash_keys(true).build().expect("config")).await;
+    env.checker
+        .process(&event("alice@example.com"), |_| async {
+            Ok::<_, IdempotencyError>(1)
+        })
+        .await
+        .expect("process");
+    let storage = env.checker.storage_key("alice@example.com").expect("key");
+    assert_eq!(
+        storage,
+        format!(
+            "idempotency:events:{}",
+            idempotency::sha256_hex(b"alice@example.com")
+        )
+    );
+    let record = env.store.get(&storage).await.expect("get").expect("record");
+    assert!(!record.idempotency_key.contains("alice"));
+    assert!(
+        env.store
+            .get("idempotency:events:alice@example.com")
+            .await
+            .expect("get")
+            .is_none()
+    );
+}
+
+async fn stats_count_what_happened(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let ok = |v: u8| async move { Ok::<_, AppError>(v) };
+    env.checker
+        .process(&event("s1"), |_| ok(1))
+        .await
+        .expect("run");
+    env.checker
+        .process(&event("s1"), |_| ok(1))
+        .await
+        .expect("replay");
+    let _ = env
+        .checker
+        .process(&event("s2"), |_| async {
+            Err::<u8, _>(AppError::Business("no".into()))
+        })
+        .await;
+    let stats = env.checker.stats();
+    assert_eq!((stats.executed, stats.replayed, stats.failed), (1, 1, 1));
+    assert_eq!(stats.store_errors, 0);
+}
+
+macro_rules! per_store {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Memory).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Redis).await;
+                }
+            )*
+        }
+    };
+}
+
+per_store!(
+    sixty_four_concurrent_tasks_execute_once,
+    thousand_keys_eight_tasks_each,
+    failed_attempt_is_retried_then_replayed,
+    expired_lease_is_taken_over_and_stale_worker_loses,
+    renewal_keeps_a_slow_handler_alive,
+    expired_record_is_processed_again,
+    key_reuse_with_another_payload_is_rejected,
+    invalid_keys_never_reach_the_store_or_handler,
+    dropped_guard_marks_failed_and_retry_runs,
+    panicking_handler_is_failed_and_panic_propagates,
+    duplicate_policy_error_carries_the_cached_result,
+    waiting_duplicate_gets_the_result,
+    manual_api_round_trip,
+    hashed_keys_hide_the_raw_key,
+    stats_count_what_happened,
+);

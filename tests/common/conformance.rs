@@ -1,0 +1,311 @@
+//! The store conformance suite: written once over `&dyn IdempotencyStore`,
+//! run against every store by `tests/store_conformance.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idempotency::{
+    ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyStore, Lease, ProcessingStatus,
+};
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn request<'a>(key: &'a str, token: &'a str) -> ClaimRequest<'a> {
+    ClaimRequest {
+        key,
+        recorded_key: key,
+        event_id: Some("evt-1"),
+        event_type: Some("test.event"),
+        fingerprint: None,
+        token,
+        lease: LONG,
+        ttl: LONG,
+    }
+}
+
+async fn acquire(store: &dyn IdempotencyStore, req: &ClaimRequest<'_>) -> Lease {
+    match store.claim(req).await.expect("claim") {
+        ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+pub async fn absent_key_is_acquired_as_attempt_one(store: &dyn IdempotencyStore) {
+    let lease = acquire(store, &request("c:absent", "t1")).await;
+    assert_eq!(lease.attempt, 1);
+    assert_eq!(lease.token, "t1");
+    assert_eq!(lease.key, "c:absent");
+    assert!(lease.expires_at > chrono::Utc::now());
+    let record = store.get("c:absent").await.expect("get").expect("record");
+    assert_eq!(record.status, ProcessingStatus::Processing);
+    assert_eq!(record.attempts, 1);
+    assert_eq!(record.lease_token.as_deref(), Some("t1"));
+    assert_eq!(record.event_id.as_deref(), Some("evt-1"));
+    assert_eq!(record.event_type.as_deref(), Some("test.event"));
+    assert_eq!(record.idempotency_key, "c:absent");
+}
+
+pub async fn live_lease_is_in_progress(store: &dyn IdempotencyStore) {
+    acquire(store, &request("c:live", "t1")).await;
+    match store.claim(&request("c:live", "t2")).await.expect("claim") {
+        ClaimOutcome::InProgress(record) => {
+            assert_eq!(record.status, ProcessingStatus::Processing);
+            assert_eq!(record.attempts, 1);
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+}
+
+pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencyStore) {
+    let lease = acquire(store, &request("c:done", "t1")).await;
+    // Big integers and nested values must survive byte for byte.
+    let result = json!({"id": 9_007_199_254_740_993_u64, "neg": -12, "f": 0.1,
+                        "nested": {"list": [1, "two", null, true]}, "text": "é\"\\\n"});
+    store
+        .complete(&lease, &result, LONG)
+        .await
+        .expect("complete");
+    match store.claim(&request("c:done", "t2")).await.expect("claim") {
+        ClaimOutcome::Duplicate(record) => {
+            assert_eq!(record.status, ProcessingStatus::Completed);
+            assert_eq!(record.result, Some(result));
+            assert!(record.completed_at.is_some());
+            assert_eq!(record.lease_expires_at, None);
+            assert_eq!(record.attempts, 1);
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+}
+
+pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore) {
+    let first = acquire(store, &request("c:failed", "t1")).await;
+    store.fail(&first, "boom", LONG).await.expect("fail");
+    let record = store.get("c:failed").await.expect("get").expect("record");
+    assert_eq!(record.status, ProcessingStatus::Failed);
+    assert_eq!(record.error.as_deref(), Some("boom"));
+    let first_seen = record.first_seen_at;
+
+    let second = acquire(store, &request("c:failed", "t2")).await;
+    assert_eq!(second.attempt, 2);
+    store
+        .complete(&second, &json!("ok"), LONG)
+        .await
+        .expect("complete");
+    let record = store.get("c:failed").await.expect("get").expect("record");
+    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.attempts, 2);
+    assert_eq!(
+        record.first_seen_at, first_seen,
+        "first_seen_at survives retries"
+    );
+    assert_eq!(record.error, None);
+}
+
+pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
+    store: &dyn IdempotencyStore,
+) {
+    let mut short = request("c:takeover", "old");
+    short.lease = Duration::from_millis(150);
+    let old = acquire(store, &short).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let new = acquire(store, &request("c:takeover", "new")).await;
+    assert_eq!(new.attempt, 2);
+
+    for stale in [
+        store.complete(&old, &json!("stale"), LONG).await,
+        store.fail(&old, "stale", LONG).await,
+        store.renew(&old, LONG).await.map(|_| ()),
+    ] {
+        assert!(
+            matches!(stale, Err(IdempotencyError::LeaseLost { .. })),
+            "stale holder must get LeaseLost, got {stale:?}"
+        );
+    }
+    store
+        .complete(&new, &json!("fresh"), LONG)
+        .await
+        .expect("complete");
+    let record = store.get("c:takeover").await.expect("get").expect("record");
+    assert_eq!(record.result, Some(json!("fresh")));
+    assert_eq!(record.lease_token.as_deref(), Some("new"));
+}
+
+pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
+    let mut short = request("c:renew", "t1");
+    short.lease = Duration::from_millis(300);
+    let mut lease = acquire(store, &short).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let renewed = store
+            .renew(&lease, Duration::from_millis(300))
+            .await
+            .expect("renew");
+        assert!(renewed.expires_at >= lease.expires_at);
+        lease = renewed;
+        // 600ms after the claim, the 300ms lease is alive only thanks to renewals.
+        assert!(matches!(
+            store.claim(&request("c:renew", "t2")).await.expect("claim"),
+            ClaimOutcome::InProgress(_)
+        ));
+    }
+    store
+        .complete(&lease, &json!(1), LONG)
+        .await
+        .expect("complete after renewals");
+}
+
+pub async fn retried_claim_with_own_token_is_acquired(store: &dyn IdempotencyStore) {
+    let first = acquire(store, &request("c:retry", "mine")).await;
+    let again = acquire(store, &request("c:retry", "mine")).await;
+    assert_eq!(again.attempt, first.attempt);
+    assert_eq!(again.token, "mine");
+}
+
+pub async fn finishing_is_idempotent_per_token(store: &dyn IdempotencyStore) {
+    let lease = acquire(store, &request("c:twice", "t1")).await;
+    store
+        .complete(&lease, &json!(1), LONG)
+        .await
+        .expect("complete");
+    store
+        .complete(&lease, &json!(1), LONG)
+        .await
+        .expect("repeated complete succeeds");
+    assert!(matches!(
+        store.fail(&lease, "late", LONG).await,
+        Err(IdempotencyError::LeaseLost { .. })
+    ));
+    let record = store.get("c:twice").await.expect("get").expect("record");
+    assert_eq!(record.status, ProcessingStatus::Completed);
+
+    let lease = acquire(store, &request("c:twice-fail", "t1")).await;
+    store.fail(&lease, "e", LONG).await.expect("fail");
+    store
+        .fail(&lease, "e", LONG)
+        .await
+        .expect("repeated fail succeeds");
+    assert!(matches!(
+        store.complete(&lease, &json!(1), LONG).await,
+        Err(IdempotencyError::LeaseLost { .. })
+    ));
+}
+
+pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
+    let forged = Lease {
+        key: "c:forged".into(),
+        token: "nobody".into(),
+        attempt: 1,
+        expires_at: chrono::Utc::now(),
+    };
+    assert!(matches!(
+        store.complete(&forged, &json!(1), LONG).await,
+        Err(IdempotencyError::LeaseLost { .. })
+    ));
+    assert!(store.get("c:forged").await.expect("get").is_none());
+}
+
+pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
+    let mut req = request("c:fp", "t1");
+    req.fingerprint = Some("aaa");
+    let lease = acquire(store, &req).await;
+
+    let mut other = request("c:fp", "t2");
+    other.fingerprint = Some("bbb");
+    assert!(matches!(
+        store.claim(&other).await,
+        Err(IdempotencyError::FingerprintMismatch { .. })
+    ));
+    store.fail(&lease, "x", LONG).await.expect("fail");
+    assert!(matches!(
+        store.claim(&other).await,
+        Err(IdempotencyError::FingerprintMismatch { .. })
+    ));
+    // Same fingerprint, or none on the request: allowed.
+    let mut same = request("c:fp", "t3");
+    same.fingerprint = Some("aaa");
+    let lease = acquire(store, &same).await;
+    store
+        .complete(&lease, &json!(1), LONG)
+        .await
+        .expect("complete");
+    let record = store.get("c:fp").await.expect("get").expect("record");
+    assert_eq!(record.fingerprint.as_deref(), Some("aaa"));
+    assert!(matches!(
+        store.claim(&other).await,
+        Err(IdempotencyError::FingerprintMismatch { .. })
+    ));
+    assert!(matches!(
+        store.claim(&request("c:fp", "t4")).await,
+        Ok(ClaimOutcome::Duplicate(_))
+    ));
+}
+
+pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
+    let mut req = request("c:ttl", "t1");
+    req.ttl = Duration::from_millis(200);
+    req.lease = Duration::from_millis(100);
+    let lease = acquire(store, &req).await;
+    store
+        .complete(&lease, &json!(1), Duration::from_millis(200))
+        .await
+        .expect("complete");
+    assert!(store.get("c:ttl").await.expect("get").is_some());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(store.get("c:ttl").await.expect("get").is_none());
+    let again = acquire(store, &request("c:ttl", "t2")).await;
+    assert_eq!(again.attempt, 1, "an expired record starts over");
+}
+
+pub async fn processing_record_outlives_a_short_ttl(store: &dyn IdempotencyStore) {
+    // ttl shorter than the lease: the PROCESSING record must not vanish
+    // while its lease is live, or a duplicate could run.
+    let mut req = request("c:shortttl", "t1");
+    req.ttl = Duration::from_millis(50);
+    req.lease = Duration::from_secs(5);
+    acquire(store, &req).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(matches!(
+        store
+            .claim(&request("c:shortttl", "t2"))
+            .await
+            .expect("claim"),
+        ClaimOutcome::InProgress(_)
+    ));
+}
+
+pub async fn get_and_delete(store: &dyn IdempotencyStore) {
+    assert!(store.get("c:gd").await.expect("get").is_none());
+    assert!(!store.delete("c:gd").await.expect("delete"));
+    let lease = acquire(store, &request("c:gd", "t1")).await;
+    store
+        .complete(&lease, &json!(1), LONG)
+        .await
+        .expect("complete");
+    assert!(store.delete("c:gd").await.expect("delete"));
+    assert!(store.get("c:gd").await.expect("get").is_none());
+    let again = acquire(store, &request("c:gd", "t2")).await;
+    assert_eq!(again.attempt, 1);
+    store.health().await.expect("health");
+}
+
+pub async fn concurrent_claims_have_one_winner(store: Arc<dyn IdempotencyStore>) {
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let token = format!("t{i}");
+            let outcome = store
+                .claim(&request("c:race", &token))
+                .await
+                .expect("claim");
+            matches!(outcome, ClaimOutcome::Acquired(_))
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        winners += usize::from(task.await.expect("task"));
+    }
+    assert_eq!(winners, 1);
+}

@@ -1,0 +1,82 @@
+//! Every store passes the same conformance suite (`tests/common/conformance.rs`),
+//! one test per rule and store.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::RedisServer;
+use idempotency::{IdempotencyStore, MemoryStore, RedisStore};
+
+/// Generates one test per conformance function for a store constructor.
+macro_rules! conformance {
+    ($store:ident, $make:expr, [$($name:ident),* $(,)?]) => {
+        mod $store {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (_server, store): (Option<RedisServer>, Arc<dyn IdempotencyStore>) = $make.await;
+                    common::conformance::$name(store.as_ref()).await;
+                }
+            )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_claims_have_one_winner() {
+                let (_server, store): (Option<RedisServer>, Arc<dyn IdempotencyStore>) = $make.await;
+                common::conformance::concurrent_claims_have_one_winner(store).await;
+            }
+        }
+    };
+}
+
+async fn memory() -> (Option<RedisServer>, Arc<dyn IdempotencyStore>) {
+    (None, Arc::new(MemoryStore::new()))
+}
+
+async fn redis() -> (Option<RedisServer>, Arc<dyn IdempotencyStore>) {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url())
+        .await
+        .expect("connect to test redis");
+    (Some(server), Arc::new(store))
+}
+
+conformance!(
+    memory_store,
+    memory(),
+    [
+        absent_key_is_acquired_as_attempt_one,
+        live_lease_is_in_progress,
+        completed_is_duplicate_with_exact_result,
+        failed_is_reclaimed_with_next_attempt,
+        expired_lease_is_taken_over_and_stale_holder_cannot_write,
+        renew_keeps_the_lease_alive,
+        retried_claim_with_own_token_is_acquired,
+        finishing_is_idempotent_per_token,
+        unknown_lease_writes_nothing,
+        fingerprints_guard_key_reuse,
+        records_expire_after_ttl,
+        processing_record_outlives_a_short_ttl,
+        get_and_delete,
+    ]
+);
+
+conformance!(
+    redis_store,
+    redis(),
+    [
+        absent_key_is_acquired_as_attempt_one,
+        live_lease_is_in_progress,
+        completed_is_duplicate_with_exact_result,
+        failed_is_reclaimed_with_next_attempt,
+        expired_lease_is_taken_over_and_stale_holder_cannot_write,
+        renew_keeps_the_lease_alive,
+        retried_claim_with_own_token_is_acquired,
+        finishing_is_idempotent_per_token,
+        unknown_lease_writes_nothing,
+        fingerprints_guard_key_reuse,
+        records_expire_after_ttl,
+        processing_record_outlives_a_short_ttl,
+        get_and_delete,
+    ]
+);
