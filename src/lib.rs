@@ -31,3 +31,12 @@
 
 #[doc(inline)]
 pub use idempotency_core::*;
+
+// The README and the guide are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../IDEMPOTENCY_GUIDE.md")]
+struct GuideDoctests;

@@ -163,10 +163,10 @@ struct Inner {
 /// let event = EventEnvelope::new("order.placed", serde_json::json!({"order": 42}));
 ///
 /// let first = checker
-///     .process(&event, |_lease| async { Ok::<_, IdempotencyError>("charged") })
+///     .process(&event, |_lease| async { Ok::<_, IdempotencyError>("charged".to_owned()) })
 ///     .await?;
 /// let again = checker
-///     .process(&event, |_lease| async { Ok::<_, IdempotencyError>("charged twice!") })
+///     .process(&event, |_lease| async { Ok::<_, IdempotencyError>("charged twice!".to_owned()) })
 ///     .await?;
 /// assert!(first.was_executed());
 /// assert!(again.was_replayed());
@@ -735,7 +735,7 @@ impl IdempotencyGuard {
                         lease = None;
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "could not renew the lease; will try again")
+                        tracing::warn!(%error, "could not renew the lease; will try again");
                     }
                 }
             }

@@ -41,10 +41,19 @@ fn redis_binary() -> PathBuf {
 impl RedisServer {
     /// Starts a fresh server (no persistence) and waits until it answers.
     pub fn start() -> Self {
+        Self::try_ports(5, free_port)
+    }
+
+    /// Starts a server on `port` (e.g. to restart one that was killed).
+    pub fn start_on(port: u16) -> Self {
+        Self::try_ports(50, || port)
+    }
+
+    fn try_ports(tries: usize, mut port: impl FnMut() -> u16) -> Self {
         let binary = redis_binary();
         let mut last_error = String::new();
-        for _ in 0..5 {
-            let port = free_port();
+        for _ in 0..tries {
+            let port = port();
             let dir =
                 std::env::temp_dir().join(format!("idem-redis-{}-{port}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("temp dir");
@@ -60,7 +69,10 @@ impl RedisServer {
             let mut server = Self { child, port, dir };
             match server.wait_ready() {
                 Ok(()) => return server,
-                Err(e) => last_error = e,
+                Err(e) => {
+                    last_error = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
         }
         panic!("redis-server did not start: {last_error}");

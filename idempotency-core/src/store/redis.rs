@@ -73,10 +73,12 @@ if rec then
   if not fp and type(rec.fingerprint) == 'string' then fp = rec.fingerprint end
 end
 local expires = now + lease_ms
+local null = cjson.null
 local doc = cjson.encode({
-  idempotency_key = ARGV[5], event_id = opt(ARGV[6]), event_type = opt(ARGV[7]),
-  status = 'PROCESSING', first_seen_at = first_seen, attempts = attempts + 1,
-  lease_token = token, lease_expires_at = expires, fingerprint = fp })
+  idempotency_key = ARGV[5], event_id = opt(ARGV[6]) or null, event_type = opt(ARGV[7]) or null,
+  status = 'PROCESSING', result = null, error = null, first_seen_at = first_seen,
+  completed_at = null, attempts = attempts + 1, lease_token = token,
+  lease_expires_at = expires, fingerprint = fp or null })
 redis.call('SET', key, doc, 'PX', math.max(ttl_ms, lease_ms))
 return {'acquired', attempts + 1, expires}
 "#;
@@ -103,18 +105,19 @@ if not rec or rec.lease_token ~= ARGV[1] then return {'lost'} end
 if rec.status == target then return {'ok'} end
 if rec.status ~= 'PROCESSING' then return {'lost'} end
 rec.status = target
-rec.lease_expires_at = nil
-rec.result = nil
+rec.lease_expires_at = cjson.null
 local doc
 if target == 'COMPLETED' then
   rec.completed_at = now_ms()
-  rec.error = nil
+  rec.error = cjson.null
+  rec.result = nil
   doc = cjson.encode(rec)
-  -- The result is spliced in verbatim, so Lua never re-encodes (and never
-  -- rounds) the handler's numbers.
+  -- The result is spliced in verbatim (as the last field), so Lua never
+  -- re-encodes, and never rounds, the handler's numbers.
   doc = string.sub(doc, 1, -2) .. ',"result":' .. ARGV[4] .. '}'
 else
   rec.error = ARGV[4]
+  rec.result = cjson.null
   doc = cjson.encode(rec)
 end
 redis.call('SET', KEYS[1], doc, 'PX', tonumber(ARGV[2]))

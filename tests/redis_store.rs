@@ -1,0 +1,349 @@
+//! Redis-specific behaviour: the documented schema, corrupt values, outages,
+//! the script cache, and exactly-once across OS processes.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::RedisServer;
+use idempotency::{
+    EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, Processed, RedisStore,
+};
+use redis::AsyncCommands;
+use serde_json::json;
+
+async fn checker(server: &RedisServer) -> IdempotencyChecker {
+    IdempotencyChecker::new(RedisStore::connect(&server.url()).await.expect("connect"))
+}
+
+fn event(key: &str) -> EventEnvelope {
+    EventEnvelope::new("test.event", json!({"key": key})).with_idempotency_key(key)
+}
+
+#[tokio::test]
+async fn stored_value_is_the_documented_json_with_a_ttl() {
+    let server = RedisServer::start();
+    let config = IdempotencyConfig::builder()
+        .ttl("1h")
+        .fingerprint_payloads(true)
+        .build()
+        .expect("config");
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let checker = IdempotencyChecker::with_config(store, config);
+    let e = event("schema-1").with_event_id("evt-123");
+    checker
+        .process(&e, |_| async {
+            Ok::<_, IdempotencyError>(json!({"receipt": 42}))
+        })
+        .await
+        .expect("process");
+
+    let mut redis = server.client().await;
+    let raw: String = redis.get("idempotency:events:schema-1").await.expect("GET");
+    let doc: serde_json::Value = serde_json::from_str(&raw).expect("the value is JSON");
+    let mut fields: Vec<&str> = doc
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "attempts",
+            "completed_at",
+            "error",
+            "event_id",
+            "event_type",
+            "fingerprint",
+            "first_seen_at",
+            "idempotency_key",
+            "lease_expires_at",
+            "lease_token",
+            "result",
+            "status"
+        ]
+    );
+    assert_eq!(doc["idempotency_key"], "schema-1");
+    assert_eq!(doc["event_id"], "evt-123");
+    assert_eq!(doc["event_type"], "test.event");
+    assert_eq!(doc["status"], "COMPLETED");
+    assert_eq!(doc["result"], json!({"receipt": 42}));
+    assert_eq!(doc["error"], serde_json::Value::Null);
+    assert_eq!(doc["attempts"], 1);
+    assert_eq!(doc["lease_expires_at"], serde_json::Value::Null);
+    assert_eq!(doc["fingerprint"].as_str().map(str::len), Some(64));
+    assert!(doc["lease_token"].is_string());
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for field in ["first_seen_at", "completed_at"] {
+        let at = doc[field].as_i64().expect("integer milliseconds");
+        assert!(
+            (now_ms - at).abs() < 60_000,
+            "{field} is epoch milliseconds"
+        );
+    }
+
+    let pttl: i64 = redis
+        .pttl("idempotency:events:schema-1")
+        .await
+        .expect("PTTL");
+    assert!(
+        pttl > 3_500_000 && pttl <= 3_600_000,
+        "the key expires with the ttl ({pttl} ms)"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_values_are_typed_errors_naming_the_key() {
+    let server = RedisServer::start();
+    let checker = checker(&server).await;
+    let mut redis = server.client().await;
+    let runs = AtomicUsize::new(0);
+    let cases: [(&str, &str); 4] = [
+        ("garbage", "garbage"),
+        ("number", "123"),
+        ("bad-status", r#"{"status":"DONE"}"#),
+        ("missing-fields", r#"{"status":"COMPLETED"}"#),
+    ];
+    for (key, value) in cases {
+        let _: () = redis
+            .set(format!("idempotency:events:{key}"), value)
+            .await
+            .expect("SET");
+    }
+    let _: () = redis
+        .hset("idempotency:events:a-hash", "f", "v")
+        .await
+        .expect("HSET");
+
+    for key in cases.iter().map(|c| c.0).chain(["a-hash"]) {
+        let outcome = checker
+            .process(&event(key), |_| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, IdempotencyError>(())
+            })
+            .await;
+        match outcome {
+            Err(IdempotencyError::CorruptRecord { key: named, .. }) => {
+                assert_eq!(named, format!("idempotency:events:{key}"));
+            }
+            other => panic!("expected CorruptRecord for {key}, got {other:?}"),
+        }
+        assert!(matches!(
+            checker.get_processing_record(key).await,
+            Err(IdempotencyError::CorruptRecord { .. })
+        ));
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "no handler runs over a corrupt record"
+    );
+    // The corrupt value is left for an operator to inspect, not overwritten.
+    let raw: String = redis.get("idempotency:events:garbage").await.expect("GET");
+    assert_eq!(raw, "garbage");
+}
+
+#[tokio::test]
+async fn unreachable_redis_fails_fast_with_store_unavailable() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let started = Instant::now();
+    let outcome = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+        .connect_timeout(Duration::from_millis(300))
+        .connect()
+        .await;
+    assert!(matches!(
+        outcome,
+        Err(IdempotencyError::StoreUnavailable { store: "redis", .. })
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn redis_going_down_fails_closed_and_recovers() {
+    let mut server = RedisServer::start();
+    let port = server.port();
+    let store = RedisStore::builder(server.url())
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .expect("connect");
+    let checker = IdempotencyChecker::new(store);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let run = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, IdempotencyError>(1)
+    };
+    checker
+        .process(&event("before"), |_| run(Arc::clone(&runs)))
+        .await
+        .expect("up");
+
+    server.kill();
+    let started = Instant::now();
+    let outcome = checker
+        .process(&event("during"), |_| run(Arc::clone(&runs)))
+        .await;
+    assert!(
+        matches!(outcome, Err(IdempotencyError::StoreUnavailable { .. })),
+        "{outcome:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(checker.health_check().await.is_err());
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the handler never runs unguarded"
+    );
+    assert!(checker.stats().store_errors >= 2);
+
+    // A new server on the same port: the same checker recovers by itself.
+    let _restarted = RedisServer::start_on(port);
+    let mut recovered = None;
+    for _ in 0..50 {
+        match checker
+            .process(&event("after"), |_| run(Arc::clone(&runs)))
+            .await
+        {
+            Ok(done) => {
+                recovered = Some(done);
+                break;
+            }
+            Err(IdempotencyError::StoreUnavailable { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(recovered, Some(Processed::Executed(1)));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn flushed_script_cache_is_reloaded() {
+    let server = RedisServer::start();
+    let checker = checker(&server).await;
+    checker
+        .process(&event("s1"), |_| async { Ok::<_, IdempotencyError>(1) })
+        .await
+        .expect("first");
+    let mut redis = server.client().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut redis)
+        .await
+        .expect("flush");
+    let outcome = checker
+        .process(&event("s2"), |_| async { Ok::<_, IdempotencyError>(2) })
+        .await
+        .expect("after flush");
+    assert_eq!(outcome, Processed::Executed(2));
+}
+
+const WORKER_URL: &str = "IDEMPOTENCY_TEST_WORKER_URL";
+const KEYS: usize = 500;
+
+/// Four OS processes race over the same 500 keys; executions are counted in
+/// Redis by the handlers themselves.
+#[tokio::test]
+async fn four_processes_execute_each_key_once() {
+    let server = RedisServer::start();
+    let exe = std::env::current_exe().expect("test binary");
+    let children: Vec<_> = (0..4)
+        .map(|worker| {
+            std::process::Command::new(&exe)
+                .args([
+                    "cross_process_worker",
+                    "--exact",
+                    "--ignored",
+                    "--nocapture",
+                ])
+                .env(WORKER_URL, server.url())
+                .env("IDEMPOTENCY_TEST_WORKER", worker.to_string())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn worker")
+        })
+        .collect();
+    for mut child in children {
+        let status = child.wait().expect("worker exit");
+        assert!(status.success(), "a worker failed: {status}");
+    }
+    let mut redis = server.client().await;
+    let total: usize = redis.get("test:executions").await.expect("GET total");
+    assert_eq!(total, KEYS);
+    for key in 0..KEYS {
+        let count: usize = redis
+            .get(format!("test:executions:{key}"))
+            .await
+            .expect("GET");
+        assert_eq!(count, 1, "key {key} ran {count} times");
+    }
+}
+
+/// The worker half of `four_processes_execute_each_key_once`; does nothing
+/// unless started by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "started as a child process by four_processes_execute_each_key_once"]
+async fn cross_process_worker() {
+    let Ok(url) = std::env::var(WORKER_URL) else {
+        return;
+    };
+    let worker: usize = std::env::var("IDEMPOTENCY_TEST_WORKER")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    let checker = IdempotencyChecker::new(RedisStore::connect(&url).await.expect("connect"));
+    let counter = redis::Client::open(url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut tasks = Vec::new();
+    for i in 0..KEYS {
+        // Each worker walks the keys from a different starting point.
+        let key = (i + worker * KEYS / 4) % KEYS;
+        let checker = checker.clone();
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let mut counter = counter.clone();
+                let outcome = checker
+                    .process(&event(&format!("xproc-{key}")), |_| async move {
+                        let _: i64 = counter.incr(format!("test:executions:{key}"), 1).await?;
+                        let _: i64 = counter.incr("test:executions", 1).await?;
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(key)
+                    })
+                    .await;
+                match outcome {
+                    Ok(done) => return *done.value() == key,
+                    Err(e)
+                        if e.downcast_ref::<IdempotencyError>()
+                            .is_some_and(IdempotencyError::is_retryable) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => panic!("worker error: {e}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        assert!(task.await.expect("task"));
+    }
+}
