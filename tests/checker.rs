@@ -627,6 +627,40 @@ async fn stats_count_what_happened(kind: Kind) {
     assert_eq!(stats.store_errors, 0);
 }
 
+/// A caller that gives up on a slow handler (its future is dropped) must not
+/// leave the key blocked: the attempt is recorded as failed and retried.
+async fn cancelled_call_is_failed_and_retried(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        env.checker.process(&event("cancelled"), |_| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, IdempotencyError>(0)
+        }),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the call timed out");
+    let mut retried = None;
+    for _ in 0..100 {
+        match env
+            .checker
+            .process(&event("cancelled"), |lease| async move {
+                Ok::<_, IdempotencyError>(lease.attempt)
+            })
+            .await
+        {
+            Err(IdempotencyError::InProgress { .. }) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => {
+                retried = Some(other.expect("retry"));
+                break;
+            }
+        }
+    }
+    assert_eq!(retried, Some(Processed::Executed(2)));
+}
+
 macro_rules! per_store {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -664,4 +698,5 @@ per_store!(
     manual_api_round_trip,
     hashed_keys_hide_the_raw_key,
     stats_count_what_happened,
+    cancelled_call_is_failed_and_retried,
 );

@@ -276,3 +276,55 @@ impl IdempotencyStore for MemoryStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request<'a>(key: &'a str, ttl: Duration) -> ClaimRequest<'a> {
+        ClaimRequest {
+            key,
+            recorded_key: key,
+            event_id: None,
+            event_type: None,
+            fingerprint: None,
+            token: "t",
+            lease: ttl,
+            ttl,
+        }
+    }
+
+    #[tokio::test]
+    async fn expired_records_are_purged_so_memory_stays_bounded() {
+        let store = MemoryStore::new();
+        let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+        for key in &keys {
+            store
+                .claim(&request(key, Duration::from_millis(30)))
+                .await
+                .expect("claim");
+        }
+        assert_eq!(store.len(), 1000);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(store.purge_expired(), 1000);
+        assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn shards_sweep_themselves_as_they_are_used() {
+        let store = MemoryStore::new();
+        for i in 0..500 {
+            store
+                .claim(&request(&format!("old{i}"), Duration::from_millis(10)))
+                .await
+                .expect("claim");
+        }
+        // Past the expiry and the per-shard sweep interval, new traffic alone
+        // evicts the old records: no one calls purge_expired.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for i in 0..2000 {
+            store.get(&format!("probe{i}")).await.expect("get");
+        }
+        assert_eq!(store.len(), 0);
+    }
+}
