@@ -27,10 +27,15 @@
 //! # Features
 //! | feature | default | what it adds |
 //! |---|---|---|
+//! | `macros` | yes | [`#[idempotent]`](idempotent), the attribute for async handlers |
 //! | `redis` | yes | [`RedisStore`], the shared store for fleets of workers |
 
 #[doc(inline)]
 pub use idempotency_core::*;
+
+#[cfg(feature = "macros")]
+#[doc(inline)]
+pub use idempotency_macros::idempotent;
 
 // The README and the guide are compiled and run as doctests.
 #[cfg(doctest)]

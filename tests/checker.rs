@@ -7,18 +7,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::RedisServer;
+use common::{Instrumented, RedisServer};
 use idempotency::{
     ClaimOutcome, DuplicatePolicy, EventEnvelope, IdempotencyChecker, IdempotencyConfig,
-    IdempotencyError, IdempotencyStore, InvalidKeyReason, MemoryStore, Processed, ProcessingStatus,
-    RedisStore,
+    IdempotencyError, IdempotencyStore, InvalidKeyReason, KeyedRequest, MemoryStore, Processed,
+    ProcessingStatus, RedisStore,
 };
 use serde_json::json;
 
-/// A checker over one store, keeping its server alive.
+/// A checker over one store (seen through a call-counting wrapper), keeping
+/// its server alive.
 struct Env {
     checker: IdempotencyChecker,
     store: Arc<dyn IdempotencyStore>,
+    instrumented: Arc<Instrumented>,
     _server: Option<RedisServer>,
 }
 
@@ -37,9 +39,11 @@ async fn env(kind: Kind, config: IdempotencyConfig) -> Env {
             (Some(server), Arc::new(store))
         }
     };
+    let instrumented = Arc::new(Instrumented::new(Arc::clone(&store)));
     Env {
-        checker: IdempotencyChecker::from_shared(Arc::clone(&store), config),
+        checker: IdempotencyChecker::from_shared(instrumented.clone(), config),
         store,
+        instrumented,
         _server: server,
     }
 }
@@ -661,6 +665,117 @@ async fn cancelled_call_is_failed_and_retried(kind: Kind) {
     assert_eq!(retried, Some(Processed::Executed(2)));
 }
 
+async fn out_of_range_durations_are_config_errors(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    for request in [
+        KeyedRequest::new("bad-duration").in_progress_timeout(Duration::ZERO),
+        KeyedRequest::new("bad-duration").ttl(Duration::ZERO),
+        KeyedRequest::new("bad-duration").ttl(Duration::MAX),
+    ] {
+        let outcome = env
+            .checker
+            .process_request(request, |_| async { Ok::<_, IdempotencyError>(()) })
+            .await;
+        assert!(
+            matches!(outcome, Err(IdempotencyError::Config(_))),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(env.instrumented.calls.load(Ordering::SeqCst), 0);
+}
+
+/// A handler whose side effects happened but whose result cannot be stored
+/// must not run again on redelivery.
+async fn unstorable_result_never_runs_twice(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let runs = AtomicUsize::new(0);
+    let deep = || (0..150).fold(json!(1), |inner, _| json!([inner]));
+    for key in ["unserializable", "too-deep"] {
+        for _ in 0..3 {
+            let outcome = env
+                .checker
+                .process(&event(key), |_| async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, IdempotencyError>(if key == "too-deep" {
+                        Unstorable::Deep(deep())
+                    } else {
+                        Unstorable::Map(std::collections::HashMap::from([((1u8, 2u8), 3u8)]))
+                    })
+                })
+                .await;
+            assert!(
+                matches!(outcome, Err(IdempotencyError::Serialization(_))),
+                "{outcome:?}"
+            );
+        }
+        let record = env
+            .checker
+            .get_processing_record(key)
+            .await
+            .expect("get")
+            .expect("record");
+        assert_eq!(record.status, ProcessingStatus::Completed);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each side effect ran once");
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum Unstorable {
+    Map(std::collections::HashMap<(u8, u8), u8>),
+    Deep(serde_json::Value),
+}
+
+/// A claim applied by the store whose reply was lost (a timeout) must not
+/// block the key for a whole lease.
+async fn claim_with_lost_reply_is_released(kind: Kind) {
+    let env = env(
+        kind,
+        config().in_progress_timeout("60s").build().expect("config"),
+    )
+    .await;
+    env.instrumented
+        .lose_claim_replies
+        .store(true, Ordering::SeqCst);
+    let lost = env
+        .checker
+        .process(&event("lost-reply"), |_| async {
+            Ok::<_, IdempotencyError>(1)
+        })
+        .await;
+    assert!(
+        matches!(lost, Err(IdempotencyError::StoreUnavailable { .. })),
+        "{lost:?}"
+    );
+    env.instrumented
+        .lose_claim_replies
+        .store(false, Ordering::SeqCst);
+    let mut released = None;
+    for _ in 0..100 {
+        let record = env
+            .checker
+            .get_processing_record("lost-reply")
+            .await
+            .expect("get");
+        if record
+            .as_ref()
+            .is_some_and(|r| r.status == ProcessingStatus::Failed)
+        {
+            released = record;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(released.is_some(), "the orphaned claim was released");
+    let retried = env
+        .checker
+        .process(&event("lost-reply"), |lease| async move {
+            Ok::<_, IdempotencyError>(lease.attempt)
+        })
+        .await
+        .expect("retry runs without waiting out the lease");
+    assert_eq!(retried, Processed::Executed(2));
+}
+
 macro_rules! per_store {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -699,4 +814,7 @@ per_store!(
     hashed_keys_hide_the_raw_key,
     stats_count_what_happened,
     cancelled_call_is_failed_and_retried,
+    out_of_range_durations_are_config_errors,
+    unstorable_result_never_runs_twice,
+    claim_with_lost_reply_is_released,
 );

@@ -8,32 +8,36 @@ use std::sync::Arc;
 use common::RedisServer;
 use idempotency::{IdempotencyStore, MemoryStore, RedisStore};
 
-/// Generates one test per conformance function for a store constructor.
+/// Generates, for each conformance function, a module with one test per store.
 macro_rules! conformance {
-    ($store:ident, $make:expr, [$($name:ident),* $(,)?]) => {
-        mod $store {
-            use super::*;
-            $(
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let (_server, store): (Option<RedisServer>, Arc<dyn IdempotencyStore>) = $make.await;
+                async fn memory() {
+                    let (_server, store) = super::memory().await;
                     common::conformance::$name(store.as_ref()).await;
                 }
-            )*
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn concurrent_claims_have_one_winner() {
-                let (_server, store): (Option<RedisServer>, Arc<dyn IdempotencyStore>) = $make.await;
-                common::conformance::concurrent_claims_have_one_winner(store).await;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    let (_server, store) = super::redis().await;
+                    common::conformance::$name(store.as_ref()).await;
+                }
             }
-        }
+        )*
     };
 }
 
-async fn memory() -> (Option<RedisServer>, Arc<dyn IdempotencyStore>) {
+type Backend = (Option<RedisServer>, Arc<dyn IdempotencyStore>);
+
+async fn memory() -> Backend {
     (None, Arc::new(MemoryStore::new()))
 }
 
-async fn redis() -> (Option<RedisServer>, Arc<dyn IdempotencyStore>) {
+async fn redis() -> Backend {
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url())
         .await
@@ -41,42 +45,36 @@ async fn redis() -> (Option<RedisServer>, Arc<dyn IdempotencyStore>) {
     (Some(server), Arc::new(store))
 }
 
-conformance!(
-    memory_store,
-    memory(),
-    [
-        absent_key_is_acquired_as_attempt_one,
-        live_lease_is_in_progress,
-        completed_is_duplicate_with_exact_result,
-        failed_is_reclaimed_with_next_attempt,
-        expired_lease_is_taken_over_and_stale_holder_cannot_write,
-        renew_keeps_the_lease_alive,
-        retried_claim_with_own_token_is_acquired,
-        finishing_is_idempotent_per_token,
-        unknown_lease_writes_nothing,
-        fingerprints_guard_key_reuse,
-        records_expire_after_ttl,
-        processing_record_outlives_a_short_ttl,
-        get_and_delete,
-    ]
-);
+mod concurrent_claims_have_one_winner {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn memory() {
+        let (_server, store) = super::memory().await;
+        common::conformance::concurrent_claims_have_one_winner(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis() {
+        let (_server, store) = super::redis().await;
+        common::conformance::concurrent_claims_have_one_winner(store).await;
+    }
+}
 
 conformance!(
-    redis_store,
-    redis(),
-    [
-        absent_key_is_acquired_as_attempt_one,
-        live_lease_is_in_progress,
-        completed_is_duplicate_with_exact_result,
-        failed_is_reclaimed_with_next_attempt,
-        expired_lease_is_taken_over_and_stale_holder_cannot_write,
-        renew_keeps_the_lease_alive,
-        retried_claim_with_own_token_is_acquired,
-        finishing_is_idempotent_per_token,
-        unknown_lease_writes_nothing,
-        fingerprints_guard_key_reuse,
-        records_expire_after_ttl,
-        processing_record_outlives_a_short_ttl,
-        get_and_delete,
-    ]
+    absent_key_is_acquired_as_attempt_one,
+    live_lease_is_in_progress,
+    completed_is_duplicate_with_exact_result,
+    failed_is_reclaimed_with_next_attempt,
+    expired_lease_is_taken_over_and_stale_holder_cannot_write,
+    renew_keeps_the_lease_alive,
+    retried_claim_with_own_token_is_acquired,
+    finishing_is_idempotent_per_token,
+    unknown_lease_writes_nothing,
+    fingerprints_guard_key_reuse,
+    records_expire_after_ttl,
+    processing_record_outlives_a_short_ttl,
+    get_and_delete,
+    renewed_record_outlives_its_first_lease,
+    empty_strings_mean_absent,
 );

@@ -12,13 +12,25 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use crate::config::{DuplicatePolicy, IdempotencyConfig, InProgressPolicy};
+use crate::config::{DuplicatePolicy, IdempotencyConfig, InProgressPolicy, check_duration};
 use crate::envelope::EventEnvelope;
 use crate::error::{IdempotencyError, Result};
 use crate::key::{fingerprint, stored_key};
 use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
 use crate::stats::{CheckerStats, Counters, bump};
 use crate::store::{ClaimRequest, IdempotencyStore};
+
+tokio::task_local! {
+    static CURRENT_LEASE: Lease;
+}
+
+/// The lease of the attempt running on this task, inside a handler run by
+/// [`IdempotencyChecker::process`] (or an `#[idempotent]` function); `None`
+/// elsewhere. Its `token` is the fencing token for the handler's own writes;
+/// `expires_at` is as of the claim (the lease is renewed in the background).
+pub fn current_lease() -> Option<Lease> {
+    CURRENT_LEASE.try_with(Lease::clone).ok()
+}
 
 /// What [`IdempotencyChecker::process`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +88,8 @@ pub struct KeyedRequest<'a> {
     fingerprint: Option<String>,
     ttl: Option<Duration>,
     in_progress_timeout: Option<Duration>,
+    on_duplicate: Option<DuplicatePolicy>,
+    on_in_progress: Option<InProgressPolicy>,
 }
 
 impl<'a> KeyedRequest<'a> {
@@ -88,6 +102,8 @@ impl<'a> KeyedRequest<'a> {
             fingerprint: None,
             ttl: None,
             in_progress_timeout: None,
+            on_duplicate: None,
+            on_in_progress: None,
         }
     }
 
@@ -142,6 +158,18 @@ impl<'a> KeyedRequest<'a> {
         self.in_progress_timeout = Some(timeout);
         self
     }
+
+    /// Overrides the checker's duplicate policy for this request.
+    pub fn on_duplicate(mut self, policy: DuplicatePolicy) -> Self {
+        self.on_duplicate = Some(policy);
+        self
+    }
+
+    /// Overrides the checker's in-progress policy for this request.
+    pub fn on_in_progress(mut self, policy: InProgressPolicy) -> Self {
+        self.on_in_progress = Some(policy);
+        self
+    }
 }
 
 struct Inner {
@@ -176,6 +204,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct IdempotencyChecker {
     inner: Arc<Inner>,
+}
+
+impl AsRef<IdempotencyChecker> for IdempotencyChecker {
+    fn as_ref(&self) -> &IdempotencyChecker {
+        self
+    }
 }
 
 impl std::fmt::Debug for IdempotencyChecker {
@@ -256,6 +290,44 @@ impl IdempotencyChecker {
         result
     }
 
+    /// After a claim that failed with the store unavailable, the claim may
+    /// still have been applied under `token`. Keep trying, for up to one
+    /// lease, to fail that attempt: a token-checked write that changes nothing
+    /// unless the claim really landed, in which case the key becomes
+    /// retryable at once instead of blocked until the lease expires.
+    fn release_uncertain_claim(&self, key: &str, token: &str, durations: Durations) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = Arc::clone(&self.inner.store);
+        let lease = Lease {
+            key: key.to_owned(),
+            token: token.to_owned(),
+            attempt: 0,
+            expires_at: Utc::now(),
+        };
+        runtime.spawn(async move {
+            let give_up = Instant::now() + durations.lease;
+            let mut pause = Duration::from_millis(100);
+            while Instant::now() < give_up {
+                match store
+                    .fail(
+                        &lease,
+                        "claim outcome unknown: the store did not answer",
+                        durations.ttl,
+                    )
+                    .await
+                {
+                    Err(IdempotencyError::StoreUnavailable { .. }) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+
     /// The record for a raw idempotency key, whatever its status.
     pub async fn get_processing_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
         let storage = self.storage_key(key)?;
@@ -326,6 +398,13 @@ impl IdempotencyChecker {
         value: &serde_json::Value,
         ttl: Duration,
     ) -> Result<()> {
+        if json_depth(value) > MAX_RESULT_DEPTH {
+            return Err(IdempotencyError::Serialization(serde::ser::Error::custom(
+                format!(
+                    "the result nests deeper than {MAX_RESULT_DEPTH} levels and could not be replayed"
+                ),
+            )));
+        }
         let result = self.inner.store.complete(lease, value, ttl).await;
         match &result {
             Ok(()) => bump(&self.inner.counters.executed),
@@ -356,10 +435,13 @@ impl IdempotencyChecker {
         let config = &self.inner.config;
         let key = stored_key(request.key, config)?;
         let durations = Durations {
-            ttl: request.ttl.unwrap_or(config.ttl),
-            lease: request
-                .in_progress_timeout
-                .unwrap_or(config.in_progress_timeout),
+            ttl: check_duration("ttl", request.ttl.unwrap_or(config.ttl))?,
+            lease: check_duration(
+                "in_progress_timeout",
+                request
+                    .in_progress_timeout
+                    .unwrap_or(config.in_progress_timeout),
+            )?,
         };
         let token = new_token();
         let claim = ClaimRequest {
@@ -372,7 +454,7 @@ impl IdempotencyChecker {
             lease: durations.lease,
             ttl: durations.ttl,
         };
-        let deadline = match config.on_in_progress {
+        let deadline = match request.on_in_progress.unwrap_or(config.on_in_progress) {
             InProgressPolicy::Wait(bound) => Some(Instant::now() + bound),
             InProgressPolicy::Error => None,
         };
@@ -383,6 +465,13 @@ impl IdempotencyChecker {
                 Err(e @ IdempotencyError::FingerprintMismatch { .. }) => {
                     bump(&self.inner.counters.fingerprint_mismatches);
                     return Err(e);
+                }
+                Err(e @ IdempotencyError::StoreUnavailable { .. }) => {
+                    // The claim may have been applied before the error (a
+                    // timeout): release it in the background, or its key
+                    // would stay blocked for a whole lease.
+                    self.release_uncertain_claim(&key.storage, &token, durations);
+                    return self.count_store_error(Err(e));
                 }
                 other => self.count_store_error(other)?,
             };
@@ -483,7 +572,12 @@ impl IdempotencyChecker {
         let (claimed, durations, key) = self.claim(&request).await?;
         let lease = match claimed {
             Claimed::Acquired(lease) => lease,
-            Claimed::Duplicate(record) => return self.replay(key, &record).map_err(E::from),
+            Claimed::Duplicate(record) => {
+                let policy = request
+                    .on_duplicate
+                    .unwrap_or(self.inner.config.on_duplicate);
+                return replay(policy, key, &record).map_err(E::from);
+            }
             Claimed::InProgress(record) => {
                 return Err(E::from(IdempotencyError::InProgress {
                     key,
@@ -497,7 +591,10 @@ impl IdempotencyChecker {
             durations,
         };
 
-        let run = AssertUnwindSafe(async move { handler(lease).await }).catch_unwind();
+        let run = AssertUnwindSafe(
+            CURRENT_LEASE.scope(lease.clone(), async move { handler(lease).await }),
+        )
+        .catch_unwind();
         let outcome = {
             let heartbeat = guard.heartbeat();
             tokio::pin!(run, heartbeat);
@@ -508,19 +605,22 @@ impl IdempotencyChecker {
             }
         };
         match outcome {
-            Ok(Ok(value)) => {
-                let json = match serde_json::to_value(&value) {
-                    Ok(json) => json,
-                    Err(e) => {
-                        let _ = guard
-                            .finish_failed(&format!("result not serializable: {e}"))
-                            .await;
-                        return Err(E::from(IdempotencyError::Serialization(e)));
+            Ok(Ok(value)) => match storable(&value) {
+                Ok(json) => {
+                    guard.finish_completed(&json).await.map_err(E::from)?;
+                    Ok(Processed::Executed(value))
+                }
+                Err(e) => {
+                    // The side effects happened: record the key as done (with
+                    // no replayable result) rather than failed, so it never
+                    // runs again; duplicates get a decoding error.
+                    if let Err(store_error) = guard.finish_completed(&serde_json::Value::Null).await
+                    {
+                        tracing::warn!(error = %store_error, "could not record the completed attempt");
                     }
-                };
-                guard.finish_completed(&json).await.map_err(E::from)?;
-                Ok(Processed::Executed(value))
-            }
+                    Err(E::from(IdempotencyError::Serialization(e)))
+                }
+            },
             Ok(Err(error)) => {
                 if let Err(store_error) = guard.finish_failed(&error.to_string()).await {
                     tracing::warn!(error = %store_error, "could not record the failed attempt; its lease will expire");
@@ -535,21 +635,44 @@ impl IdempotencyChecker {
             }
         }
     }
+}
 
-    fn replay<T: DeserializeOwned>(
-        &self,
-        key: String,
-        record: &IdempotencyRecord,
-    ) -> Result<Processed<T>> {
-        match self.inner.config.on_duplicate {
-            DuplicatePolicy::Error => Err(IdempotencyError::Duplicate {
-                key,
-                cached_result: record.result.clone(),
-            }),
-            DuplicatePolicy::Replay => {
-                let value = record.result.clone().unwrap_or(serde_json::Value::Null);
-                Ok(Processed::Replayed(serde_json::from_value(value)?))
-            }
+/// Results nested deeper than this are refused: `serde_json` would not read
+/// them back (its limit is 128), so they could never be replayed.
+const MAX_RESULT_DEPTH: usize = 100;
+
+fn json_depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(json_depth).max().unwrap_or(0),
+        serde_json::Value::Object(map) => 1 + map.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// A handler's result as the JSON to store, if it can be stored and replayed.
+fn storable<T: Serialize>(value: &T) -> std::result::Result<serde_json::Value, serde_json::Error> {
+    let json = serde_json::to_value(value)?;
+    if json_depth(&json) > MAX_RESULT_DEPTH {
+        return Err(serde::ser::Error::custom(format!(
+            "the result nests deeper than {MAX_RESULT_DEPTH} levels and could not be replayed"
+        )));
+    }
+    Ok(json)
+}
+
+fn replay<T: DeserializeOwned>(
+    policy: DuplicatePolicy,
+    key: String,
+    record: &IdempotencyRecord,
+) -> Result<Processed<T>> {
+    match policy {
+        DuplicatePolicy::Error => Err(IdempotencyError::Duplicate {
+            key,
+            cached_result: record.result.clone(),
+        }),
+        DuplicatePolicy::Replay => {
+            let value = record.result.clone().unwrap_or(serde_json::Value::Null);
+            Ok(Processed::Replayed(serde_json::from_value(value)?))
         }
     }
 }
@@ -713,29 +836,35 @@ impl IdempotencyGuard {
         result
     }
 
-    /// Renews the lease every third of the lease until dropped. Never returns.
+    /// Renews the lease every third of the lease until dropped (sooner after
+    /// a failed renewal). Never returns.
     fn heartbeat(&self) -> impl Future<Output = Infallible> + use<> {
         let store = Arc::clone(&self.checker.inner.store);
         let lease_duration = self.durations.lease;
-        let mut lease = self.lease().cloned();
+        let lease = self.lease().cloned();
         async move {
+            let Some(mut lease) = lease else {
+                return std::future::pending().await;
+            };
             let every = (lease_duration / 3).max(Duration::from_millis(1));
+            let mut pause = every;
             loop {
-                tokio::time::sleep(every).await;
-                let Some(current) = &lease else {
-                    continue;
-                };
-                match store.renew(current, lease_duration).await {
-                    Ok(renewed) => lease = Some(renewed),
+                tokio::time::sleep(pause).await;
+                match store.renew(&lease, lease_duration).await {
+                    Ok(renewed) => {
+                        lease = renewed;
+                        pause = every;
+                    }
                     Err(IdempotencyError::LeaseLost { .. }) => {
                         tracing::warn!(
-                            attempt = current.attempt,
-                            "lease lost while the handler runs; it will not be able to complete"
+                            attempt = lease.attempt,
+                            "lease lost while the handler runs; its completion will be refused"
                         );
-                        lease = None;
+                        return std::future::pending().await;
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "could not renew the lease; will try again");
+                        tracing::warn!(%error, "could not renew the lease; trying again soon");
+                        pause = (every / 4).max(Duration::from_millis(1));
                     }
                 }
             }

@@ -47,7 +47,7 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
     check_duration("duration", duration)
 }
 
-fn check_duration(what: &str, duration: Duration) -> Result<Duration> {
+pub(crate) fn check_duration(what: &str, duration: Duration) -> Result<Duration> {
     if duration.is_zero() {
         return Err(IdempotencyError::Config(format!(
             "{what} must be greater than zero"

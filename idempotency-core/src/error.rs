@@ -118,6 +118,14 @@ pub enum IdempotencyError {
     #[error("could not (de)serialize the handler's result")]
     Serialization(#[from] serde_json::Error),
 
+    /// An `#[idempotent]` handler without `checker = ..` ran before a default
+    /// checker was installed.
+    #[error(
+        "no default IdempotencyChecker is installed: call `set_default_checker(..)` at start-up, \
+         or pass `checker = ..` to #[idempotent]"
+    )]
+    NoDefaultChecker,
+
     /// A configuration value was rejected.
     #[error("invalid configuration: {0}")]
     Config(String),

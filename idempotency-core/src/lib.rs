@@ -42,18 +42,23 @@ mod checker;
 mod config;
 mod envelope;
 mod error;
+mod global;
 mod key;
 pub mod record;
 mod stats;
 pub mod store;
 
-pub use checker::{IdempotencyChecker, IdempotencyGuard, KeyedRequest, Processed};
+#[doc(hidden)]
+pub mod __private;
+
+pub use checker::{IdempotencyChecker, IdempotencyGuard, KeyedRequest, Processed, current_lease};
 pub use config::{
     DuplicatePolicy, DurationArg, IdempotencyConfig, IdempotencyConfigBuilder, InProgressPolicy,
     parse_duration,
 };
 pub use envelope::EventEnvelope;
 pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result};
+pub use global::{default_checker, set_default_checker};
 pub use key::{canonical_json, fingerprint, sha256_hex};
 pub use record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
 pub use stats::CheckerStats;

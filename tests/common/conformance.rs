@@ -309,3 +309,40 @@ pub async fn concurrent_claims_have_one_winner(store: Arc<dyn IdempotencyStore>)
     }
     assert_eq!(winners, 1);
 }
+
+pub async fn renewed_record_outlives_its_first_lease(store: &dyn IdempotencyStore) {
+    let mut req = request("c:outlive", "t1");
+    req.lease = Duration::from_millis(100);
+    let lease = acquire(store, &req).await;
+    store
+        .renew(&lease, Duration::from_millis(100))
+        .await
+        .expect("renew");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The lease is over, but the record (attempts, fingerprint, first_seen_at)
+    // lives its ttl: the next claim is a takeover, attempt 2, not a fresh key.
+    let record = store
+        .get("c:outlive")
+        .await
+        .expect("get")
+        .expect("record survives");
+    assert_eq!(record.attempts, 1);
+    let next = acquire(store, &request("c:outlive", "t2")).await;
+    assert_eq!(next.attempt, 2);
+}
+
+pub async fn empty_strings_mean_absent(store: &dyn IdempotencyStore) {
+    let mut req = request("c:empty", "t1");
+    req.event_id = Some("");
+    req.event_type = Some("");
+    req.fingerprint = Some("");
+    let lease = acquire(store, &req).await;
+    let record = store.get("c:empty").await.expect("get").expect("record");
+    assert_eq!(record.event_id, None);
+    assert_eq!(record.event_type, None);
+    assert_eq!(record.fingerprint, None);
+    store.fail(&lease, "x", LONG).await.expect("fail");
+    let mut other = request("c:empty", "t2");
+    other.fingerprint = Some("other");
+    acquire(store, &other).await;
+}

@@ -129,3 +129,89 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A store wrapper for tests: counts the calls that reach the store, and can
+/// make `claim` fail with `StoreUnavailable` *after* applying it, as a
+/// timed-out command that still landed does.
+#[derive(Debug)]
+pub struct Instrumented {
+    pub inner: std::sync::Arc<dyn idempotency::IdempotencyStore>,
+    pub calls: std::sync::atomic::AtomicUsize,
+    pub lose_claim_replies: std::sync::atomic::AtomicBool,
+}
+
+impl Instrumented {
+    pub fn new(inner: std::sync::Arc<dyn idempotency::IdempotencyStore>) -> Self {
+        Self {
+            inner,
+            calls: Default::default(),
+            lose_claim_replies: Default::default(),
+        }
+    }
+
+    fn count(&self) {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl idempotency::IdempotencyStore for Instrumented {
+    fn name(&self) -> &'static str {
+        "instrumented"
+    }
+    async fn claim(
+        &self,
+        request: &idempotency::ClaimRequest<'_>,
+    ) -> idempotency::Result<idempotency::ClaimOutcome> {
+        self.count();
+        let outcome = self.inner.claim(request).await?;
+        if self
+            .lose_claim_replies
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(idempotency::IdempotencyError::store_unavailable(
+                "instrumented",
+                "the reply was lost after the claim was applied",
+            ));
+        }
+        Ok(outcome)
+    }
+    async fn renew(
+        &self,
+        lease: &idempotency::Lease,
+        d: Duration,
+    ) -> idempotency::Result<idempotency::Lease> {
+        self.count();
+        self.inner.renew(lease, d).await
+    }
+    async fn complete(
+        &self,
+        lease: &idempotency::Lease,
+        result: &serde_json::Value,
+        ttl: Duration,
+    ) -> idempotency::Result<()> {
+        self.count();
+        self.inner.complete(lease, result, ttl).await
+    }
+    async fn fail(
+        &self,
+        lease: &idempotency::Lease,
+        error: &str,
+        ttl: Duration,
+    ) -> idempotency::Result<()> {
+        self.count();
+        self.inner.fail(lease, error, ttl).await
+    }
+    async fn get(&self, key: &str) -> idempotency::Result<Option<idempotency::IdempotencyRecord>> {
+        self.count();
+        self.inner.get(key).await
+    }
+    async fn delete(&self, key: &str) -> idempotency::Result<bool> {
+        self.count();
+        self.inner.delete(key).await
+    }
+    async fn health(&self) -> idempotency::Result<()> {
+        self.count();
+        self.inner.health().await
+    }
+}

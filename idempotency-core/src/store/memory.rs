@@ -65,8 +65,17 @@ impl Default for MemoryStore {
     }
 }
 
-fn delta(d: Duration) -> TimeDelta {
-    TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX)
+/// `now + d`, saturating instead of overflowing.
+fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// The empty string means "absent", as it does in the Redis scripts.
+fn present(s: Option<&str>) -> Option<String> {
+    s.filter(|s| !s.is_empty()).map(str::to_owned)
 }
 
 impl MemoryStore {
@@ -133,12 +142,12 @@ impl Shard {
     }
 
     /// Applies a token-checked transition; `write` edits the record in place
-    /// and returns its new expiry.
+    /// and, given the time and the record's current expiry, returns its new expiry.
     fn finish(
         &mut self,
         lease: &Lease,
         target: ProcessingStatus,
-        write: impl FnOnce(&mut IdempotencyRecord, DateTime<Utc>) -> DateTime<Utc>,
+        write: impl FnOnce(&mut IdempotencyRecord, DateTime<Utc>, DateTime<Utc>) -> DateTime<Utc>,
     ) -> Result<()> {
         let now = Utc::now();
         let existing = self.live(&lease.key, now).map(|e| &e.record);
@@ -149,7 +158,7 @@ impl Shard {
             FinishDecision::AlreadyApplied => Ok(()),
             FinishDecision::Apply => {
                 if let Some(entry) = self.entries.get_mut(&lease.key) {
-                    entry.expires_at = write(&mut entry.record, now);
+                    entry.expires_at = write(&mut entry.record, now, entry.expires_at);
                 }
                 Ok(())
             }
@@ -167,7 +176,8 @@ impl IdempotencyStore for MemoryStore {
         let now = Utc::now();
         let mut shard = self.shard(request.key);
         let existing = shard.live(request.key, now).map(|e| &e.record);
-        let decision = decide_claim(existing, request.fingerprint, request.token, now);
+        let fingerprint = request.fingerprint.filter(|f| !f.is_empty());
+        let decision = decide_claim(existing, fingerprint, request.token, now);
         let attempt = match (decision, existing) {
             (ClaimDecision::Acquire { attempt }, _) => attempt,
             (ClaimDecision::FingerprintMismatch, _) => {
@@ -193,11 +203,11 @@ impl IdempotencyStore for MemoryStore {
             (_, None) => 1,
         };
         let first_seen_at = existing.map_or(now, |r| r.first_seen_at);
-        let lease_expires_at = now + delta(request.lease);
+        let lease_expires_at = after(now, request.lease);
         let record = IdempotencyRecord {
             idempotency_key: request.recorded_key.to_owned(),
-            event_id: request.event_id.map(str::to_owned),
-            event_type: request.event_type.map(str::to_owned),
+            event_id: present(request.event_id),
+            event_type: present(request.event_type),
             status: ProcessingStatus::Processing,
             result: None,
             error: None,
@@ -206,12 +216,10 @@ impl IdempotencyStore for MemoryStore {
             attempts: attempt,
             lease_token: Some(request.token.to_owned()),
             lease_expires_at: Some(lease_expires_at),
-            fingerprint: request
-                .fingerprint
-                .map(str::to_owned)
+            fingerprint: present(fingerprint)
                 .or_else(|| existing.and_then(|r| r.fingerprint.clone())),
         };
-        let expires_at = now + delta(request.ttl.max(request.lease));
+        let expires_at = after(now, request.ttl.max(request.lease));
         shard
             .entries
             .insert(request.key.to_owned(), Entry { record, expires_at });
@@ -225,13 +233,17 @@ impl IdempotencyStore for MemoryStore {
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
         let mut renewed = lease.clone();
-        self.shard(&lease.key)
-            .finish(lease, ProcessingStatus::Processing, |record, now| {
-                let until = now + delta(lease_duration);
+        self.shard(&lease.key).finish(
+            lease,
+            ProcessingStatus::Processing,
+            |record, now, expires_at| {
+                let until = after(now, lease_duration);
                 record.lease_expires_at = Some(until);
                 renewed.expires_at = until;
-                until
-            })?;
+                // Like Redis: the record lives at least as long as the lease.
+                expires_at.max(until)
+            },
+        )?;
         Ok(renewed)
     }
 
@@ -242,22 +254,22 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> Result<()> {
         self.shard(&lease.key)
-            .finish(lease, ProcessingStatus::Completed, |record, now| {
+            .finish(lease, ProcessingStatus::Completed, |record, now, _| {
                 record.status = ProcessingStatus::Completed;
                 record.result = Some(result.clone());
                 record.completed_at = Some(now);
                 record.lease_expires_at = None;
-                now + delta(ttl)
+                after(now, ttl)
             })
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
         self.shard(&lease.key)
-            .finish(lease, ProcessingStatus::Failed, |record, now| {
+            .finish(lease, ProcessingStatus::Failed, |record, now, _| {
                 record.status = ProcessingStatus::Failed;
                 record.error = Some(error.to_owned());
                 record.lease_expires_at = None;
-                now + delta(ttl)
+                after(now, ttl)
             })
     }
 

@@ -1,0 +1,21 @@
+use idempotency::{idempotent, EventEnvelope, IdempotencyError};
+
+#[idempotent(ttl = "24x")]
+async fn unparseable(envelope: EventEnvelope) -> Result<u32, IdempotencyError> {
+    let _ = envelope;
+    Ok(1)
+}
+
+#[idempotent(in_progress_timeout = "0s")]
+async fn zero(envelope: EventEnvelope) -> Result<u32, IdempotencyError> {
+    let _ = envelope;
+    Ok(1)
+}
+
+#[idempotent(ttl = 24)]
+async fn not_a_string(envelope: EventEnvelope) -> Result<u32, IdempotencyError> {
+    let _ = envelope;
+    Ok(1)
+}
+
+fn main() {}
