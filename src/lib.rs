@@ -29,6 +29,7 @@
 //! |---|---|---|
 //! | `macros` | yes | [`#[idempotent]`](idempotent), the attribute for async handlers |
 //! | `redis` | yes | [`RedisStore`], the shared store for fleets of workers |
+//! | `http` | no | [`http`]: the `Idempotency-Key` tower layer for axum |
 
 #[doc(inline)]
 pub use idempotency_core::*;
@@ -37,11 +38,16 @@ pub use idempotency_core::*;
 #[doc(inline)]
 pub use idempotency_macros::idempotent;
 
+/// The `Idempotency-Key` HTTP header for axum and other tower services
+/// (the `idempotency-http` crate).
+#[cfg(feature = "http")]
+pub use idempotency_http as http;
+
 // The README and the guide are compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "http", feature = "macros", feature = "redis"))]
 #[doc = include_str!("../IDEMPOTENCY_GUIDE.md")]
 struct GuideDoctests;
