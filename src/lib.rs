@@ -30,6 +30,7 @@
 //! | `macros` | yes | [`#[idempotent]`](idempotent), the attribute for async handlers |
 //! | `redis` | yes | [`RedisStore`], the shared store for fleets of workers |
 //! | `http` | no | [`http`]: the `Idempotency-Key` tower layer for axum |
+//! | `nats` | no | [`nats`]: NATS subscribers, JetStream consumers, the dedup relay |
 
 #[doc(inline)]
 pub use idempotency_core::*;
@@ -43,11 +44,22 @@ pub use idempotency_macros::idempotent;
 #[cfg(feature = "http")]
 pub use idempotency_http as http;
 
+/// NATS subscribers, JetStream consumers and the dedup relay
+/// (the `idempotency-nats` crate).
+#[cfg(feature = "nats")]
+pub use idempotency_nats as nats;
+
 // The README and the guide are compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-#[cfg(all(doctest, feature = "http", feature = "macros", feature = "redis"))]
+#[cfg(all(
+    doctest,
+    feature = "http",
+    feature = "nats",
+    feature = "macros",
+    feature = "redis"
+))]
 #[doc = include_str!("../IDEMPOTENCY_GUIDE.md")]
 struct GuideDoctests;

@@ -215,3 +215,85 @@ impl idempotency::IdempotencyStore for Instrumented {
         self.inner.health().await
     }
 }
+
+fn binary(name: &str, package: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} was not found on PATH. These tests run against a real server: install it \
+             with `apt-get install {package}`, or run `bash scripts/check.sh`, which installs \
+             it when missing."
+        )
+    })
+}
+
+/// A `nats-server -js` on a free loopback port with a temporary store
+/// directory, killed (and its directory removed) when dropped.
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let binary = binary("nats-server", "nats-server");
+        let mut last_error = String::new();
+        for attempt in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("idem-nats-{}-{port}-{attempt}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let child = Command::new(&binary)
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+                .arg("-sd")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("could not start {}: {e}", binary.display()));
+            let mut server = Self { child, port, dir };
+            match server.wait_ready() {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("nats-server did not start: {last_error}");
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("nats-server exited with {status}"));
+            }
+            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::Read;
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 4];
+                if stream.read_exact(&mut buf).is_ok() && &buf == b"INFO" {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err("timed out waiting for INFO".into())
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

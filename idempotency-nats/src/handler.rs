@@ -1,0 +1,180 @@
+//! Turning a message into a handler call and the handler's result into a
+//! disposition (ack, nak, term, reply). Shared by subscribers, consumers and
+//! the relay.
+
+use std::any::Any;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use idempotency_core::{EventEnvelope, IdempotencyChecker, IdempotencyError, KeyedRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The header that carries an explicit idempotency key; it wins over the
+/// envelope's own key.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
+/// What to do with a message after its handler ran (or did not).
+#[derive(Debug)]
+pub(crate) enum Disposition {
+    /// Completed now or earlier: ack, and reply with this JSON.
+    Done { reply: Bytes },
+    /// Try again later: nak with a delay. `busy` is true when another
+    /// attempt holds the key (not a failure).
+    Retry { busy: bool, reason: String },
+    /// Can never succeed (poison, key reuse with another payload): term.
+    Reject { reason: String },
+}
+
+/// Decodes a message body as an envelope, applying an `Idempotency-Key` header.
+pub(crate) fn decode<P: DeserializeOwned>(
+    payload: &[u8],
+    headers: Option<&HeaderMap>,
+) -> Result<EventEnvelope<P>, String> {
+    let mut envelope: EventEnvelope<P> =
+        serde_json::from_slice(payload).map_err(|e| format!("not an event envelope: {e}"))?;
+    if let Some(key) = headers.and_then(|h| h.get(IDEMPOTENCY_KEY_HEADER)) {
+        envelope.idempotency_key = Some(key.as_str().to_owned());
+    }
+    Ok(envelope)
+}
+
+pub(crate) fn classify(error: &IdempotencyError) -> Disposition {
+    match error {
+        IdempotencyError::InProgress { .. } => Disposition::Retry {
+            busy: true,
+            reason: error.to_string(),
+        },
+        IdempotencyError::Duplicate { cached_result, .. } => Disposition::Done {
+            reply: Bytes::from(serde_json::to_vec(cached_result).unwrap_or_default()),
+        },
+        IdempotencyError::FingerprintMismatch { .. }
+        | IdempotencyError::InvalidKey { .. }
+        | IdempotencyError::MissingKey
+        | IdempotencyError::Serialization(_) => Disposition::Reject {
+            reason: error.to_string(),
+        },
+        _ => Disposition::Retry {
+            busy: false,
+            reason: error.to_string(),
+        },
+    }
+}
+
+/// A handler's error, or the checker's, kept apart so each gets the right
+/// disposition.
+enum Failure<E> {
+    Idempotency(IdempotencyError),
+    Handler(E),
+}
+
+impl<E> From<IdempotencyError> for Failure<E> {
+    fn from(error: IdempotencyError) -> Self {
+        Self::Idempotency(error)
+    }
+}
+
+impl<E: Display> Display for Failure<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Idempotency(e) => e.fmt(f),
+            Self::Handler(e) => e.fmt(f),
+        }
+    }
+}
+
+fn reply_of<T: Serialize>(value: &T) -> Disposition {
+    match serde_json::to_vec(value) {
+        Ok(json) => Disposition::Done {
+            reply: Bytes::from(json),
+        },
+        Err(e) => Disposition::Reject {
+            reason: format!("the result could not be serialized: {e}"),
+        },
+    }
+}
+
+/// How handlers are made idempotent.
+pub(crate) enum Mode {
+    /// The integration runs each handler under this checker.
+    Checked(IdempotencyChecker),
+    /// The handlers guard themselves (`#[idempotent]` functions).
+    SelfGuarded,
+}
+
+/// A handler and how to run it, shared by the tasks of a worker.
+pub(crate) struct Runner<P, H> {
+    mode: Mode,
+    handler: H,
+    _payload: std::marker::PhantomData<fn() -> P>,
+}
+
+impl<P, H> Runner<P, H> {
+    pub(crate) fn new(mode: Mode, handler: H) -> Arc<Self> {
+        Arc::new(Self {
+            mode,
+            handler,
+            _payload: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<P, H, Fut, T, E> Runner<P, H>
+where
+    P: Serialize,
+    H: Fn(EventEnvelope<P>) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    T: Serialize + DeserializeOwned,
+    E: Display + 'static,
+{
+    /// Runs the handler for one envelope, exactly once per key.
+    pub(crate) async fn run(&self, envelope: EventEnvelope<P>) -> Disposition {
+        match &self.mode {
+            Mode::SelfGuarded => match (self.handler)(envelope).await {
+                Ok(value) => reply_of(&value),
+                Err(error) => match (&error as &dyn Any).downcast_ref::<IdempotencyError>() {
+                    Some(error) => classify(error),
+                    None => Disposition::Retry {
+                        busy: false,
+                        reason: error.to_string(),
+                    },
+                },
+            },
+            Mode::Checked(checker) => {
+                let fingerprint = if checker.config().fingerprint_payloads() {
+                    match idempotency_core::fingerprint(&envelope.payload) {
+                        Ok(fingerprint) => Some(fingerprint),
+                        Err(e) => return classify(&e),
+                    }
+                } else {
+                    None
+                };
+                let key = envelope.effective_key().to_owned();
+                let (event_id, event_type) =
+                    (envelope.event_id.clone(), envelope.event_type.clone());
+                let mut request = KeyedRequest::new(&key)
+                    .event_id(&event_id)
+                    .event_type(&event_type);
+                if let Some(fingerprint) = fingerprint {
+                    request = request.fingerprint(fingerprint);
+                }
+                let outcome = checker
+                    .process_request(request, |_lease| async {
+                        (self.handler)(envelope).await.map_err(Failure::Handler)
+                    })
+                    .await;
+                match outcome {
+                    Ok(processed) => reply_of(processed.value()),
+                    Err(Failure::Idempotency(error)) => classify(&error),
+                    Err(Failure::Handler(error)) => Disposition::Retry {
+                        busy: false,
+                        reason: error.to_string(),
+                    },
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! [`Subscriber`]: core NATS subscriptions (optionally in a queue group) and
+//! request/reply under the checker.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_nats::{Client, HeaderMap, Message};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use idempotency_core::{EventEnvelope, IdempotencyChecker};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::handler::{Disposition, Mode, Runner, decode};
+
+/// The header set on error replies: `in_progress`, `failed`, `rejected` or
+/// `invalid` (the body was not an envelope).
+pub const STATUS_HEADER: &str = "Idempotency-Status";
+
+/// What a subscriber did with the messages it received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriberStats {
+    /// Messages whose handler completed now or earlier (duplicates included).
+    pub completed: u64,
+    /// Messages that failed or found their key held by another attempt.
+    pub failed: u64,
+    /// Messages whose body was not an envelope.
+    pub invalid: u64,
+    /// Replies sent to requests.
+    pub replies: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    completed: AtomicU64,
+    failed: AtomicU64,
+    invalid: AtomicU64,
+    replies: AtomicU64,
+}
+
+/// Handles a core NATS subscription: each message body is decoded as an
+/// `EventEnvelope<P>` (the `Idempotency-Key` header, when present, is the
+/// key), the handler runs once per key, and a request gets the JSON result as
+/// its reply, the same reply for every duplicate.
+///
+/// Core NATS has no redelivery: a failed message is logged and counted, and a
+/// request gets an error reply (`{"error": ..}` with an
+/// [`Idempotency-Status`](STATUS_HEADER) header) so its sender can retry.
+#[derive(Debug)]
+#[must_use]
+pub struct Subscriber {
+    client: Client,
+    subject: String,
+    queue_group: Option<String>,
+    concurrency: usize,
+}
+
+impl Subscriber {
+    /// A subscriber to `subject`, 16 messages handled at once.
+    pub fn new(client: Client, subject: impl Into<String>) -> Self {
+        Self {
+            client,
+            subject: subject.into(),
+            queue_group: None,
+            concurrency: 16,
+        }
+    }
+
+    /// Subscribes in a queue group: each message goes to one member.
+    pub fn queue_group(mut self, group: impl Into<String>) -> Self {
+        self.queue_group = Some(group.into());
+        self
+    }
+
+    /// How many messages are handled at once (default 16).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Runs `handler` under `checker` until `shutdown` completes; in-flight
+    /// messages finish first.
+    pub async fn run<P, H, Fut, T, E>(
+        self,
+        checker: IdempotencyChecker,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<SubscriberStats, async_nats::Error>
+    where
+        P: Serialize + DeserializeOwned + Send + 'static,
+        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send,
+        T: Serialize + DeserializeOwned + Send,
+        E: Display + Send + 'static,
+    {
+        self.work(Runner::new(Mode::Checked(checker), handler), shutdown)
+            .await
+    }
+
+    /// Runs a handler that guards itself (an `#[idempotent]` function).
+    pub async fn run_idempotent<P, H, Fut, T, E>(
+        self,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<SubscriberStats, async_nats::Error>
+    where
+        P: Serialize + DeserializeOwned + Send + 'static,
+        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send,
+        T: Serialize + DeserializeOwned + Send,
+        E: Display + Send + 'static,
+    {
+        self.work(Runner::new(Mode::SelfGuarded, handler), shutdown)
+            .await
+    }
+
+    async fn work<P, H, Fut, T, E>(
+        self,
+        runner: Arc<Runner<P, H>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<SubscriberStats, async_nats::Error>
+    where
+        P: Serialize + DeserializeOwned + Send + 'static,
+        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send,
+        T: Serialize + DeserializeOwned + Send,
+        E: Display + Send + 'static,
+    {
+        let mut subscription = match &self.queue_group {
+            Some(group) => {
+                self.client
+                    .queue_subscribe(self.subject.clone(), group.clone())
+                    .await?
+            }
+            None => self.client.subscribe(self.subject.clone()).await?,
+        };
+        let counters = Arc::new(Counters::default());
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                () = &mut shutdown => break,
+                permit = Arc::clone(&permits).acquire_owned() => permit?,
+            };
+            let message = tokio::select! {
+                () = &mut shutdown => break,
+                message = subscription.next() => message,
+            };
+            let Some(message) = message else { break };
+            let (runner, counters, client) = (
+                Arc::clone(&runner),
+                Arc::clone(&counters),
+                self.client.clone(),
+            );
+            tasks.spawn(async move {
+                handle(&client, &runner, &counters, message).await;
+                drop(permit);
+            });
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(error) = done {
+                    tracing::error!(%error, "a message task failed");
+                }
+            }
+        }
+        let _ = subscription.unsubscribe().await;
+        while let Some(done) = tasks.join_next().await {
+            if let Err(error) = done {
+                tracing::error!(%error, "a message task failed");
+            }
+        }
+        let _ = self.client.flush().await;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Ok(SubscriberStats {
+            completed: get(&counters.completed),
+            failed: get(&counters.failed),
+            invalid: get(&counters.invalid),
+            replies: get(&counters.replies),
+        })
+    }
+}
+
+async fn handle<P, H, Fut, T, E>(
+    client: &Client,
+    runner: &Runner<P, H>,
+    counters: &Counters,
+    message: Message,
+) where
+    P: Serialize + DeserializeOwned,
+    H: Fn(EventEnvelope<P>) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    T: Serialize + DeserializeOwned,
+    E: Display + 'static,
+{
+    let (reply, status) = match decode::<P>(&message.payload, message.headers.as_ref()) {
+        Err(reason) => {
+            tracing::warn!(subject = %message.subject, %reason, "ignoring a message that is not an envelope");
+            counters.invalid.fetch_add(1, Ordering::Relaxed);
+            (error_body(&reason), Some("invalid"))
+        }
+        Ok(envelope) => match runner.run(envelope).await {
+            Disposition::Done { reply } => {
+                counters.completed.fetch_add(1, Ordering::Relaxed);
+                (reply, None)
+            }
+            Disposition::Retry { busy, reason } => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(subject = %message.subject, %reason, "handler did not complete");
+                (
+                    error_body(&reason),
+                    Some(if busy { "in_progress" } else { "failed" }),
+                )
+            }
+            Disposition::Reject { reason } => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(subject = %message.subject, %reason, "message rejected");
+                (error_body(&reason), Some("rejected"))
+            }
+        },
+    };
+    let Some(reply_to) = message.reply else {
+        return;
+    };
+    let sent = match status {
+        None => client.publish(reply_to, reply).await,
+        Some(status) => {
+            let mut headers = HeaderMap::new();
+            headers.insert(STATUS_HEADER, status);
+            client.publish_with_headers(reply_to, headers, reply).await
+        }
+    };
+    match sent {
+        Ok(()) => {
+            counters.replies.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(error) => tracing::warn!(%error, "could not send a reply"),
+    }
+}
+
+fn error_body(reason: &str) -> Bytes {
+    Bytes::from(serde_json::json!({ "error": reason }).to_string())
+}

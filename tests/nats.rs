@@ -1,0 +1,619 @@
+//! `idempotency-nats` against a real `nats-server -js` and a real Redis.
+
+#![cfg(feature = "nats")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::PullConsumer, stream::Stream};
+use bytes::Bytes;
+use common::{NatsServer, RedisServer};
+use idempotency::nats::{DedupRelay, JetStreamWorker, KeyStrategy, Subscriber};
+use idempotency::{
+    EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, ProcessingStatus,
+    RedisStore, current_lease,
+};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// Executions per key, counted by handlers.
+#[derive(Default)]
+struct Executions(Mutex<HashMap<String, usize>>);
+
+impl Executions {
+    fn record(&self, key: &str) -> usize {
+        let mut map = self.0.lock().expect("lock");
+        let n = map.entry(key.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
+    fn snapshot(&self) -> HashMap<String, usize> {
+        self.0.lock().expect("lock").clone()
+    }
+}
+
+async fn checker(redis: &RedisServer, config: IdempotencyConfig) -> IdempotencyChecker {
+    IdempotencyChecker::with_config(
+        RedisStore::connect(&redis.url()).await.expect("redis"),
+        config,
+    )
+}
+
+async fn jetstream(nats: &NatsServer) -> (async_nats::Client, jetstream::Context) {
+    let client = async_nats::connect(nats.url())
+        .await
+        .expect("connect to nats");
+    (client.clone(), jetstream::new(client))
+}
+
+async fn stream(js: &jetstream::Context, name: &str, subjects: &str) -> Stream {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subjects.into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .expect("stream")
+}
+
+async fn consumer(stream: &Stream, name: &str, ack_wait: Duration) -> PullConsumer {
+    stream
+        .get_or_create_consumer(
+            name,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(name.into()),
+                ack_wait,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("consumer")
+}
+
+/// Publishes `body` with its own `Nats-Msg-Id`, waiting for the stream's ack.
+async fn publish_all(js: &jetstream::Context, messages: Vec<(String, String, Bytes)>) {
+    for chunk in messages.chunks(500) {
+        let mut acks = Vec::new();
+        for (subject, msg_id, body) in chunk {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            acks.push(
+                js.publish_with_headers(subject.clone(), headers, body.clone())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("stream ack");
+        }
+    }
+}
+
+fn envelope_json(key: &str, copy: usize) -> Bytes {
+    let envelope = EventEnvelope::new("order.placed", json!({"key": key}))
+        .with_event_id(format!("{key}-copy-{copy}"))
+        .with_idempotency_key(key);
+    Bytes::from(serde_json::to_vec(&envelope).expect("json"))
+}
+
+/// Waits until `done()` or panics after `limit`.
+async fn eventually(limit: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn drained(consumer: &mut PullConsumer) -> bool {
+    let info = consumer.info().await.expect("consumer info");
+    info.num_pending == 0 && info.num_ack_pending == 0
+}
+
+fn shutdown_signal() -> (
+    watch::Sender<bool>,
+    impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+) {
+    let (tx, rx) = watch::channel(false);
+    let make = move || {
+        let mut rx = rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+    };
+    (tx, make)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_with_duplicates_execute_once_per_key() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let events = stream(&js, "EVENTS", "events.>").await;
+    let mut watcher = consumer(&events, "workers", Duration::from_secs(30)).await;
+
+    // 7,000 unique keys; 3,000 extra copies with the same key but their own
+    // Nats-Msg-Id, so the server's duplicate window lets them through.
+    let mut messages: Vec<(String, String, Bytes)> = (0..7_000)
+        .map(|i| {
+            (
+                "events.orders".to_owned(),
+                format!("m-{i}-0"),
+                envelope_json(&format!("order-{i}"), 0),
+            )
+        })
+        .collect();
+    messages.extend((0..3_000).map(|i| {
+        let key = format!("order-{}", (i * 7) % 7_000);
+        (
+            "events.orders".to_owned(),
+            format!("m-{i}-dup"),
+            envelope_json(&key, 1),
+        )
+    }));
+    // Interleave duplicates with originals.
+    messages.sort_by_key(|(_, id, _)| {
+        id.trim_start_matches("m-")
+            .split('-')
+            .next()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    });
+    publish_all(&js, messages).await;
+
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let executions = Arc::new(Executions::default());
+    let (stop, shutdown) = shutdown_signal();
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let consumer = events
+            .get_consumer::<jetstream::consumer::pull::Config>("workers")
+            .await
+            .expect("consumer");
+        let executions = Arc::clone(&executions);
+        let worker = JetStreamWorker::new(consumer)
+            .concurrency(8)
+            .busy_delay(Duration::from_millis(100))
+            .run(
+                checker.clone(),
+                move |envelope: EventEnvelope<Value>| {
+                    let executions = Arc::clone(&executions);
+                    async move {
+                        executions.record(envelope.effective_key());
+                        Ok::<_, IdempotencyError>(envelope.effective_key().len())
+                    }
+                },
+                shutdown(),
+            );
+        workers.push(tokio::spawn(worker));
+    }
+    eventually(Duration::from_secs(120), "all messages acked", async || {
+        executions.snapshot().len() == 7_000 && drained(&mut watcher).await
+    })
+    .await;
+    stop.send(true).expect("stop");
+    let mut acked = 0;
+    for worker in workers {
+        let stats = worker.await.expect("task").expect("worker");
+        assert_eq!(
+            stats.poison + stats.rejected + stats.retried,
+            0,
+            "{stats:?}"
+        );
+        acked += stats.acked;
+    }
+    let executions = executions.snapshot();
+    assert_eq!(executions.len(), 7_000);
+    assert!(
+        executions.values().all(|n| *n == 1),
+        "a key ran more than once"
+    );
+    assert_eq!(acked, 10_000, "every message acked once");
+    assert!(drained(&mut watcher).await, "nothing pending at the end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handler_is_redelivered_and_runs_on_the_third_attempt() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let events = stream(&js, "RETRY", "retry.>").await;
+    let mut watcher = consumer(&events, "retry", Duration::from_secs(30)).await;
+    publish_all(
+        &js,
+        vec![("retry.one".into(), "r1".into(), envelope_json("flaky-1", 0))],
+    )
+    .await;
+
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (stop, shutdown) = shutdown_signal();
+    let handler_runs = Arc::clone(&runs);
+    let worker = tokio::spawn(
+        JetStreamWorker::new(events.get_consumer("retry").await.expect("consumer"))
+            .retry_delay(Duration::from_millis(100), Duration::from_secs(1))
+            .run(
+                checker.clone(),
+                move |_: EventEnvelope<Value>| {
+                    let runs = Arc::clone(&handler_runs);
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        let attempt = current_lease().map_or(0, |lease| lease.attempt);
+                        if attempt < 3 {
+                            return Err(format!("downstream timeout on attempt {attempt}"));
+                        }
+                        Ok(attempt)
+                    }
+                },
+                shutdown(),
+            ),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the third attempt acked",
+        async || runs.load(Ordering::SeqCst) >= 3 && drained(&mut watcher).await,
+    )
+    .await;
+    stop.send(true).expect("stop");
+    let stats = worker.await.expect("task").expect("worker");
+    assert_eq!((stats.retried, stats.acked), (2, 1), "{stats:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    let record = checker
+        .get_processing_record("flaky-1")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.attempts, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_worker_is_taken_over_and_never_completes_twice() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let events = stream(&js, "CRASH", "crash.>").await;
+    let mut watcher = consumer(&events, "crash", Duration::from_secs(2)).await;
+    publish_all(
+        &js,
+        vec![("crash.one".into(), "c1".into(), envelope_json("crash-1", 0))],
+    )
+    .await;
+    let config = || {
+        IdempotencyConfig::builder()
+            .in_progress_timeout("1s")
+            .build()
+            .expect("config")
+    };
+
+    // Worker A runs on its own runtime, which is torn down mid-handler: no
+    // completion, no failure record, no renewal, no ack. A crash.
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (nats_url, redis_url) = (nats.url(), redis.url());
+    let crashed = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.spawn(async move {
+            let client = async_nats::connect(nats_url).await.expect("nats");
+            let stream = jetstream::new(client)
+                .get_stream("CRASH")
+                .await
+                .expect("stream");
+            let consumer = stream.get_consumer("crash").await.expect("consumer");
+            let store = RedisStore::connect(&redis_url).await.expect("redis");
+            let checker = IdempotencyChecker::with_config(store, config());
+            let _ = JetStreamWorker::new(consumer)
+                .run(
+                    checker,
+                    move |_: EventEnvelope<Value>| {
+                        let started = started_tx.clone();
+                        async move {
+                            let _ = started.send(());
+                            std::future::pending::<()>().await;
+                            Ok::<_, IdempotencyError>(())
+                        }
+                    },
+                    std::future::pending(),
+                )
+                .await;
+        });
+        started_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("worker A started the handler");
+        runtime.shutdown_background();
+    });
+    crashed.join().expect("worker A thread");
+
+    // Worker B gets the redelivery after the ack wait and takes the key over.
+    let checker = checker(&redis, config()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (stop, shutdown) = shutdown_signal();
+    let handler_runs = Arc::clone(&runs);
+    let worker = tokio::spawn(
+        JetStreamWorker::new(events.get_consumer("crash").await.expect("consumer"))
+            .busy_delay(Duration::from_millis(200))
+            .run(
+                checker.clone(),
+                move |_: EventEnvelope<Value>| {
+                    let runs = Arc::clone(&handler_runs);
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, IdempotencyError>(current_lease().map_or(0, |lease| lease.attempt))
+                    }
+                },
+                shutdown(),
+            ),
+    );
+    eventually(Duration::from_secs(30), "the takeover acked", async || {
+        runs.load(Ordering::SeqCst) >= 1 && drained(&mut watcher).await
+    })
+    .await;
+    stop.send(true).expect("stop");
+    let stats = worker.await.expect("task").expect("worker");
+    assert_eq!(stats.acked, 1, "{stats:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "executed once more, by the new worker"
+    );
+    let record = checker
+        .get_processing_record("crash-1")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.attempts, 2, "the crashed attempt, then the takeover");
+    assert_eq!(record.result, Some(json!(2)));
+    assert_eq!(checker.stats().executed, 1);
+    assert_eq!(checker.stats().lease_lost, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_message_is_terminated_and_others_flow() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let events = stream(&js, "POISON", "poison.>").await;
+    let mut watcher = consumer(&events, "poison", Duration::from_secs(30)).await;
+    publish_all(
+        &js,
+        vec![
+            ("poison.x".into(), "p1".into(), envelope_json("good-1", 0)),
+            (
+                "poison.x".into(),
+                "p2".into(),
+                Bytes::from_static(b"{not json"),
+            ),
+            (
+                "poison.x".into(),
+                "p3".into(),
+                Bytes::from_static(b"{\"valid\":\"json, not an envelope\"}"),
+            ),
+            ("poison.x".into(), "p4".into(), envelope_json("good-2", 0)),
+        ],
+    )
+    .await;
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let executions = Arc::new(Executions::default());
+    let (stop, shutdown) = shutdown_signal();
+    let seen = Arc::clone(&executions);
+    let worker = tokio::spawn(
+        JetStreamWorker::new(events.get_consumer("poison").await.expect("consumer")).run(
+            checker,
+            move |envelope: EventEnvelope<Value>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.record(envelope.effective_key());
+                    Ok::<_, IdempotencyError>(())
+                }
+            },
+            shutdown(),
+        ),
+    );
+    eventually(Duration::from_secs(20), "all settled", async || {
+        executions.snapshot().len() == 2 && drained(&mut watcher).await
+    })
+    .await;
+    stop.send(true).expect("stop");
+    let stats = worker.await.expect("task").expect("worker");
+    assert_eq!((stats.poison, stats.acked), (2, 2), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_requests_get_identical_replies_and_one_execution() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (stop, shutdown) = shutdown_signal();
+    let handler_runs = Arc::clone(&runs);
+    let subscriber = tokio::spawn(Subscriber::new(client.clone(), "rpc.quote").run(
+        checker,
+        move |envelope: EventEnvelope<Value>| {
+            let runs = Arc::clone(&handler_runs);
+            async move {
+                let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                Ok::<_, IdempotencyError>(json!({"quote": envelope.payload["amount"], "run": n}))
+            }
+        },
+        shutdown(),
+    ));
+    client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let request = Bytes::from(
+        serde_json::to_vec(
+            &EventEnvelope::new("quote.requested", json!({"amount": 42})).with_event_id("q-1"),
+        )
+        .expect("json"),
+    );
+    let first = client
+        .request("rpc.quote", request.clone())
+        .await
+        .expect("first reply");
+    let second = client
+        .request("rpc.quote", request)
+        .await
+        .expect("second reply");
+    assert_eq!(first.payload, second.payload);
+    let reply: Value = serde_json::from_slice(&first.payload).expect("json reply");
+    assert_eq!(reply, json!({"quote": 42, "run": 1}));
+    let bad = client
+        .request("rpc.quote", Bytes::from_static(b"nope"))
+        .await
+        .expect("error reply");
+    assert_eq!(
+        bad.headers
+            .as_ref()
+            .and_then(|h| h.get("Idempotency-Status"))
+            .map(|v| v.as_str()),
+        Some("invalid")
+    );
+    stop.send(true).expect("stop");
+    let stats = subscriber.await.expect("task").expect("subscriber");
+    assert_eq!((stats.completed, stats.invalid, stats.replies), (2, 1, 3));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_of_three_executes_each_key_once() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let executions = Arc::new(Executions::default());
+    let (stop, shutdown) = shutdown_signal();
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let member_client = async_nats::connect(nats.url()).await.expect("nats");
+        let seen = Arc::clone(&executions);
+        members.push(tokio::spawn(
+            Subscriber::new(member_client.clone(), "orders.created")
+                .queue_group("workers")
+                .run(
+                    checker.clone(),
+                    move |envelope: EventEnvelope<Value>| {
+                        let seen = Arc::clone(&seen);
+                        async move {
+                            seen.record(envelope.effective_key());
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            Ok::<_, IdempotencyError>(())
+                        }
+                    },
+                    shutdown(),
+                ),
+        ));
+        member_client.flush().await.expect("flush");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 300 keys, each published three times.
+    for copy in 0..3 {
+        for i in 0..300 {
+            client
+                .publish("orders.created", envelope_json(&format!("q-{i}"), copy))
+                .await
+                .expect("publish");
+        }
+    }
+    client.flush().await.expect("flush");
+    eventually(Duration::from_secs(20), "every key executed", async || {
+        executions.snapshot().len() == 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).expect("stop");
+    let mut received = 0;
+    for member in members {
+        let stats = member.await.expect("task").expect("member");
+        received += stats.completed + stats.failed;
+    }
+    assert_eq!(received, 900, "every copy reached one member");
+    assert!(
+        executions.snapshot().values().all(|n| *n == 1),
+        "a key ran twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_forwards_each_unique_event_once_even_when_the_output_is_missing() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let raw = stream(&js, "RAW", "raw.>").await;
+    let mut watcher = consumer(&raw, "relay", Duration::from_secs(30)).await;
+    // 3,500 unique events, plus 1,500 copies with their own message ids.
+    let event = |i: usize| {
+        Bytes::from(
+            json!({"timestamp": 1_700_000_000 + i, "distinct_id": format!("user-{}", i % 97),
+                   "token": "tok", "event_name": "page_view", "props": {"i": i}})
+            .to_string(),
+        )
+    };
+    let mut messages: Vec<_> = (0..3_500)
+        .map(|i| ("raw.events".to_owned(), format!("raw-{i}"), event(i)))
+        .collect();
+    messages.extend((0..1_500).map(|i| {
+        (
+            "raw.events".to_owned(),
+            format!("raw-{i}-again"),
+            event(i * 2),
+        )
+    }));
+    publish_all(&js, messages).await;
+
+    // The output stream does not exist yet: every publish fails.
+    let checker = checker(
+        &redis,
+        IdempotencyConfig::builder()
+            .key_prefix("relay:")
+            .build()
+            .expect("config"),
+    )
+    .await;
+    let (stop, shutdown) = shutdown_signal();
+    let strategy = KeyStrategy::Fields(
+        ["timestamp", "distinct_id", "token", "event_name"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let relay = tokio::spawn(
+        DedupRelay::new(
+            raw.get_consumer("relay").await.expect("consumer"),
+            js.clone(),
+            "unique.events",
+            strategy,
+        )
+        .concurrency(32)
+        .retry_delay(Duration::from_millis(200), Duration::from_millis(500))
+        .run(checker.clone(), shutdown()),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        checker.stats().failed > 0,
+        "publishes failed while the output was missing"
+    );
+    assert_eq!(checker.stats().executed, 0);
+
+    let mut unique = stream(&js, "UNIQUE", "unique.>").await;
+    eventually(
+        Duration::from_secs(60),
+        "every unique event relayed",
+        async || {
+            unique.info().await.expect("info").state.messages == 3_500
+                && drained(&mut watcher).await
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).expect("stop");
+    let stats = relay.await.expect("task").expect("relay");
+    assert_eq!(stats.acked, 5_000, "{stats:?}");
+    assert_eq!(stats.poison, 0);
+    assert_eq!(
+        unique.info().await.expect("info").state.messages,
+        3_500,
+        "exactly once on the output"
+    );
+    assert!(drained(&mut watcher).await, "no input left unacked");
+    assert_eq!(checker.stats().executed, 3_500);
+}
