@@ -617,3 +617,112 @@ async fn relay_forwards_each_unique_event_once_even_when_the_output_is_missing()
     assert!(drained(&mut watcher).await, "no input left unacked");
     assert_eq!(checker.stats().executed, 3_500);
 }
+
+/// An `#[idempotent]` function passed directly to the worker guards itself.
+#[idempotency::idempotent(checker = checker, ttl = "1h")]
+async fn on_order(
+    checker: &IdempotencyChecker,
+    seen: &Executions,
+    envelope: EventEnvelope<Value>,
+) -> Result<String, IdempotencyError> {
+    seen.record(envelope.effective_key());
+    Ok(format!("handled {}", envelope.effective_key()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_functions_run_directly_and_publish_sets_the_message_id() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let mut events = stream(&js, "MACRO", "macro.>").await;
+    let mut watcher = consumer(&events, "macro", Duration::from_secs(30)).await;
+    // publish_event sets Nats-Msg-Id from the key: the server drops the
+    // second publish of the same event within its duplicate window.
+    let event = EventEnvelope::new("order.placed", json!({"n": 1})).with_idempotency_key("macro-1");
+    idempotency::nats::publish_event(&js, "macro.orders", &event)
+        .await
+        .expect("publish");
+    idempotency::nats::publish_event(&js, "macro.orders", &event)
+        .await
+        .expect("publish again");
+    assert_eq!(events.info().await.expect("info").state.messages, 1);
+    // Copies with their own message ids reach the handler.
+    publish_all(
+        &js,
+        (0..5)
+            .map(|copy| {
+                (
+                    "macro.orders".to_owned(),
+                    format!("copy-{copy}"),
+                    envelope_json("macro-1", copy),
+                )
+            })
+            .collect(),
+    )
+    .await;
+
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let seen = Arc::new(Executions::default());
+    let (stop, shutdown) = shutdown_signal();
+    let (handler_checker, handler_seen) = (checker.clone(), Arc::clone(&seen));
+    let worker = tokio::spawn(
+        JetStreamWorker::new(events.get_consumer("macro").await.expect("consumer"))
+            .busy_delay(Duration::from_millis(100))
+            .run_idempotent(
+                move |envelope: EventEnvelope<Value>| {
+                    let (checker, seen) = (handler_checker.clone(), Arc::clone(&handler_seen));
+                    async move { on_order(&checker, &seen, envelope).await }
+                },
+                shutdown(),
+            ),
+    );
+    eventually(Duration::from_secs(20), "all acked", async || {
+        drained(&mut watcher).await && !seen.snapshot().is_empty()
+    })
+    .await;
+    stop.send(true).expect("stop");
+    let stats = worker.await.expect("task").expect("worker");
+    assert_eq!(stats.acked, 6, "{stats:?}");
+    assert_eq!(seen.snapshot()["macro-1"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_acks_keep_a_slow_handler_from_being_redelivered() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let events = stream(&js, "SLOW", "slow.>").await;
+    let mut watcher = consumer(&events, "slow", Duration::from_secs(1)).await;
+    publish_all(
+        &js,
+        vec![("slow.one".into(), "s1".into(), envelope_json("slow-1", 0))],
+    )
+    .await;
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (stop, shutdown) = shutdown_signal();
+    let handler_runs = Arc::clone(&runs);
+    let worker = tokio::spawn(
+        JetStreamWorker::new(events.get_consumer("slow").await.expect("consumer"))
+            .busy_delay(Duration::from_millis(100))
+            .run(
+                checker,
+                move |_: EventEnvelope<Value>| {
+                    let runs = Arc::clone(&handler_runs);
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(3_000)).await;
+                        Ok::<_, IdempotencyError>(())
+                    }
+                },
+                shutdown(),
+            ),
+    );
+    eventually(Duration::from_secs(20), "acked", async || {
+        runs.load(Ordering::SeqCst) == 1 && drained(&mut watcher).await
+    })
+    .await;
+    stop.send(true).expect("stop");
+    let stats = worker.await.expect("task").expect("worker");
+    // Three times the ack wait, and JetStream never redelivered it.
+    assert_eq!((stats.acked, stats.busy), (1, 0), "{stats:?}");
+    assert_eq!(watcher.info().await.expect("info").num_redelivered, 0);
+}
