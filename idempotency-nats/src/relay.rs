@@ -216,3 +216,54 @@ async fn relay_one(
         Err(RelayError::Idempotency(error)) => crate::handler::classify(&error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_key_prefers_header_then_idempotency_key_then_event_id() {
+        let body = br#"{"event_id":"e1","idempotency_key":"k1","event_type":"t","payload":{}}"#;
+        assert_eq!(
+            KeyStrategy::EnvelopeKey.key_of(body, None).as_deref(),
+            Ok("k1")
+        );
+        let body_without = br#"{"event_id":"e1","event_type":"t","payload":{}}"#;
+        assert_eq!(
+            KeyStrategy::EnvelopeKey
+                .key_of(body_without, None)
+                .as_deref(),
+            Ok("e1")
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(IDEMPOTENCY_KEY_HEADER, "h1");
+        assert_eq!(
+            KeyStrategy::EnvelopeKey
+                .key_of(body, Some(&headers))
+                .as_deref(),
+            Ok("h1")
+        );
+        assert!(KeyStrategy::EnvelopeKey.key_of(b"{}", None).is_err());
+    }
+
+    #[test]
+    fn composite_fields_join_and_missing_fields_are_refused() {
+        let strategy =
+            KeyStrategy::Fields(vec!["timestamp".into(), "user.id".into(), "name".into()]);
+        let body = br#"{"timestamp":1700,"user":{"id":"u7"},"name":"view"}"#;
+        assert_eq!(strategy.key_of(body, None).as_deref(), Ok("1700:u7:view"));
+        let missing = br#"{"user":{"id":"u7"},"name":"view"}"#;
+        let error = strategy.key_of(missing, None).expect_err("no timestamp");
+        assert!(error.contains("timestamp"), "{error}");
+        assert!(strategy.key_of(b"not json", None).is_err());
+    }
+
+    #[test]
+    fn content_hash_ignores_key_order() {
+        let a = KeyStrategy::ContentHash.key_of(br#"{"a":1,"b":{"c":2,"d":3}}"#, None);
+        let b = KeyStrategy::ContentHash.key_of(br#"{"b":{"d":3,"c":2},"a":1}"#, None);
+        let c = KeyStrategy::ContentHash.key_of(br#"{"a":2,"b":{"c":2,"d":3}}"#, None);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}
