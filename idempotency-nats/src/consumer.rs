@@ -1,6 +1,5 @@
 //! [`JetStreamWorker`]: a pull consumer run under the checker.
 
-use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,13 +8,13 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt;
-use idempotency_core::{EventEnvelope, IdempotencyChecker};
+use idempotency_core::IdempotencyChecker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::handler::{Disposition, Mode, Runner, decode};
+use crate::handler::{Disposition, EventHandler, Mode, Runner, decode};
 
 /// What a worker did with the messages it pulled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -261,7 +260,7 @@ impl JetStreamWorker {
     }
 
     /// Runs `handler` under `checker` until `shutdown` completes.
-    pub async fn run<P, H, Fut, T, E>(
+    pub async fn run<P, H>(
         self,
         checker: IdempotencyChecker,
         handler: H,
@@ -269,10 +268,7 @@ impl JetStreamWorker {
     ) -> Result<NatsStats, async_nats::Error>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
-        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<T, E>> + Send,
-        T: Serialize + DeserializeOwned + Send,
-        E: Display + Send + 'static,
+        H: EventHandler<P>,
     {
         self.work(Runner::new(Mode::Checked(checker), handler), shutdown)
             .await
@@ -282,33 +278,27 @@ impl JetStreamWorker {
     /// `shutdown` completes. Return [`IdempotencyError`](idempotency_core::IdempotencyError)
     /// as the error type for precise acks; other error types are treated as
     /// handler failures (nak with backoff).
-    pub async fn run_idempotent<P, H, Fut, T, E>(
+    pub async fn run_idempotent<P, H>(
         self,
         handler: H,
         shutdown: impl Future<Output = ()>,
     ) -> Result<NatsStats, async_nats::Error>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
-        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<T, E>> + Send,
-        T: Serialize + DeserializeOwned + Send,
-        E: Display + Send + 'static,
+        H: EventHandler<P>,
     {
         self.work(Runner::new(Mode::SelfGuarded, handler), shutdown)
             .await
     }
 
-    async fn work<P, H, Fut, T, E>(
+    async fn work<P, H>(
         self,
         runner: Arc<Runner<P, H>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<NatsStats, async_nats::Error>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
-        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<T, E>> + Send,
-        T: Serialize + DeserializeOwned + Send,
-        E: Display + Send + 'static,
+        H: EventHandler<P>,
     {
         let counters = Arc::new(Counters::default());
         let progress_every = self.consumer.cached_info().config.ack_wait / 2;

@@ -97,6 +97,40 @@ fn reply_of<T: Serialize>(value: &T) -> Disposition {
     }
 }
 
+/// An event handler: any `Fn(EventEnvelope<P>) -> impl Future<Output =
+/// Result<T, E>>` that can be shared between tasks, where `T` (the result,
+/// stored and replayed) is JSON-serializable and `E` displays the failure.
+///
+/// Implemented for every such closure or function; `#[idempotent]` functions
+/// qualify too.
+pub trait EventHandler<P>: Send + Sync + 'static {
+    /// The handler's result.
+    type Output: Serialize + DeserializeOwned + Send;
+    /// The handler's error.
+    type Error: Display + Send + 'static;
+    /// The future of one call.
+    type Future: Future<Output = Result<Self::Output, Self::Error>> + Send;
+
+    /// Handles one event.
+    fn call(&self, envelope: EventEnvelope<P>) -> Self::Future;
+}
+
+impl<P, H, Fut, T, E> EventHandler<P> for H
+where
+    H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, E>> + Send,
+    T: Serialize + DeserializeOwned + Send,
+    E: Display + Send + 'static,
+{
+    type Output = T;
+    type Error = E;
+    type Future = Fut;
+
+    fn call(&self, envelope: EventEnvelope<P>) -> Fut {
+        self(envelope)
+    }
+}
+
 /// How handlers are made idempotent.
 pub(crate) enum Mode {
     /// The integration runs each handler under this checker.
@@ -122,18 +156,11 @@ impl<P, H> Runner<P, H> {
     }
 }
 
-impl<P, H, Fut, T, E> Runner<P, H>
-where
-    P: Serialize,
-    H: Fn(EventEnvelope<P>) -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-    T: Serialize + DeserializeOwned,
-    E: Display + 'static,
-{
+impl<P: Serialize, H: EventHandler<P>> Runner<P, H> {
     /// Runs the handler for one envelope, exactly once per key.
     pub(crate) async fn run(&self, envelope: EventEnvelope<P>) -> Disposition {
         match &self.mode {
-            Mode::SelfGuarded => match (self.handler)(envelope).await {
+            Mode::SelfGuarded => match self.handler.call(envelope).await {
                 Ok(value) => reply_of(&value),
                 Err(error) => match (&error as &dyn Any).downcast_ref::<IdempotencyError>() {
                     Some(error) => classify(error),
@@ -163,7 +190,7 @@ where
                 }
                 let outcome = checker
                     .process_request(request, |_lease| async {
-                        (self.handler)(envelope).await.map_err(Failure::Handler)
+                        self.handler.call(envelope).await.map_err(Failure::Handler)
                     })
                     .await;
                 match outcome {

@@ -36,7 +36,7 @@ use idempotency_core::EventEnvelope;
 use serde::Serialize;
 
 pub use consumer::{JetStreamWorker, NatsStats};
-pub use handler::IDEMPOTENCY_KEY_HEADER;
+pub use handler::{EventHandler, IDEMPOTENCY_KEY_HEADER};
 pub use relay::{DedupRelay, KeyStrategy};
 pub use subscriber::{STATUS_HEADER, Subscriber, SubscriberStats};
 

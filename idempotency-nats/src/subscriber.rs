@@ -1,7 +1,6 @@
 //! [`Subscriber`]: core NATS subscriptions (optionally in a queue group) and
 //! request/reply under the checker.
 
-use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,13 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use idempotency_core::{EventEnvelope, IdempotencyChecker};
+use idempotency_core::IdempotencyChecker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::handler::{Disposition, Mode, Runner, decode};
+use crate::handler::{Disposition, EventHandler, Mode, Runner, decode};
 
 /// The header set on error replies: `in_progress`, `failed`, `rejected` or
 /// `invalid` (the body was not an envelope).
@@ -85,7 +84,7 @@ impl Subscriber {
 
     /// Runs `handler` under `checker` until `shutdown` completes; in-flight
     /// messages finish first.
-    pub async fn run<P, H, Fut, T, E>(
+    pub async fn run<P, H>(
         self,
         checker: IdempotencyChecker,
         handler: H,
@@ -93,43 +92,34 @@ impl Subscriber {
     ) -> Result<SubscriberStats, async_nats::Error>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
-        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<T, E>> + Send,
-        T: Serialize + DeserializeOwned + Send,
-        E: Display + Send + 'static,
+        H: EventHandler<P>,
     {
         self.work(Runner::new(Mode::Checked(checker), handler), shutdown)
             .await
     }
 
     /// Runs a handler that guards itself (an `#[idempotent]` function).
-    pub async fn run_idempotent<P, H, Fut, T, E>(
+    pub async fn run_idempotent<P, H>(
         self,
         handler: H,
         shutdown: impl Future<Output = ()>,
     ) -> Result<SubscriberStats, async_nats::Error>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
-        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<T, E>> + Send,
-        T: Serialize + DeserializeOwned + Send,
-        E: Display + Send + 'static,
+        H: EventHandler<P>,
     {
         self.work(Runner::new(Mode::SelfGuarded, handler), shutdown)
             .await
     }
 
-    async fn work<P, H, Fut, T, E>(
+    async fn work<P, H>(
         self,
         runner: Arc<Runner<P, H>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<SubscriberStats, async_nats::Error>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
-        H: Fn(EventEnvelope<P>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<T, E>> + Send,
-        T: Serialize + DeserializeOwned + Send,
-        E: Display + Send + 'static,
+        H: EventHandler<P>,
     {
         let mut subscription = match &self.queue_group {
             Some(group) => {
@@ -185,17 +175,10 @@ impl Subscriber {
     }
 }
 
-async fn handle<P, H, Fut, T, E>(
-    client: &Client,
-    runner: &Runner<P, H>,
-    counters: &Counters,
-    message: Message,
-) where
+async fn handle<P, H>(client: &Client, runner: &Runner<P, H>, counters: &Counters, message: Message)
+where
     P: Serialize + DeserializeOwned,
-    H: Fn(EventEnvelope<P>) -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-    T: Serialize + DeserializeOwned,
-    E: Display + 'static,
+    H: EventHandler<P>,
 {
     let (reply, status) = match decode::<P>(&message.payload, message.headers.as_ref()) {
         Err(reason) => {

@@ -23,19 +23,7 @@ fn free_port() -> u16 {
 }
 
 fn redis_binary() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-            .map(|dir| dir.join("redis-server"))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "redis-server was not found on PATH. These tests run against a real Redis: \
-             install it with `apt-get install redis-server`, or run `bash scripts/check.sh`, \
-             which installs it when missing."
-        )
-    })
+    binary("redis-server", "redis-server")
 }
 
 impl RedisServer {
