@@ -35,7 +35,11 @@ echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 echo "==> cargo test"
-cargo test --workspace --all-features
+test_log="$(mktemp)"
+trap 'rm -f "$test_log"' EXIT
+cargo test --workspace --all-features 2>&1 | tee "$test_log"
+passed=$(grep -E '^test result: ' "$test_log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -E '^test result: ' "$test_log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
 
 echo "==> cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
@@ -44,3 +48,4 @@ echo "==> examples build"
 cargo build --workspace --examples --all-features
 
 echo "==> all checks passed"
+echo "tests: ${passed} passed, ${failed} failed"
