@@ -152,8 +152,7 @@ pub(crate) async fn with_progress<F: Future>(
     }
 }
 
-/// The pull loop shared by the worker and the relay: at most `concurrency`
-/// messages in flight; on shutdown stop pulling, finish what is in flight.
+/// The pull loop shared by the worker and the relay.
 pub(crate) async fn drive<F, Fut>(
     consumer: &PullConsumer,
     concurrency: usize,
@@ -164,13 +163,37 @@ where
     F: Fn(Message) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let concurrency = concurrency.max(1);
-    let mut messages = consumer
+    let messages = consumer
         .stream()
-        .max_messages_per_batch(concurrency)
+        .max_messages_per_batch(concurrency.max(1))
         .messages()
         .await?;
-    let permits = Arc::new(Semaphore::new(concurrency));
+    bounded(messages, concurrency, shutdown, |next| match next {
+        Ok(message) => Some(per_message(message)),
+        Err(error) => {
+            tracing::warn!(%error, "pulling messages failed; retrying");
+            None
+        }
+    })
+    .await
+}
+
+/// Runs `per_item` for the items of `items` as tasks, at most `concurrency`
+/// at a time, until the stream ends or `shutdown` completes; then stops
+/// receiving (drops the stream: no more pulls, the subscription ends) and
+/// waits for the tasks in flight. Shared by every NATS integration.
+pub(crate) async fn bounded<S, F, Fut>(
+    mut items: S,
+    concurrency: usize,
+    shutdown: impl Future<Output = ()>,
+    per_item: F,
+) -> Result<(), async_nats::Error>
+where
+    S: futures_util::Stream + Unpin,
+    F: Fn(S::Item) -> Option<Fut>,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -180,32 +203,30 @@ where
         };
         let next = tokio::select! {
             () = &mut shutdown => break,
-            next = messages.next() => next,
+            next = items.next() => next,
         };
-        match next {
-            None => break,
-            Some(Err(error)) => tracing::warn!(%error, "pulling messages failed; retrying"),
-            Some(Ok(message)) => {
-                let work = per_message(message);
-                tasks.spawn(async move {
-                    work.await;
-                    drop(permit);
-                });
-            }
+        let Some(item) = next else { break };
+        if let Some(work) = per_item(item) {
+            tasks.spawn(async move {
+                work.await;
+                drop(permit);
+            });
         }
         while let Some(done) = tasks.try_join_next() {
-            if let Err(error) = done {
-                tracing::error!(%error, "a message task failed; the message will be redelivered");
-            }
+            log_task_failure(done);
         }
     }
-    drop(messages);
+    drop(items);
     while let Some(done) = tasks.join_next().await {
-        if let Err(error) = done {
-            tracing::error!(%error, "a message task failed; the message will be redelivered");
-        }
+        log_task_failure(done);
     }
     Ok(())
+}
+
+fn log_task_failure(done: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = done {
+        tracing::error!(%error, "a message task failed (panicked); a JetStream message will be redelivered");
+    }
 }
 
 /// Runs a handler over a JetStream pull consumer, exactly once per key.

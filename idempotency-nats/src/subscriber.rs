@@ -7,13 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use idempotency_core::IdempotencyChecker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
+use crate::consumer::bounded;
 use crate::handler::{Disposition, EventHandler, Mode, Runner, decode};
 
 /// The header set on error replies: `in_progress`, `failed`, `rejected` or
@@ -121,7 +119,7 @@ impl Subscriber {
         P: Serialize + DeserializeOwned + Send + 'static,
         H: EventHandler<P>,
     {
-        let mut subscription = match &self.queue_group {
+        let subscription = match &self.queue_group {
             Some(group) => {
                 self.client
                     .queue_subscribe(self.subject.clone(), group.clone())
@@ -130,40 +128,15 @@ impl Subscriber {
             None => self.client.subscribe(self.subject.clone()).await?,
         };
         let counters = Arc::new(Counters::default());
-        let permits = Arc::new(Semaphore::new(self.concurrency));
-        let mut tasks = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                () = &mut shutdown => break,
-                permit = Arc::clone(&permits).acquire_owned() => permit?,
-            };
-            let message = tokio::select! {
-                () = &mut shutdown => break,
-                message = subscription.next() => message,
-            };
-            let Some(message) = message else { break };
+        bounded(subscription, self.concurrency, shutdown, |message| {
             let (runner, counters, client) = (
                 Arc::clone(&runner),
                 Arc::clone(&counters),
                 self.client.clone(),
             );
-            tasks.spawn(async move {
-                handle(&client, &runner, &counters, message).await;
-                drop(permit);
-            });
-            while let Some(done) = tasks.try_join_next() {
-                if let Err(error) = done {
-                    tracing::error!(%error, "a message task failed");
-                }
-            }
-        }
-        let _ = subscription.unsubscribe().await;
-        while let Some(done) = tasks.join_next().await {
-            if let Err(error) = done {
-                tracing::error!(%error, "a message task failed");
-            }
-        }
+            Some(async move { handle(&client, &runner, &counters, message).await })
+        })
+        .await?;
         let _ = self.client.flush().await;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Ok(SubscriberStats {
