@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A `redis-server` on a free loopback port, killed when dropped.
-pub struct RedisServer {
+/// A server process on a free loopback port with its own temporary
+/// directory, killed (and the directory removed) when dropped.
+struct ServerProcess {
     child: Child,
     port: u16,
     dir: PathBuf,
@@ -22,40 +23,49 @@ fn free_port() -> u16 {
         .expect("no free loopback port")
 }
 
-fn redis_binary() -> PathBuf {
-    binary("redis-server", "redis-server")
+fn binary(name: &str, package: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} was not found on PATH. These tests run against a real server: install it \
+             with `apt-get install {package}`, or run `bash scripts/check.sh`, which installs \
+             it when missing."
+        )
+    })
 }
 
-impl RedisServer {
-    /// Starts a fresh server (no persistence) and waits until it answers.
-    pub fn start() -> Self {
-        Self::try_ports(5, free_port)
-    }
-
-    /// Starts a server on `port` (e.g. to restart one that was killed).
-    pub fn start_on(port: u16) -> Self {
-        Self::try_ports(50, || port)
-    }
-
-    fn try_ports(tries: usize, mut port: impl FnMut() -> u16) -> Self {
-        let binary = redis_binary();
+impl ServerProcess {
+    /// Starts `name` with `args(port, dir)` on the ports `port()` gives, up to
+    /// `tries` times, until `ready` says a fresh connection answers.
+    fn start(
+        name: &str,
+        tries: usize,
+        mut port: impl FnMut() -> u16,
+        args: impl Fn(u16, &std::path::Path) -> Vec<std::ffi::OsString>,
+        ready: fn(&mut TcpStream) -> bool,
+    ) -> Self {
+        let binary = binary(name, name);
         let mut last_error = String::new();
-        for _ in 0..tries {
+        for attempt in 0..tries {
             let port = port();
-            let dir =
-                std::env::temp_dir().join(format!("idem-redis-{}-{port}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!(
+                "idem-{name}-{}-{port}-{attempt}",
+                std::process::id()
+            ));
             std::fs::create_dir_all(&dir).expect("temp dir");
             let child = Command::new(&binary)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&dir)
+                .args(args(port, &dir))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("could not start {}: {e}", binary.display()));
             let mut server = Self { child, port, dir };
-            match server.wait_ready() {
+            match server.wait_ready(ready) {
                 Ok(()) => return server,
                 Err(e) => {
                     last_error = e;
@@ -63,36 +73,98 @@ impl RedisServer {
                 }
             }
         }
-        panic!("redis-server did not start: {last_error}");
+        panic!("{name} did not start: {last_error}");
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
+    fn wait_ready(&mut self, ready: fn(&mut TcpStream) -> bool) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("redis-server exited with {status}"));
+                return Err(format!("exited with {status}"));
             }
             if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::{Read, Write};
                 let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-                if stream.write_all(b"PING\r\n").is_ok() {
-                    let mut buf = [0u8; 7];
-                    if stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
-                        return Ok(());
-                    }
+                if ready(&mut stream) {
+                    return Ok(());
                 }
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Err("timed out waiting for PING".into())
+        Err("timed out waiting for it to answer".into())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `redis-server` on a free loopback port (no persistence), killed when dropped.
+pub struct RedisServer(ServerProcess);
+
+fn redis_args(port: u16, dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let port = port.to_string();
+    let mut args: Vec<std::ffi::OsString> = [
+        "--port",
+        port.as_str(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+    ]
+    .map(Into::into)
+    .to_vec();
+    args.push(dir.into());
+    args
+}
+
+fn redis_ready(stream: &mut TcpStream) -> bool {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut buf).is_ok()
+        && &buf == b"+PONG\r\n"
+}
+
+impl RedisServer {
+    /// Starts a fresh server and waits until it answers PING.
+    pub fn start() -> Self {
+        Self(ServerProcess::start(
+            "redis-server",
+            5,
+            free_port,
+            redis_args,
+            redis_ready,
+        ))
+    }
+
+    /// Starts a server on `port` (e.g. to restart one that was killed).
+    pub fn start_on(port: u16) -> Self {
+        Self(ServerProcess::start(
+            "redis-server",
+            50,
+            || port,
+            redis_args,
+            redis_ready,
+        ))
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.0.port
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://127.0.0.1:{}", self.0.port)
     }
 
     /// A plain client connection for inspecting what the store wrote.
@@ -106,15 +178,40 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.kill();
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// A `nats-server -js` on a free loopback port with a temporary store
+/// directory, killed when dropped.
+pub struct NatsServer(ServerProcess);
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let args = |port: u16, dir: &std::path::Path| {
+            let mut args: Vec<std::ffi::OsString> =
+                ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]
+                    .map(Into::into)
+                    .to_vec();
+            args.push(dir.into());
+            args
+        };
+        let ready = |stream: &mut TcpStream| {
+            use std::io::Read;
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).is_ok() && &buf == b"INFO"
+        };
+        Self(ServerProcess::start(
+            "nats-server",
+            5,
+            free_port,
+            args,
+            ready,
+        ))
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.0.port)
     }
 }
 
@@ -201,87 +298,5 @@ impl idempotency::IdempotencyStore for Instrumented {
     async fn health(&self) -> idempotency::Result<()> {
         self.count();
         self.inner.health().await
-    }
-}
-
-fn binary(name: &str, package: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "{name} was not found on PATH. These tests run against a real server: install it \
-             with `apt-get install {package}`, or run `bash scripts/check.sh`, which installs \
-             it when missing."
-        )
-    })
-}
-
-/// A `nats-server -js` on a free loopback port with a temporary store
-/// directory, killed (and its directory removed) when dropped.
-pub struct NatsServer {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl NatsServer {
-    pub fn start() -> Self {
-        let binary = binary("nats-server", "nats-server");
-        let mut last_error = String::new();
-        for attempt in 0..5 {
-            let port = free_port();
-            let dir = std::env::temp_dir()
-                .join(format!("idem-nats-{}-{port}-{attempt}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("temp dir");
-            let child = Command::new(&binary)
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-                .arg("-sd")
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("could not start {}: {e}", binary.display()));
-            let mut server = Self { child, port, dir };
-            match server.wait_ready() {
-                Ok(()) => return server,
-                Err(e) => last_error = e,
-            }
-        }
-        panic!("nats-server did not start: {last_error}");
-    }
-
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("nats-server exited with {status}"));
-            }
-            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::Read;
-                let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-                let mut buf = [0u8; 4];
-                if stream.read_exact(&mut buf).is_ok() && &buf == b"INFO" {
-                    return Ok(());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err("timed out waiting for INFO".into())
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
