@@ -157,7 +157,7 @@ fn normalized(record: Option<IdempotencyRecord>) -> Option<serde_json::Value> {
     let mut record = record?;
     record.lease_token = None;
     record.lease_expires_at = None;
-    record.first_seen_at = chrono::DateTime::UNIX_EPOCH;
+    record.first_seen_at = record.first_seen_at.map(|_| chrono::DateTime::UNIX_EPOCH);
     record.completed_at = record.completed_at.map(|_| chrono::DateTime::UNIX_EPOCH);
     Some(serde_json::to_value(record).expect("serializes"))
 }

@@ -22,6 +22,22 @@ fn event(key: &str) -> EventEnvelope {
     EventEnvelope::new("test.event", json!({"key": key})).with_idempotency_key(key)
 }
 
+fn sorted_fields(doc: &serde_json::Value) -> Vec<&str> {
+    let mut fields: Vec<&str> = doc
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    fields.sort_unstable();
+    fields
+}
+
+async fn stored_doc(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> serde_json::Value {
+    let raw: String = redis.get(key).await.expect("GET");
+    serde_json::from_str(&raw).expect("the value is JSON")
+}
+
 #[tokio::test]
 async fn stored_value_is_the_documented_json_with_a_ttl() {
     let server = RedisServer::start();
@@ -32,30 +48,20 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
         .expect("config");
     let store = RedisStore::connect(&server.url()).await.expect("connect");
     let checker = IdempotencyChecker::with_config(store, config);
-    let e = event("schema-1").with_event_id("evt-123");
-    checker
-        .process(&e, |_| async {
-            Ok::<_, IdempotencyError>(json!({"receipt": 42}))
-        })
-        .await
-        .expect("process");
-
     let mut redis = server.client().await;
-    let raw: String = redis.get("idempotency:events:schema-1").await.expect("GET");
-    let doc: serde_json::Value = serde_json::from_str(&raw).expect("the value is JSON");
-    let mut fields: Vec<&str> = doc
-        .as_object()
-        .expect("an object")
-        .keys()
-        .map(String::as_str)
-        .collect();
-    fields.sort_unstable();
+    let key = "idempotency:events:schema-1";
+    let e = event("schema-1").with_event_id("evt-123");
+
+    // PROCESSING: who holds the key and until when; no null fields.
+    let lease = match checker.mark_processing(&e).await.expect("claim") {
+        idempotency::ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    let doc = stored_doc(&mut redis, key).await;
     assert_eq!(
-        fields,
+        sorted_fields(&doc),
         [
             "attempts",
-            "completed_at",
-            "error",
             "event_id",
             "event_type",
             "fingerprint",
@@ -63,37 +69,170 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
             "idempotency_key",
             "lease_expires_at",
             "lease_token",
-            "result",
             "status"
         ]
     );
     assert_eq!(doc["idempotency_key"], "schema-1");
     assert_eq!(doc["event_id"], "evt-123");
     assert_eq!(doc["event_type"], "test.event");
-    assert_eq!(doc["status"], "COMPLETED");
-    assert_eq!(doc["result"], json!({"receipt": 42}));
-    assert_eq!(doc["error"], serde_json::Value::Null);
+    assert_eq!(doc["status"], "PROCESSING");
     assert_eq!(doc["attempts"], 1);
-    assert_eq!(doc["lease_expires_at"], serde_json::Value::Null);
+    assert_eq!(doc["lease_token"].as_str(), Some(lease.token.as_str()));
     assert_eq!(doc["fingerprint"].as_str().map(str::len), Some(64));
-    assert!(doc["lease_token"].is_string());
     let now_ms = chrono::Utc::now().timestamp_millis();
-    for field in ["first_seen_at", "completed_at"] {
+    for field in ["first_seen_at", "lease_expires_at"] {
         let at = doc[field].as_i64().expect("integer milliseconds");
         assert!(
-            (now_ms - at).abs() < 60_000,
+            (now_ms - at).abs() < 600_000,
             "{field} is epoch milliseconds"
         );
     }
 
-    let pttl: i64 = redis
-        .pttl("idempotency:events:schema-1")
+    // COMPLETED: only what a replay needs.
+    checker
+        .mark_completed(&lease, &json!({"receipt": 42}))
         .await
-        .expect("PTTL");
+        .expect("complete");
+    let doc = stored_doc(&mut redis, key).await;
+    assert_eq!(
+        sorted_fields(&doc),
+        [
+            "attempts",
+            "completed_at",
+            "fingerprint",
+            "result",
+            "status"
+        ]
+    );
+    assert_eq!(doc["status"], "COMPLETED");
+    assert_eq!(doc["result"], json!({"receipt": 42}));
+    assert_eq!(doc["attempts"], 1);
+    let at = doc["completed_at"].as_i64().expect("integer milliseconds");
+    assert!((now_ms - at).abs() < 60_000, "completed_at is epoch ms");
+    let pttl: i64 = redis.pttl(key).await.expect("PTTL");
     assert!(
         pttl > 3_500_000 && pttl <= 3_600_000,
         "the key expires with the ttl ({pttl} ms)"
     );
+    // Read back through the checker, the record names its key again.
+    let record = checker
+        .get_processing_record("schema-1")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.idempotency_key, "schema-1");
+    assert!(record.expires_at.is_some());
+
+    // FAILED: the attempt's identity and error, no live lease.
+    let f = event("schema-2");
+    let lease = match checker.mark_processing(&f).await.expect("claim") {
+        idempotency::ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    checker.mark_failed(&lease, "boom").await.expect("fail");
+    let doc = stored_doc(&mut redis, "idempotency:events:schema-2").await;
+    assert_eq!(
+        sorted_fields(&doc),
+        [
+            "attempts",
+            "error",
+            "event_id",
+            "event_type",
+            "fingerprint",
+            "first_seen_at",
+            "idempotency_key",
+            "lease_token",
+            "status"
+        ]
+    );
+    assert_eq!(doc["status"], "FAILED");
+    assert_eq!(doc["error"], "boom");
+}
+
+/// The memory budget of issue 6: a COMPLETED record with a 100-byte result
+/// costs at most 350 bytes of Redis memory (`MEMORY USAGE`), with raw and
+/// with hashed keys.
+#[tokio::test]
+async fn a_completed_record_costs_at_most_350_bytes() {
+    let server = RedisServer::start();
+    let mut redis = server.client().await;
+    let result = "r".repeat(98); // 100 bytes of JSON with its quotes
+    for hash_keys in [false, true] {
+        let config = IdempotencyConfig::builder()
+            .hash_keys(hash_keys)
+            .build()
+            .expect("config");
+        let store = RedisStore::connect(&server.url()).await.expect("connect");
+        let checker = IdempotencyChecker::with_config(store, config);
+        let e = EventEnvelope::new("order.placed", json!({"n": 1}));
+        checker
+            .process(&e, |_| {
+                let result = result.clone();
+                async move { Ok::<_, IdempotencyError>(result) }
+            })
+            .await
+            .expect("process");
+        let key = checker.storage_key(&e.event_id).expect("key");
+        let raw: String = redis.get(&key).await.expect("GET");
+        assert!(raw.contains(&format!("\"result\":\"{result}\"")));
+        let usage: i64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .expect("MEMORY USAGE");
+        assert!(
+            usage <= 350,
+            "hash_keys={hash_keys}: {usage} bytes for {} bytes of key and {} of value",
+            key.len(),
+            raw.len()
+        );
+    }
+}
+
+/// A `complete` whose reply is lost is retried by the store, and the retry
+/// finds its own first try applied: success, not `LeaseLost`, even though a
+/// COMPLETED record keeps no token.
+#[tokio::test]
+async fn a_retried_complete_finds_its_first_try_applied() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .response_timeout(Duration::from_millis(100))
+        .max_retries(3)
+        .connect()
+        .await
+        .expect("connect");
+    let checker = IdempotencyChecker::new(store);
+    let e = event("retried-complete");
+    let lease = match checker.mark_processing(&e).await.expect("claim") {
+        idempotency::ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    // Hold every client for 400ms: the first try times out unanswered and is
+    // retried; all tries then run in order when the pause ends.
+    let mut admin = server.client().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(400)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT PAUSE");
+    checker
+        .mark_completed(&lease, &json!("done"))
+        .await
+        .expect("the retried complete succeeds");
+    let record = checker
+        .get_processing_record("retried-complete")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.result, Some(json!("done")));
+    // A fresh (not retried) complete with the same lease is refused.
+    assert!(matches!(
+        checker.mark_completed(&lease, &json!("again")).await,
+        Err(IdempotencyError::LeaseLost { .. })
+    ));
 }
 
 #[tokio::test]
@@ -132,10 +271,11 @@ async fn corrupt_values_are_typed_errors_naming_the_key() {
             }
             other => panic!("expected CorruptRecord for {key}, got {other:?}"),
         }
-        assert!(matches!(
-            checker.get_processing_record(key).await,
-            Err(IdempotencyError::CorruptRecord { .. })
-        ));
+        let read = checker.get_processing_record(key).await;
+        assert!(
+            matches!(read, Err(IdempotencyError::CorruptRecord { .. })),
+            "expected CorruptRecord reading {key}, got {read:?}"
+        );
     }
     assert_eq!(
         runs.load(Ordering::SeqCst),

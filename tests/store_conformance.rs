@@ -69,7 +69,7 @@ conformance!(
     expired_lease_is_taken_over_and_stale_holder_cannot_write,
     renew_keeps_the_lease_alive,
     retried_claim_with_own_token_is_acquired,
-    finishing_is_idempotent_per_token,
+    repeated_fail_succeeds_and_completed_takes_no_write,
     unknown_lease_writes_nothing,
     fingerprints_guard_key_reuse,
     records_expire_after_ttl,

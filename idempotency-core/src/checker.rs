@@ -330,8 +330,14 @@ impl IdempotencyChecker {
 
     /// The record for a raw idempotency key, whatever its status.
     pub async fn get_processing_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
-        let storage = self.storage_key(key)?;
-        self.count_store_error(self.inner.store.get(&storage).await)
+        let key = stored_key(key, &self.inner.config)?;
+        let record = self.count_store_error(self.inner.store.get(&key.storage).await)?;
+        Ok(record.map(|mut record| {
+            if record.idempotency_key.is_empty() {
+                record.idempotency_key = key.recorded;
+            }
+            record
+        }))
     }
 
     /// Whether a new delivery of `key` should be skipped: the key is

@@ -46,42 +46,74 @@ impl std::fmt::Display for ProcessingStatus {
 /// The document stored under each key (one JSON object in Redis).
 ///
 /// Timestamps are integers: milliseconds since the Unix epoch, taken from the
-/// store's clock (Redis `TIME`).
+/// store's clock (Redis `TIME`). Absent fields are left out of the document,
+/// never written as `null`, and each status keeps only what it needs:
+///
+/// | status | fields |
+/// |---|---|
+/// | `PROCESSING` | `idempotency_key`, `event_id`, `event_type`, `status`, `first_seen_at`, `attempts`, `lease_token`, `lease_expires_at`, `fingerprint` |
+/// | `FAILED` | as `PROCESSING`, with `error` in place of `lease_expires_at` |
+/// | `COMPLETED` | `status`, `completed_at`, `attempts`, `fingerprint`, `result` |
+///
+/// A `COMPLETED` record is what lives longest (its whole `ttl`), so it keeps
+/// only what a replay needs: no lease, no copy of its own key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
-    /// The effective idempotency key, or its SHA-256 digest when key hashing is on.
+    /// The effective idempotency key, or its SHA-256 digest when key hashing
+    /// is on. Not stored in `COMPLETED` records (the storage key already
+    /// names them): empty there, except in records read through
+    /// [`IdempotencyChecker::get_processing_record`](crate::IdempotencyChecker::get_processing_record),
+    /// which fills it in.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub idempotency_key: String,
     /// The event id of the attempt that last claimed the key, if any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
     /// The event type of the attempt that last claimed the key, if any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_type: Option<String>,
     /// Where the key is in its life.
     pub status: ProcessingStatus,
     /// The handler's result as JSON (only when `COMPLETED`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
     /// The handler's error text (only when `FAILED`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// When the key was first claimed.
-    #[serde(with = "chrono::serde::ts_milliseconds")]
-    pub first_seen_at: DateTime<Utc>,
+    /// When the key was first claimed (not kept once `COMPLETED`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "chrono::serde::ts_milliseconds_option"
+    )]
+    pub first_seen_at: Option<DateTime<Utc>>,
     /// When the key was completed.
-    #[serde(default, with = "chrono::serde::ts_milliseconds_option")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "chrono::serde::ts_milliseconds_option"
+    )]
     pub completed_at: Option<DateTime<Utc>>,
     /// How many attempts have claimed the key (1 for the first).
     pub attempts: u32,
-    /// The fencing token of the attempt that last claimed the key.
-    #[serde(default)]
+    /// The fencing token of the attempt that holds (`PROCESSING`) or last
+    /// held (`FAILED`) the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_token: Option<String>,
     /// When the current lease runs out (only when `PROCESSING`).
-    #[serde(default, with = "chrono::serde::ts_milliseconds_option")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "chrono::serde::ts_milliseconds_option"
+    )]
     pub lease_expires_at: Option<DateTime<Utc>>,
     /// The payload fingerprint recorded by the first claim, if fingerprinting is on.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// When the store will drop the record, as the store reported it on the
+    /// read that returned this record. Not part of the stored document.
+    #[serde(skip)]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl IdempotencyRecord {
@@ -89,6 +121,31 @@ impl IdempotencyRecord {
     pub fn is_live_processing(&self, now: DateTime<Utc>) -> bool {
         self.status == ProcessingStatus::Processing
             && self.lease_expires_at.is_some_and(|at| at > now)
+    }
+
+    /// Turns the record into its `COMPLETED` form with `result` at `now`:
+    /// only what a replay needs is kept.
+    pub(crate) fn set_completed(&mut self, result: serde_json::Value, now: DateTime<Utc>) {
+        self.idempotency_key = String::new();
+        self.event_id = None;
+        self.event_type = None;
+        self.status = ProcessingStatus::Completed;
+        self.result = Some(result);
+        self.error = None;
+        self.first_seen_at = None;
+        self.completed_at = Some(now);
+        self.lease_token = None;
+        self.lease_expires_at = None;
+        self.expires_at = None;
+    }
+
+    /// Turns the record into its `FAILED` form with `error`.
+    pub(crate) fn set_failed(&mut self, error: String) {
+        self.status = ProcessingStatus::Failed;
+        self.error = Some(error);
+        self.result = None;
+        self.lease_expires_at = None;
+        self.expires_at = None;
     }
 }
 
@@ -180,20 +237,30 @@ pub(crate) enum FinishDecision {
 }
 
 /// Decide a token-checked transition to `target` (`Processing` means renew).
+///
+/// A `COMPLETED` record keeps no token, so a repeated `complete` cannot be
+/// told apart from someone else's: it is `LeaseLost`, unless `retried` says
+/// the caller is re-sending a call whose first try may have been applied (a
+/// store's own retry after a timeout), which then counts as applied.
 pub(crate) fn decide_finish(
     existing: Option<&IdempotencyRecord>,
     token: &str,
     target: ProcessingStatus,
+    retried: bool,
 ) -> FinishDecision {
     let Some(record) = existing else {
         return FinishDecision::LeaseLost;
     };
-    if record.lease_token.as_deref() != Some(token) {
-        return FinishDecision::LeaseLost;
-    }
+    let held = record.lease_token.as_deref() == Some(token);
     match record.status {
-        ProcessingStatus::Processing => FinishDecision::Apply,
-        status if status == target => FinishDecision::AlreadyApplied,
+        ProcessingStatus::Processing if held => FinishDecision::Apply,
+        status if status == target && target != ProcessingStatus::Processing => {
+            if held || (retried && record.lease_token.is_none()) {
+                FinishDecision::AlreadyApplied
+            } else {
+                FinishDecision::LeaseLost
+            }
+        }
         _ => FinishDecision::LeaseLost,
     }
 }
@@ -212,12 +279,13 @@ mod tests {
             status,
             result: None,
             error: None,
-            first_seen_at: now,
+            first_seen_at: Some(now),
             completed_at: None,
             attempts: 2,
             lease_token: Some(token.into()),
             lease_expires_at: Some(now + TimeDelta::milliseconds(lease_ms)),
             fingerprint: Some("fp".into()),
+            expires_at: None,
         }
     }
 
@@ -289,33 +357,80 @@ mod tests {
     fn only_the_token_holder_finishes() {
         let r = record(ProcessingStatus::Processing, "a", -5);
         assert_eq!(
-            decide_finish(Some(&r), "a", ProcessingStatus::Completed),
+            decide_finish(Some(&r), "a", ProcessingStatus::Completed, false),
             FinishDecision::Apply
         );
         assert_eq!(
-            decide_finish(Some(&r), "b", ProcessingStatus::Completed),
+            decide_finish(Some(&r), "b", ProcessingStatus::Completed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(None, "a", ProcessingStatus::Failed),
+            decide_finish(None, "a", ProcessingStatus::Failed, true),
             FinishDecision::LeaseLost
         );
     }
 
     #[test]
-    fn repeated_finish_is_idempotent_but_not_a_different_transition() {
-        let done = record(ProcessingStatus::Completed, "a", 0);
+    fn repeated_fail_is_idempotent_per_token() {
+        let mut failed = record(ProcessingStatus::Processing, "a", 1000);
+        failed.set_failed("e".into());
         assert_eq!(
-            decide_finish(Some(&done), "a", ProcessingStatus::Completed),
+            decide_finish(Some(&failed), "a", ProcessingStatus::Failed, false),
             FinishDecision::AlreadyApplied
         );
         assert_eq!(
-            decide_finish(Some(&done), "a", ProcessingStatus::Failed),
+            decide_finish(Some(&failed), "b", ProcessingStatus::Failed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(Some(&done), "a", ProcessingStatus::Processing),
+            decide_finish(Some(&failed), "a", ProcessingStatus::Completed, true),
             FinishDecision::LeaseLost
+        );
+        assert_eq!(
+            decide_finish(Some(&failed), "a", ProcessingStatus::Processing, false),
+            FinishDecision::LeaseLost
+        );
+    }
+
+    #[test]
+    fn a_completed_record_keeps_no_token_so_only_a_retry_counts_as_applied() {
+        let mut done = record(ProcessingStatus::Processing, "a", 1000);
+        done.set_completed(serde_json::json!(1), Utc::now());
+        assert_eq!(done.lease_token, None);
+        assert_eq!(
+            decide_finish(Some(&done), "a", ProcessingStatus::Completed, false),
+            FinishDecision::LeaseLost
+        );
+        assert_eq!(
+            decide_finish(Some(&done), "a", ProcessingStatus::Completed, true),
+            FinishDecision::AlreadyApplied
+        );
+        assert_eq!(
+            decide_finish(Some(&done), "a", ProcessingStatus::Failed, true),
+            FinishDecision::LeaseLost
+        );
+        assert_eq!(
+            decide_finish(Some(&done), "a", ProcessingStatus::Processing, true),
+            FinishDecision::LeaseLost
+        );
+    }
+
+    #[test]
+    fn completed_records_are_lean_on_the_wire() {
+        let mut done = record(ProcessingStatus::Processing, "a", 1000);
+        done.set_completed(serde_json::json!({"ok": true}), Utc::now());
+        let json = serde_json::to_value(&done).expect("serializes");
+        let mut fields: Vec<_> = json.as_object().expect("object").keys().cloned().collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            [
+                "attempts",
+                "completed_at",
+                "fingerprint",
+                "result",
+                "status"
+            ]
         );
     }
 

@@ -71,8 +71,19 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
             assert_eq!(record.status, ProcessingStatus::Completed);
             assert_eq!(record.result, Some(result));
             assert!(record.completed_at.is_some());
-            assert_eq!(record.lease_expires_at, None);
             assert_eq!(record.attempts, 1);
+            // COMPLETED records are lean: no lease, no copy of the key.
+            assert_eq!(record.lease_expires_at, None);
+            assert_eq!(record.lease_token, None);
+            assert_eq!(record.first_seen_at, None);
+            assert_eq!(record.idempotency_key, "");
+            // The store reports when the record expires: within its ttl.
+            let expires_at = record.expires_at.expect("the store reports the expiry");
+            let left = expires_at - chrono::Utc::now();
+            assert!(
+                left > chrono::TimeDelta::seconds(50) && left <= chrono::TimeDelta::seconds(61),
+                "expires in {left}"
+            );
         }
         other => panic!("expected Duplicate, got {other:?}"),
     }
@@ -88,6 +99,13 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
 
     let second = acquire(store, &request("c:failed", "t2")).await;
     assert_eq!(second.attempt, 2);
+    let record = store.get("c:failed").await.expect("get").expect("record");
+    assert!(first_seen.is_some());
+    assert_eq!(
+        record.first_seen_at, first_seen,
+        "first_seen_at survives retries"
+    );
+    assert_eq!(record.error, None);
     store
         .complete(&second, &json!("ok"), LONG)
         .await
@@ -95,10 +113,6 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
     let record = store.get("c:failed").await.expect("get").expect("record");
     assert_eq!(record.status, ProcessingStatus::Completed);
     assert_eq!(record.attempts, 2);
-    assert_eq!(
-        record.first_seen_at, first_seen,
-        "first_seen_at survives retries"
-    );
     assert_eq!(record.error, None);
 }
 
@@ -129,7 +143,7 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
         .expect("complete");
     let record = store.get("c:takeover").await.expect("get").expect("record");
     assert_eq!(record.result, Some(json!("fresh")));
-    assert_eq!(record.lease_token.as_deref(), Some("new"));
+    assert_eq!(record.attempts, 2);
 }
 
 pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
@@ -163,23 +177,30 @@ pub async fn retried_claim_with_own_token_is_acquired(store: &dyn IdempotencySto
     assert_eq!(again.token, "mine");
 }
 
-pub async fn finishing_is_idempotent_per_token(store: &dyn IdempotencyStore) {
+pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn IdempotencyStore) {
+    // A COMPLETED record keeps no token: nothing, not even its own holder
+    // calling again, writes over it. (A store's own retry of a `complete`
+    // whose reply was lost is recognised inside the store.)
     let lease = acquire(store, &request("c:twice", "t1")).await;
     store
         .complete(&lease, &json!(1), LONG)
         .await
         .expect("complete");
-    store
-        .complete(&lease, &json!(1), LONG)
-        .await
-        .expect("repeated complete succeeds");
-    assert!(matches!(
+    for again in [
+        store.complete(&lease, &json!(2), LONG).await,
         store.fail(&lease, "late", LONG).await,
-        Err(IdempotencyError::LeaseLost { .. })
-    ));
+    ] {
+        assert!(
+            matches!(again, Err(IdempotencyError::LeaseLost { .. })),
+            "a write after COMPLETED is refused, got {again:?}"
+        );
+    }
     let record = store.get("c:twice").await.expect("get").expect("record");
     assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.result, Some(json!(1)));
 
+    // A FAILED record keeps the token of its last attempt: a repeated `fail`
+    // is recognised and succeeds; a `complete` after it is refused.
     let lease = acquire(store, &request("c:twice-fail", "t1")).await;
     store.fail(&lease, "e", LONG).await.expect("fail");
     store
@@ -190,6 +211,14 @@ pub async fn finishing_is_idempotent_per_token(store: &dyn IdempotencyStore) {
         store.complete(&lease, &json!(1), LONG).await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
+    let record = store
+        .get("c:twice-fail")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.status, ProcessingStatus::Failed);
+    assert_eq!(record.lease_token.as_deref(), Some("t1"));
+    assert_eq!(record.lease_expires_at, None);
 }
 
 pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {

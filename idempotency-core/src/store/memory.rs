@@ -136,6 +136,16 @@ impl MemoryStore {
     }
 }
 
+impl Entry {
+    /// A copy of the record, with its expiry filled in.
+    fn snapshot(&self) -> IdempotencyRecord {
+        IdempotencyRecord {
+            expires_at: Some(self.expires_at),
+            ..self.record.clone()
+        }
+    }
+}
+
 impl Shard {
     fn live(&self, key: &str, now: DateTime<Utc>) -> Option<&Entry> {
         self.entries.get(key).filter(|e| e.expires_at > now)
@@ -151,7 +161,7 @@ impl Shard {
     ) -> Result<()> {
         let now = Utc::now();
         let existing = self.live(&lease.key, now).map(|e| &e.record);
-        match decide_finish(existing, &lease.token, target) {
+        match decide_finish(existing, &lease.token, target, false) {
             FinishDecision::LeaseLost => Err(IdempotencyError::LeaseLost {
                 key: lease.key.clone(),
             }),
@@ -175,34 +185,35 @@ impl IdempotencyStore for MemoryStore {
     async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
         let now = Utc::now();
         let mut shard = self.shard(request.key);
-        let existing = shard.live(request.key, now).map(|e| &e.record);
+        let entry = shard.live(request.key, now);
+        let existing = entry.map(|e| &e.record);
         let fingerprint = request.fingerprint.filter(|f| !f.is_empty());
         let decision = decide_claim(existing, fingerprint, request.token, now);
-        let attempt = match (decision, existing) {
+        let attempt = match (decision, entry) {
             (ClaimDecision::Acquire { attempt }, _) => attempt,
             (ClaimDecision::FingerprintMismatch, _) => {
                 return Err(IdempotencyError::FingerprintMismatch {
                     key: request.key.to_owned(),
                 });
             }
-            (ClaimDecision::Duplicate, Some(record)) => {
-                return Ok(ClaimOutcome::Duplicate(record.clone()));
+            (ClaimDecision::Duplicate, Some(entry)) => {
+                return Ok(ClaimOutcome::Duplicate(entry.snapshot()));
             }
-            (ClaimDecision::InProgress, Some(record)) => {
-                return Ok(ClaimOutcome::InProgress(record.clone()));
+            (ClaimDecision::InProgress, Some(entry)) => {
+                return Ok(ClaimOutcome::InProgress(entry.snapshot()));
             }
-            (ClaimDecision::AlreadyHeld, Some(record)) => {
+            (ClaimDecision::AlreadyHeld, Some(entry)) => {
                 return Ok(ClaimOutcome::Acquired(Lease {
                     key: request.key.to_owned(),
                     token: request.token.to_owned(),
-                    attempt: record.attempts,
-                    expires_at: record.lease_expires_at.unwrap_or(now),
+                    attempt: entry.record.attempts,
+                    expires_at: entry.record.lease_expires_at.unwrap_or(now),
                 }));
             }
             // The decisions above are only made for a present record.
             (_, None) => 1,
         };
-        let first_seen_at = existing.map_or(now, |r| r.first_seen_at);
+        let first_seen_at = existing.and_then(|r| r.first_seen_at).unwrap_or(now);
         let lease_expires_at = after(now, request.lease);
         let record = IdempotencyRecord {
             idempotency_key: request.recorded_key.to_owned(),
@@ -211,13 +222,14 @@ impl IdempotencyStore for MemoryStore {
             status: ProcessingStatus::Processing,
             result: None,
             error: None,
-            first_seen_at,
+            first_seen_at: Some(first_seen_at),
             completed_at: None,
             attempts: attempt,
             lease_token: Some(request.token.to_owned()),
             lease_expires_at: Some(lease_expires_at),
             fingerprint: present(fingerprint)
                 .or_else(|| existing.and_then(|r| r.fingerprint.clone())),
+            expires_at: None,
         };
         let expires_at = after(now, request.ttl.max(request.lease));
         shard
@@ -255,10 +267,7 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<()> {
         self.shard(&lease.key)
             .finish(lease, ProcessingStatus::Completed, |record, now, _| {
-                record.status = ProcessingStatus::Completed;
-                record.result = Some(result.clone());
-                record.completed_at = Some(now);
-                record.lease_expires_at = None;
+                record.set_completed(result.clone(), now);
                 after(now, ttl)
             })
     }
@@ -266,16 +275,14 @@ impl IdempotencyStore for MemoryStore {
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
         self.shard(&lease.key)
             .finish(lease, ProcessingStatus::Failed, |record, now, _| {
-                record.status = ProcessingStatus::Failed;
-                record.error = Some(error.to_owned());
-                record.lease_expires_at = None;
+                record.set_failed(error.to_owned());
                 after(now, ttl)
             })
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
         let now = Utc::now();
-        Ok(self.shard(key).live(key, now).map(|e| e.record.clone()))
+        Ok(self.shard(key).live(key, now).map(Entry::snapshot))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {

@@ -53,7 +53,13 @@ pub struct ClaimRequest<'a> {
 ///   [`fail`](Self::fail) write only when the record is `PROCESSING` under the
 ///   lease's token, and otherwise fail with
 ///   [`LeaseLost`](crate::IdempotencyError::LeaseLost) having written nothing.
-///   Repeating a `complete` or `fail` that was applied succeeds.
+///   Repeating a `fail` that was applied succeeds (a `FAILED` record keeps
+///   its token). A `COMPLETED` record keeps no token, so any later write to
+///   it is `LeaseLost`; a store that retries a `complete` internally after a
+///   lost reply must recognise its own applied first try.
+/// - Records carry only the fields of their status (see
+///   [`IdempotencyRecord`]), and reads fill in
+///   [`IdempotencyRecord::expires_at`].
 /// - Lease expiry is judged by the store's own clock.
 /// - A value that is not a record is reported as
 ///   [`CorruptRecord`](crate::IdempotencyError::CorruptRecord), never a panic.

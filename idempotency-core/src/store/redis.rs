@@ -8,7 +8,7 @@
 //! - Expiry: the key's own TTL (`PX`): `max(ttl, lease)` while `PROCESSING`,
 //!   `ttl` from the moment it becomes `COMPLETED` or `FAILED`.
 //!
-//! Claim, renew, complete and fail are Lua scripts run with `EVALSHA` (loaded
+//! Claim, renew, complete, fail and read are Lua scripts run with `EVALSHA` (loaded
 //! once, reloaded transparently after a `SCRIPT FLUSH`): one round trip each,
 //! every one touching a single key, so Redis Cluster works unchanged.
 
@@ -32,6 +32,8 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- a field's value, with JSON null (written by older versions) read as absent
+local function val(x) if x == cjson.null then return nil end return x end
 -- returns raw, record | raw, nil (absent) | reason, false (not a record)
 local function load(key)
   local raw = redis.pcall('GET', key)
@@ -46,10 +48,18 @@ local function load(key)
   end
   return raw, rec
 end
+-- when the key expires, in ms since the epoch, or -1 when it does not
+local function expiry(key, now)
+  local pttl = redis.call('PTTL', key)
+  if pttl < 0 then return -1 end
+  return now + pttl
+end
 local function opt(s) if s == '' then return nil end return s end
 "#;
 
 /// KEYS[1] key; ARGV token, lease_ms, ttl_ms, fingerprint, recorded_key, event_id, event_type
+///
+/// Absent fields are left out of the document (a Lua `nil` is not encoded).
 const CLAIM: &str = r#"
 local key, token = KEYS[1], ARGV[1]
 local lease_ms, ttl_ms, fp = tonumber(ARGV[2]), tonumber(ARGV[3]), opt(ARGV[4])
@@ -58,27 +68,26 @@ if rec == false then return {'corrupt', raw} end
 local now = now_ms()
 local attempts, first_seen = 0, now
 if rec then
-  if fp and type(rec.fingerprint) == 'string' and rec.fingerprint ~= fp then return {'mismatch'} end
-  if rec.status == 'COMPLETED' then return {'duplicate', raw} end
+  local theirs = val(rec.fingerprint)
+  if fp and type(theirs) == 'string' and theirs ~= fp then return {'mismatch'} end
+  if rec.status == 'COMPLETED' then return {'duplicate', raw, expiry(key, now)} end
   if rec.status == 'PROCESSING' then
     if rec.lease_token == token then
       return {'acquired', tonumber(rec.attempts) or 1, tonumber(rec.lease_expires_at) or now}
     end
     if type(rec.lease_expires_at) == 'number' and rec.lease_expires_at > now then
-      return {'in_progress', raw}
+      return {'in_progress', raw, expiry(key, now)}
     end
   end
   attempts = tonumber(rec.attempts) or 0
-  first_seen = tonumber(rec.first_seen_at) or now
-  if not fp and type(rec.fingerprint) == 'string' then fp = rec.fingerprint end
+  first_seen = tonumber(val(rec.first_seen_at)) or now
+  if not fp and type(theirs) == 'string' then fp = theirs end
 end
 local expires = now + lease_ms
-local null = cjson.null
 local doc = cjson.encode({
-  idempotency_key = ARGV[5], event_id = opt(ARGV[6]) or null, event_type = opt(ARGV[7]) or null,
-  status = 'PROCESSING', result = null, error = null, first_seen_at = first_seen,
-  completed_at = null, attempts = attempts + 1, lease_token = token,
-  lease_expires_at = expires, fingerprint = fp or null })
+  idempotency_key = opt(ARGV[5]), event_id = opt(ARGV[6]), event_type = opt(ARGV[7]),
+  status = 'PROCESSING', first_seen_at = first_seen, attempts = attempts + 1,
+  lease_token = token, lease_expires_at = expires, fingerprint = fp })
 redis.call('SET', key, doc, 'PX', math.max(ttl_ms, lease_ms))
 return {'acquired', attempts + 1, expires}
 "#;
@@ -96,32 +105,48 @@ return {'ok', rec.lease_expires_at}
 "#;
 
 /// KEYS[1] key; ARGV token, ttl_ms, status ('COMPLETED' | 'FAILED'), payload
-/// (the result's JSON text, or the error text).
+/// (the result's JSON text, or the error text), retried ('1' when an earlier
+/// try of this same call may have been applied).
+///
+/// A `COMPLETED` record keeps only `status`, `completed_at`, `attempts`,
+/// `fingerprint` and `result`: no token. So a second `complete` by the same
+/// holder is recognised only when it is flagged as a retry.
 const FINISH: &str = r#"
 local raw, rec = load(KEYS[1])
 if rec == false then return {'corrupt', raw} end
-local target = ARGV[3]
-if not rec or rec.lease_token ~= ARGV[1] then return {'lost'} end
-if rec.status == target then return {'ok'} end
-if rec.status ~= 'PROCESSING' then return {'lost'} end
-rec.status = target
-rec.lease_expires_at = cjson.null
+local token, target = ARGV[1], ARGV[3]
+if not rec then return {'lost'} end
+local held = rec.lease_token == token
+if rec.status ~= 'PROCESSING' or not held then
+  if rec.status == target and (held or (ARGV[5] == '1' and val(rec.lease_token) == nil)) then
+    return {'ok'}
+  end
+  return {'lost'}
+end
 local doc
 if target == 'COMPLETED' then
-  rec.completed_at = now_ms()
-  rec.error = cjson.null
-  rec.result = nil
-  doc = cjson.encode(rec)
+  doc = cjson.encode({ status = 'COMPLETED', completed_at = now_ms(),
+    attempts = rec.attempts, fingerprint = val(rec.fingerprint) })
   -- The result is spliced in verbatim (as the last field), so Lua never
   -- re-encodes, and never rounds, the handler's numbers.
   doc = string.sub(doc, 1, -2) .. ',"result":' .. ARGV[4] .. '}'
 else
+  rec.status = 'FAILED'
   rec.error = ARGV[4]
-  rec.result = cjson.null
+  rec.lease_expires_at = nil
+  rec.result = nil
   doc = cjson.encode(rec)
 end
 redis.call('SET', KEYS[1], doc, 'PX', tonumber(ARGV[2]))
 return {'ok'}
+"#;
+
+/// KEYS[1] key: the record and when it expires.
+const READ: &str = r#"
+local raw, rec = load(KEYS[1])
+if rec == false then return {'corrupt', raw} end
+if not rec then return {'absent'} end
+return {'found', raw, expiry(KEYS[1], now_ms())}
 "#;
 
 #[derive(Debug)]
@@ -129,6 +154,7 @@ struct Scripts {
     claim: Script,
     renew: Script,
     finish: Script,
+    read: Script,
 }
 
 impl Scripts {
@@ -137,6 +163,7 @@ impl Scripts {
             claim: Script::new(&format!("{PRELUDE}{CLAIM}")),
             renew: Script::new(&format!("{PRELUDE}{RENEW}")),
             finish: Script::new(&format!("{PRELUDE}{FINISH}")),
+            read: Script::new(&format!("{PRELUDE}{READ}")),
         }
     }
 }
@@ -277,9 +304,13 @@ impl Reply {
         }
     }
 
+    /// `{tag, raw, expires_ms}`: the record with its expiry.
     fn record(self, key: &str) -> Result<IdempotencyRecord> {
+        let expires_ms = self.int(1)?;
         let raw = self.rest.into_iter().next().unwrap_or(Value::Nil);
-        parse_record(key, &text(key, raw)?)
+        let mut record = parse_record(key, &text(key, raw)?)?;
+        record.expires_at = (expires_ms >= 0).then(|| ms_to_time(expires_ms));
+        Ok(record)
     }
 }
 
@@ -316,15 +347,18 @@ impl RedisStore {
 
     /// Runs `op` with bounded retries on transient errors, all within the
     /// operation timeout.
+    ///
+    /// `op` gets a connection and whether this is a retry (an earlier try may
+    /// have been applied).
     async fn run<T, F, Fut>(&self, key: &str, op: F) -> Result<T>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager, bool) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let attempts = async {
             let mut tries = 0;
             loop {
-                match op(self.conn.clone()).await {
+                match op(self.conn.clone(), tries > 0).await {
                     Ok(v) => return Ok(v),
                     Err(e) if transient(&e) && tries < self.max_retries => {
                         tries += 1;
@@ -364,7 +398,7 @@ impl IdempotencyStore for RedisStore {
             .arg(request.event_id.unwrap_or(""))
             .arg(request.event_type.unwrap_or(""));
         let value: Value = self
-            .run(request.key, |mut conn| {
+            .run(request.key, |mut conn, _| {
                 let invocation = &invocation;
                 async move { invocation.invoke_async(&mut conn).await }
             })
@@ -390,7 +424,7 @@ impl IdempotencyStore for RedisStore {
         let mut invocation = self.scripts.renew.key(&lease.key);
         invocation.arg(&lease.token).arg(millis(lease_duration));
         let value: Value = self
-            .run(&lease.key, |mut conn| {
+            .run(&lease.key, |mut conn, _| {
                 let invocation = &invocation;
                 async move { invocation.invoke_async(&mut conn).await }
             })
@@ -422,21 +456,23 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
-        let raw: Option<Vec<u8>> = self
-            .run(key, |mut conn| async move {
-                redis::cmd("GET").arg(key).query_async(&mut conn).await
+        let invocation = self.scripts.read.key(key);
+        let value: Value = self
+            .run(key, |mut conn, _| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut conn).await }
             })
             .await?;
-        raw.map(|bytes| {
-            let text = String::from_utf8(bytes).map_err(|e| IdempotencyError::corrupt(key, e))?;
-            parse_record(key, &text)
-        })
-        .transpose()
+        let reply = Reply::parse(key, value)?;
+        match reply.tag.as_str() {
+            "found" => reply.record(key).map(Some),
+            _ => Ok(None),
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
         let removed: i64 = self
-            .run(key, |mut conn| async move {
+            .run(key, |mut conn, _| async move {
                 redis::cmd("DEL").arg(key).query_async(&mut conn).await
             })
             .await?;
@@ -445,7 +481,7 @@ impl IdempotencyStore for RedisStore {
 
     async fn health(&self) -> Result<()> {
         let _: String = self
-            .run("", |mut conn| async move {
+            .run("", |mut conn, _| async move {
                 redis::cmd("PING").query_async(&mut conn).await
             })
             .await?;
@@ -461,15 +497,15 @@ impl RedisStore {
         status: &str,
         payload: &str,
     ) -> Result<()> {
-        let mut invocation = self.scripts.finish.key(&lease.key);
-        invocation
-            .arg(&lease.token)
-            .arg(millis(ttl))
-            .arg(status)
-            .arg(payload);
         let value: Value = self
-            .run(&lease.key, |mut conn| {
-                let invocation = &invocation;
+            .run(&lease.key, |mut conn, retried| {
+                let mut invocation = self.scripts.finish.key(&lease.key);
+                invocation
+                    .arg(&lease.token)
+                    .arg(millis(ttl))
+                    .arg(status)
+                    .arg(payload)
+                    .arg(if retried { "1" } else { "" });
                 async move { invocation.invoke_async(&mut conn).await }
             })
             .await?;
