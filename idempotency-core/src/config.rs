@@ -118,6 +118,18 @@ pub struct IdempotencyConfig {
     pub(crate) fingerprint_payloads: bool,
     pub(crate) on_duplicate: DuplicatePolicy,
     pub(crate) on_in_progress: InProgressPolicy,
+    pub(crate) local_cache: Option<LocalCache>,
+}
+
+/// The optional in-process cache of `COMPLETED` records (see
+/// [`IdempotencyConfigBuilder::local_cache`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalCache {
+    /// The most records kept; past it, the least useful entries are evicted.
+    pub max_entries: usize,
+    /// How long one entry may be replayed without asking the store (never
+    /// longer than the record itself lives).
+    pub ttl: Duration,
 }
 
 impl Default for IdempotencyConfig {
@@ -131,6 +143,7 @@ impl Default for IdempotencyConfig {
             fingerprint_payloads: false,
             on_duplicate: DuplicatePolicy::Replay,
             on_in_progress: InProgressPolicy::Error,
+            local_cache: None,
         }
     }
 }
@@ -143,6 +156,7 @@ impl IdempotencyConfig {
             ttl: None,
             in_progress_timeout: None,
             wait: None,
+            cache_ttl: None,
         }
     }
 
@@ -187,6 +201,11 @@ impl IdempotencyConfig {
     pub fn on_in_progress(&self) -> InProgressPolicy {
         self.on_in_progress
     }
+
+    /// The local replay cache, if on. Default off.
+    pub fn local_cache(&self) -> Option<LocalCache> {
+        self.local_cache
+    }
 }
 
 /// Builder of [`IdempotencyConfig`]; [`build`](Self::build) validates.
@@ -213,6 +232,7 @@ pub struct IdempotencyConfigBuilder {
     ttl: Option<DurationArg>,
     in_progress_timeout: Option<DurationArg>,
     wait: Option<DurationArg>,
+    cache_ttl: Option<(usize, DurationArg)>,
 }
 
 impl IdempotencyConfigBuilder {
@@ -273,6 +293,21 @@ impl IdempotencyConfigBuilder {
         self
     }
 
+    /// Turns on the local replay cache: up to `max_entries` `COMPLETED`
+    /// records kept in this process, each replayed without a store round trip
+    /// for at most `ttl` (and never past the record's own expiry).
+    ///
+    /// Only `COMPLETED` records are cached, never `PROCESSING` or `FAILED`
+    /// ones, and [`delete_record`](crate::IdempotencyChecker::delete_record)
+    /// removes the key from this checker's cache. The cost of the cache: a
+    /// record deleted (or expired early) through *another* process or with
+    /// `redis-cli` is still replayed here until this entry's `ttl` runs out.
+    /// Choose `ttl` as the longest such staleness you accept.
+    pub fn local_cache(mut self, max_entries: usize, ttl: impl Into<DurationArg>) -> Self {
+        self.cache_ttl = Some((max_entries, ttl.into()));
+        self
+    }
+
     /// Validates and returns the configuration.
     pub fn build(self) -> Result<IdempotencyConfig> {
         let mut config = self.config;
@@ -284,6 +319,17 @@ impl IdempotencyConfigBuilder {
         }
         if let Some(wait) = self.wait {
             config.on_in_progress = InProgressPolicy::Wait(wait.resolve("in-progress wait")?);
+        }
+        if let Some((max_entries, ttl)) = self.cache_ttl {
+            if max_entries == 0 {
+                return Err(IdempotencyError::Config(
+                    "local_cache: max_entries must be at least 1".into(),
+                ));
+            }
+            config.local_cache = Some(LocalCache {
+                max_entries,
+                ttl: ttl.resolve("local_cache ttl")?,
+            });
         }
         if config.max_key_len == 0 {
             return Err(IdempotencyError::Config(

@@ -54,7 +54,7 @@ pub mod __private;
 pub use checker::{IdempotencyChecker, IdempotencyGuard, KeyedRequest, Processed, current_lease};
 pub use config::{
     DuplicatePolicy, DurationArg, IdempotencyConfig, IdempotencyConfigBuilder, InProgressPolicy,
-    parse_duration,
+    LocalCache, parse_duration,
 };
 pub use envelope::EventEnvelope;
 pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result};
