@@ -776,6 +776,142 @@ async fn claim_with_lost_reply_is_released(kind: Kind) {
     assert_eq!(retried, Processed::Executed(2));
 }
 
+fn calls(env: &Env) -> usize {
+    env.instrumented.calls.load(Ordering::SeqCst)
+}
+
+async fn run_counted(
+    checker: &IdempotencyChecker,
+    e: &EventEnvelope,
+    runs: &AtomicUsize,
+) -> Result<Processed<String>, IdempotencyError> {
+    checker
+        .process(e, |_| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, IdempotencyError>("receipt".to_owned())
+        })
+        .await
+}
+
+/// With the local cache on, hot duplicates cost no store call; the cache is
+/// dropped for a key by `delete_record`, and a record deleted behind the
+/// checker's back is replayed only until the cache TTL runs out.
+async fn local_cache_answers_hot_duplicates_without_the_store(kind: Kind) {
+    let env = env(
+        kind,
+        config().local_cache(1000, "300ms").build().expect("config"),
+    )
+    .await;
+    let runs = AtomicUsize::new(0);
+    let e = event("hot");
+    let first = run_counted(&env.checker, &e, &runs).await.expect("first");
+    assert!(first.was_executed());
+    let before = calls(&env);
+    for _ in 0..100 {
+        let again = run_counted(&env.checker, &e, &runs).await.expect("dup");
+        assert_eq!(again, Processed::Replayed("receipt".to_owned()));
+    }
+    assert_eq!(calls(&env), before, "cached duplicates make no store call");
+    let stats = env.checker.stats();
+    assert_eq!((stats.replayed, stats.cache_hits), (100, 100));
+
+    // delete_record drops the cache entry too: the next delivery runs.
+    assert!(env.checker.delete_record("hot").await.expect("delete"));
+    run_counted(&env.checker, &e, &runs).await.expect("rerun");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    // Deleted elsewhere (another process, redis-cli): replayed from this
+    // process's cache until the cache TTL, then run again.
+    let storage = env.checker.storage_key("hot").expect("key");
+    assert!(env.store.delete(&storage).await.expect("delete"));
+    let stale = run_counted(&env.checker, &e, &runs).await.expect("stale");
+    assert!(stale.was_replayed(), "the documented staleness window");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let fresh = run_counted(&env.checker, &e, &runs).await.expect("fresh");
+    assert!(fresh.was_executed(), "the cache TTL is honoured");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+/// The cache never outlives the record's own TTL, never holds FAILED or
+/// PROCESSING records, fills from duplicates answered by the store, and
+/// still detects key reuse with another payload.
+async fn local_cache_honours_record_ttl_and_status(kind: Kind) {
+    let env = env(
+        kind,
+        config()
+            .local_cache(1000, "1h")
+            .ttl("300ms")
+            .fingerprint_payloads(true)
+            .build()
+            .expect("config"),
+    )
+    .await;
+    let runs = AtomicUsize::new(0);
+    let e = event("short-lived");
+    run_counted(&env.checker, &e, &runs).await.expect("first");
+    assert!(
+        run_counted(&env.checker, &e, &runs)
+            .await
+            .expect("dup")
+            .was_replayed()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        run_counted(&env.checker, &e, &runs)
+            .await
+            .expect("after ttl")
+            .was_executed(),
+        "the record's ttl bounds the cache entry"
+    );
+
+    // Same key, other payload: a mismatch, from the cache as from the store.
+    let other = EventEnvelope::new("test.event", json!({"other": true}))
+        .with_idempotency_key("short-lived");
+    assert!(matches!(
+        run_counted(&env.checker, &other, &runs).await,
+        Err(IdempotencyError::FingerprintMismatch { .. })
+    ));
+
+    // FAILED is never cached: the retry runs.
+    let f = event("fails-once");
+    let failed = env
+        .checker
+        .process(&f, |_| async {
+            Err::<String, _>(IdempotencyError::Config("boom".into()))
+        })
+        .await;
+    assert!(failed.is_err());
+    assert!(
+        run_counted(&env.checker, &f, &runs)
+            .await
+            .expect("retry")
+            .was_executed()
+    );
+
+    // PROCESSING is never cached: a call while another holds the key is
+    // InProgress, and once it completes elsewhere the store's answer fills
+    // the cache.
+    let p = event("held-elsewhere");
+    let lease = match env.checker.mark_processing(&p).await.expect("claim") {
+        ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    assert!(matches!(
+        run_counted(&env.checker, &p, &runs).await,
+        Err(IdempotencyError::InProgress { .. })
+    ));
+    env.store
+        .complete(&lease, &json!("done elsewhere"), Duration::from_secs(60))
+        .await
+        .expect("complete");
+    let before = calls(&env);
+    for _ in 0..3 {
+        let dup = run_counted(&env.checker, &p, &runs).await.expect("dup");
+        assert_eq!(dup, Processed::Replayed("done elsewhere".to_owned()));
+    }
+    assert_eq!(calls(&env), before + 1, "one store read, then the cache");
+}
+
 macro_rules! per_store {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -817,4 +953,6 @@ per_store!(
     out_of_range_durations_are_config_errors,
     unstorable_result_never_runs_twice,
     claim_with_lost_reply_is_released,
+    local_cache_answers_hot_duplicates_without_the_store,
+    local_cache_honours_record_ttl_and_status,
 );

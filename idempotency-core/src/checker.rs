@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use crate::cache::ReplayCache;
 use crate::config::{DuplicatePolicy, IdempotencyConfig, InProgressPolicy, check_duration};
 use crate::envelope::EventEnvelope;
 use crate::error::{IdempotencyError, Result};
@@ -176,6 +177,7 @@ struct Inner {
     store: Arc<dyn IdempotencyStore>,
     config: IdempotencyConfig,
     counters: Counters,
+    cache: Option<ReplayCache>,
 }
 
 /// Makes handlers idempotent over an [`IdempotencyStore`].
@@ -248,6 +250,7 @@ impl IdempotencyChecker {
         Self {
             inner: Arc::new(Inner {
                 store,
+                cache: config.local_cache.map(ReplayCache::new),
                 config,
                 counters: Counters::default(),
             }),
@@ -356,9 +359,24 @@ impl IdempotencyChecker {
 
     /// Deletes the record of a raw idempotency key (so the key is processed
     /// again); returns whether there was one.
+    ///
+    /// With the local replay cache on, the key is also dropped from this
+    /// checker's cache (other processes' caches keep their entry until it
+    /// expires; see [`IdempotencyConfigBuilder::local_cache`](crate::IdempotencyConfigBuilder::local_cache)).
     pub async fn delete_record(&self, key: &str) -> Result<bool> {
         let storage = self.storage_key(key)?;
-        self.count_store_error(self.inner.store.delete(&storage).await)
+        self.forget(&storage);
+        let deleted = self.count_store_error(self.inner.store.delete(&storage).await);
+        // A duplicate answered by the store while the delete was in flight
+        // may have cached the record again.
+        self.forget(&storage);
+        deleted
+    }
+
+    fn forget(&self, storage: &str) {
+        if let Some(cache) = &self.inner.cache {
+            cache.remove(storage);
+        }
     }
 
     /// Claims the envelope's key: the low-level first step. On
@@ -449,6 +467,17 @@ impl IdempotencyChecker {
                     .unwrap_or(config.in_progress_timeout),
             )?,
         };
+        if let Some(record) = self.inner.cache.as_ref().and_then(|c| c.get(&key.storage)) {
+            if let (Some(theirs), Some(ours)) = (&record.fingerprint, &request.fingerprint)
+                && theirs != ours
+            {
+                bump(&self.inner.counters.fingerprint_mismatches);
+                return Err(IdempotencyError::FingerprintMismatch { key: key.storage });
+            }
+            bump(&self.inner.counters.replayed);
+            bump(&self.inner.counters.cache_hits);
+            return Ok((Claimed::Duplicate(record), durations, key.storage));
+        }
         let token = new_token();
         let claim = ClaimRequest {
             key: &key.storage,
@@ -485,6 +514,9 @@ impl IdempotencyChecker {
                 ClaimOutcome::Acquired(lease) => Claimed::Acquired(lease),
                 ClaimOutcome::Duplicate(record) => {
                     bump(&self.inner.counters.replayed);
+                    if let Some(cache) = &self.inner.cache {
+                        cache.put(&key.storage, record.clone(), None);
+                    }
                     Claimed::Duplicate(record)
                 }
                 ClaimOutcome::InProgress(record) => {
@@ -591,6 +623,7 @@ impl IdempotencyChecker {
                 }));
             }
         };
+        let attempt = lease.attempt;
         let mut guard = IdempotencyGuard {
             checker: self.clone(),
             state: GuardState::Held(lease.clone()),
@@ -614,6 +647,7 @@ impl IdempotencyChecker {
             Ok(Ok(value)) => match storable(&value) {
                 Ok(json) => {
                     guard.finish_completed(&json).await.map_err(E::from)?;
+                    self.remember(&key, &request, attempt, json, durations.ttl);
                     Ok(Processed::Executed(value))
                 }
                 Err(e) => {
@@ -640,6 +674,45 @@ impl IdempotencyChecker {
                 std::panic::resume_unwind(panic)
             }
         }
+    }
+}
+
+impl IdempotencyChecker {
+    /// Puts this process's own completion into the local replay cache, as
+    /// the record the store now holds.
+    fn remember(
+        &self,
+        key: &str,
+        request: &KeyedRequest<'_>,
+        attempt: u32,
+        result: serde_json::Value,
+        ttl: Duration,
+    ) {
+        let Some(cache) = &self.inner.cache else {
+            return;
+        };
+        // A retry without a fingerprint may complete a record that carries
+        // an earlier attempt's fingerprint, which this process does not know:
+        // leave such a record to be cached from the store's answer.
+        if request.fingerprint.is_none() && attempt > 1 {
+            return;
+        }
+        let record = IdempotencyRecord {
+            idempotency_key: String::new(),
+            event_id: None,
+            event_type: None,
+            status: ProcessingStatus::Completed,
+            result: Some(result),
+            error: None,
+            first_seen_at: None,
+            completed_at: Some(Utc::now()),
+            attempts: attempt,
+            lease_token: None,
+            lease_expires_at: None,
+            fingerprint: request.fingerprint.clone(),
+            expires_at: None,
+        };
+        cache.put(key, record, Some(ttl));
     }
 }
 

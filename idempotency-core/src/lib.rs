@@ -38,6 +38,7 @@
 //! |---|---|
 //! | `redis` | [`RedisStore`], on the `redis` crate's `ConnectionManager` |
 
+mod cache;
 mod checker;
 mod config;
 mod envelope;

@@ -12,6 +12,9 @@ pub struct CheckerStats {
     pub executed: u64,
     /// Duplicates answered from a `COMPLETED` record.
     pub replayed: u64,
+    /// Of `replayed`, those answered from the local replay cache, with no
+    /// store round trip.
+    pub cache_hits: u64,
     /// Calls turned away because another attempt held a live lease.
     pub in_progress: u64,
     /// Attempts recorded as `FAILED` (handler errors, panics, dropped guards).
@@ -28,6 +31,7 @@ pub struct CheckerStats {
 pub(crate) struct Counters {
     pub(crate) executed: AtomicU64,
     pub(crate) replayed: AtomicU64,
+    pub(crate) cache_hits: AtomicU64,
     pub(crate) in_progress: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) lease_lost: AtomicU64,
@@ -45,6 +49,7 @@ impl Counters {
         CheckerStats {
             executed: get(&self.executed),
             replayed: get(&self.replayed),
+            cache_hits: get(&self.cache_hits),
             in_progress: get(&self.in_progress),
             failed: get(&self.failed),
             lease_lost: get(&self.lease_lost),
