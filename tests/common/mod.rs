@@ -136,6 +136,14 @@ fn redis_ready(stream: &mut TcpStream) -> bool {
         && &buf == b"+PONG\r\n"
 }
 
+fn redis_answers(stream: &mut TcpStream) -> bool {
+    use std::io::{Read, Write};
+    let mut first = [0u8; 1];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut first).is_ok()
+        && matches!(&first, b"+" | b"-")
+}
+
 impl RedisServer {
     /// Starts a fresh server and waits until it answers PING.
     pub fn start() -> Self {
@@ -145,6 +153,24 @@ impl RedisServer {
             free_port,
             redis_args,
             redis_ready,
+        ))
+    }
+
+    /// Starts a fresh server with extra command-line settings, e.g.
+    /// `["--requirepass", "secret"]`; it is ready once it answers at all
+    /// (a server with a password answers PING with `-NOAUTH`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let extra: Vec<std::ffi::OsString> = extra.iter().map(Into::into).collect();
+        Self(ServerProcess::start(
+            "redis-server",
+            5,
+            free_port,
+            move |port, dir| {
+                let mut args = redis_args(port, dir);
+                args.extend(extra.iter().cloned());
+                args
+            },
+            redis_answers,
         ))
     }
 

@@ -213,10 +213,25 @@ impl RedisStoreBuilder {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
         let connect = ConnectionManager::new_with_config(client, config);
-        let conn = tokio::time::timeout(self.connect_timeout * 2, connect)
+        let connected = async {
+            let mut conn = connect.await?;
+            // A server that wants a password lets the connection in and
+            // refuses commands: ask once, so bad credentials fail here.
+            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            Ok::<_, RedisError>(conn)
+        };
+        let conn = tokio::time::timeout(self.connect_timeout * 2, connected)
             .await
             .map_err(|elapsed| IdempotencyError::store_unavailable(STORE, elapsed))?
-            .map_err(|e| IdempotencyError::store_unavailable(STORE, e))?;
+            .map_err(|e| {
+                if refused_credentials(&e) {
+                    IdempotencyError::Config(format!(
+                        "Redis refused the credentials (user and password in the URL): {e}"
+                    ))
+                } else {
+                    IdempotencyError::store_unavailable(STORE, e)
+                }
+            })?;
         Ok(RedisStore {
             conn,
             scripts: Arc::new(Scripts::new()),
@@ -253,6 +268,11 @@ impl std::fmt::Debug for RedisStore {
             .field("op_timeout", &self.op_timeout)
             .finish_non_exhaustive()
     }
+}
+
+fn refused_credentials(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
 }
 
 fn transient(e: &RedisError) -> bool {
