@@ -65,5 +65,5 @@ pub use record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
 pub use stats::CheckerStats;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use store::redis::{RedisStore, RedisStoreBuilder};
+pub use store::redis::{PrefixSummary, RedisStore, RedisStoreBuilder};
 pub use store::{ClaimRequest, IdempotencyStore};

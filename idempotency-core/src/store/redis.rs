@@ -24,6 +24,9 @@ use super::{ClaimRequest, IdempotencyStore};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{ClaimOutcome, IdempotencyRecord, Lease};
 
+mod ops;
+pub use ops::PrefixSummary;
+
 const STORE: &str = "redis";
 
 /// Shared by every script: the store's clock and a tolerant record loader.
