@@ -12,6 +12,7 @@
 //!      -d '{"event_id":"evt-1","event_type":"invoice.paid","payload":{"invoice":7}}'
 //! curl -i -X POST localhost:3000/api/v1/events -H 'Content-Type: application/json' -d '{"a":1,"b":2}'
 //! curl localhost:3000/stats
+//! curl localhost:3000/metrics
 //! ```
 //!
 //! Routes:
@@ -27,11 +28,14 @@
 //!   duplicate within 7 days, decided by one atomic claim.
 //! - `GET /health`: 200 when the store answers, 503 when not.
 //! - `GET /stats`: how many times each handler really ran.
+//! - `GET /metrics`: the framework's metrics (executed, replayed, store and
+//!   handler latency, ...) in the Prometheus text format, through the
+//!   `metrics` facade and `metrics-exporter-prometheus`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -44,6 +48,7 @@ use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, IdempotencyStore,
     KeyedRequest, MemoryStore, Processed, RedisStore, canonical_json, idempotent, sha256_hex,
 };
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -68,6 +73,8 @@ pub struct AppState {
 
 /// Builds the router over `store`.
 pub fn app(store: Arc<dyn IdempotencyStore>) -> Result<Router, IdempotencyError> {
+    // Install the recorder before any checker counts anything.
+    let _ = prometheus();
     let http = IdempotencyChecker::from_shared(
         Arc::clone(&store),
         IdempotencyConfig::builder()
@@ -94,6 +101,7 @@ pub fn app(store: Arc<dyn IdempotencyStore>) -> Result<Router, IdempotencyError>
         .route("/api/v1/events", post(accept_event))
         .route("/health", get(health))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .with_state(state))
 }
 
@@ -276,6 +284,26 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
         "events_accepted": c.events_accepted.load(Ordering::SeqCst),
         "events_duplicate": c.events_duplicate.load(Ordering::SeqCst),
     }))
+}
+
+/// The process-wide Prometheus recorder behind the `metrics` facade,
+/// installed on first use (`None` if another recorder was installed first).
+fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .as_ref()
+}
+
+async fn metrics() -> Response {
+    match prometheus() {
+        Some(handle) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
 }
 
 #[tokio::main]

@@ -330,6 +330,29 @@ async fn envelope_webhook_runs_once_per_key() {
         .expect("json");
     assert_eq!(a, b);
     assert_eq!(server.stats().await["webhook_events_executed"], 2);
+
+    // The framework's metrics, through the `metrics` facade, as Prometheus text.
+    let metrics = server
+        .client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.expect("text");
+    for line in [
+        "idempotency_executed_total",
+        "idempotency_replayed_total",
+        "idempotency_store_latency_seconds{op=\"claim\",quantile=",
+        "idempotency_store_latency_seconds{op=\"complete\",quantile=",
+        "idempotency_handler_latency_seconds{quantile=",
+    ] {
+        assert!(text.contains(line), "missing {line} in:\n{text}");
+    }
+    assert!(
+        !text.contains("evt-9") && !text.contains("delivery-77"),
+        "no keys in metrics"
+    );
     // A body that is not an envelope is refused by the JSON extractor.
     assert!(
         server

@@ -11,6 +11,7 @@ use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::cache::ReplayCache;
 use crate::config::{DuplicatePolicy, IdempotencyConfig, InProgressPolicy, check_duration};
@@ -18,7 +19,7 @@ use crate::envelope::EventEnvelope;
 use crate::error::{IdempotencyError, Result};
 use crate::key::{fingerprint, stored_key};
 use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
-use crate::stats::{CheckerStats, Counters, bump};
+use crate::stats::{CheckerStats, Counters, bump, handler_latency, store_latency};
 use crate::store::{ClaimRequest, IdempotencyStore};
 
 tokio::task_local! {
@@ -274,7 +275,10 @@ impl IdempotencyChecker {
 
     /// Checks that the store answers.
     pub async fn health_check(&self) -> Result<()> {
-        self.count_store_error(self.inner.store.health().await)
+        let started = Instant::now();
+        let result = self.inner.store.health().await;
+        store_latency("health", started);
+        self.count_store_error(result)
     }
 
     /// The storage key for a raw idempotency key (prefix, optional hashing),
@@ -334,7 +338,10 @@ impl IdempotencyChecker {
     /// The record for a raw idempotency key, whatever its status.
     pub async fn get_processing_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
         let key = stored_key(key, &self.inner.config)?;
-        let record = self.count_store_error(self.inner.store.get(&key.storage).await)?;
+        let started = Instant::now();
+        let record = self.inner.store.get(&key.storage).await;
+        store_latency("get", started);
+        let record = self.count_store_error(record)?;
         Ok(record.map(|mut record| {
             if record.idempotency_key.is_empty() {
                 record.idempotency_key = key.recorded;
@@ -366,7 +373,10 @@ impl IdempotencyChecker {
     pub async fn delete_record(&self, key: &str) -> Result<bool> {
         let storage = self.storage_key(key)?;
         self.forget(&storage);
-        let deleted = self.count_store_error(self.inner.store.delete(&storage).await);
+        let started = Instant::now();
+        let deleted = self.inner.store.delete(&storage).await;
+        store_latency("delete", started);
+        let deleted = self.count_store_error(deleted);
         // A duplicate answered by the store while the delete was in flight
         // may have cached the record again.
         self.forget(&storage);
@@ -429,7 +439,15 @@ impl IdempotencyChecker {
                 ),
             )));
         }
-        let result = self.inner.store.complete(lease, value, ttl).await;
+        let started = Instant::now();
+        let result = self
+            .inner
+            .store
+            .complete(lease, value, ttl)
+            .instrument(tracing::debug_span!("idempotency.complete", key = %lease.key, attempt = lease.attempt))
+            .await;
+        store_latency("complete", started);
+        tracing::debug!(key = %lease.key, ok = result.is_ok(), "complete");
         match &result {
             Ok(()) => bump(&self.inner.counters.executed),
             Err(IdempotencyError::LeaseLost { .. }) => {
@@ -445,7 +463,17 @@ impl IdempotencyChecker {
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
-        let result = self.inner.store.fail(lease, error, ttl).await;
+        let started = Instant::now();
+        let result = self
+            .inner
+            .store
+            .fail(lease, error, ttl)
+            .instrument(
+                tracing::debug_span!("idempotency.fail", key = %lease.key, attempt = lease.attempt),
+            )
+            .await;
+        store_latency("fail", started);
+        tracing::debug!(key = %lease.key, ok = result.is_ok(), "fail");
         match &result {
             Ok(()) => bump(&self.inner.counters.failed),
             Err(IdempotencyError::LeaseLost { .. }) => bump(&self.inner.counters.lease_lost),
@@ -495,7 +523,14 @@ impl IdempotencyChecker {
         };
         let mut pause = Duration::from_millis(10);
         loop {
-            let outcome = self.inner.store.claim(&claim).await;
+            let started = Instant::now();
+            let outcome = self
+                .inner
+                .store
+                .claim(&claim)
+                .instrument(tracing::debug_span!("idempotency.claim", key = %key.storage))
+                .await;
+            store_latency("claim", started);
             let outcome = match outcome {
                 Err(e @ IdempotencyError::FingerprintMismatch { .. }) => {
                     bump(&self.inner.counters.fingerprint_mismatches);
@@ -634,6 +669,7 @@ impl IdempotencyChecker {
             CURRENT_LEASE.scope(lease.clone(), async move { handler(lease).await }),
         )
         .catch_unwind();
+        let started = Instant::now();
         let outcome = {
             let heartbeat = guard.heartbeat();
             tokio::pin!(run, heartbeat);
@@ -643,6 +679,7 @@ impl IdempotencyChecker {
                 never = &mut heartbeat => match never {},
             }
         };
+        handler_latency(started);
         match outcome {
             Ok(Ok(value)) => match storable(&value) {
                 Ok(json) => {
@@ -878,7 +915,12 @@ impl IdempotencyGuard {
     pub async fn renew(&mut self) -> Result<()> {
         let lease = self.held()?;
         let store = &self.checker.inner.store;
-        let renewed = store.renew(lease, self.durations.lease).await;
+        let started = Instant::now();
+        let renewed = store
+            .renew(lease, self.durations.lease)
+            .instrument(tracing::debug_span!("idempotency.renew", key = %lease.key))
+            .await;
+        store_latency("renew", started);
         let renewed = self.checker.count_store_error(renewed)?;
         self.state = GuardState::Held(renewed);
         Ok(())
@@ -929,7 +971,13 @@ impl IdempotencyGuard {
             let mut pause = every;
             loop {
                 tokio::time::sleep(pause).await;
-                match store.renew(&lease, lease_duration).await {
+                let started = Instant::now();
+                let renewed = store
+                    .renew(&lease, lease_duration)
+                    .instrument(tracing::debug_span!("idempotency.renew", key = %lease.key))
+                    .await;
+                store_latency("renew", started);
+                match renewed {
                     Ok(renewed) => {
                         lease = renewed;
                         pause = every;

@@ -1,4 +1,4 @@
-//! Counters kept by a checker.
+//! Counters kept by a checker, mirrored to the `metrics` facade.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -27,34 +27,83 @@ pub struct CheckerStats {
     pub store_errors: u64,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) executed: AtomicU64,
-    pub(crate) replayed: AtomicU64,
-    pub(crate) cache_hits: AtomicU64,
-    pub(crate) in_progress: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) lease_lost: AtomicU64,
-    pub(crate) fingerprint_mismatches: AtomicU64,
-    pub(crate) store_errors: AtomicU64,
+/// One counter: kept in the checker for [`CheckerStats`] and reported to
+/// the `metrics` facade under `metric`.
+#[derive(Debug)]
+pub(crate) struct Counter {
+    value: AtomicU64,
+    metric: &'static str,
 }
 
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+impl Counter {
+    const fn new(metric: &'static str) -> Self {
+        Self {
+            value: AtomicU64::new(0),
+            metric,
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) executed: Counter,
+    pub(crate) replayed: Counter,
+    pub(crate) cache_hits: Counter,
+    pub(crate) in_progress: Counter,
+    pub(crate) failed: Counter,
+    pub(crate) lease_lost: Counter,
+    pub(crate) fingerprint_mismatches: Counter,
+    pub(crate) store_errors: Counter,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            executed: Counter::new("idempotency_executed_total"),
+            replayed: Counter::new("idempotency_replayed_total"),
+            cache_hits: Counter::new("idempotency_cache_hits_total"),
+            in_progress: Counter::new("idempotency_in_progress_total"),
+            failed: Counter::new("idempotency_failed_total"),
+            lease_lost: Counter::new("idempotency_lease_lost_total"),
+            fingerprint_mismatches: Counter::new("idempotency_fingerprint_mismatches_total"),
+            store_errors: Counter::new("idempotency_store_errors_total"),
+        }
+    }
+}
+
+pub(crate) fn bump(counter: &Counter) {
+    counter.value.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(counter.metric).increment(1);
+}
+
+/// Records how long one store operation (`op`: claim, renew, complete,
+/// fail, get, delete, health) took.
+pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
+    metrics::histogram!("idempotency_store_latency_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Records how long a handler ran.
+pub(crate) fn handler_latency(started: tokio::time::Instant) {
+    metrics::histogram!("idempotency_handler_latency_seconds")
+        .record(started.elapsed().as_secs_f64());
 }
 
 impl Counters {
     pub(crate) fn snapshot(&self) -> CheckerStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CheckerStats {
-            executed: get(&self.executed),
-            replayed: get(&self.replayed),
-            cache_hits: get(&self.cache_hits),
-            in_progress: get(&self.in_progress),
-            failed: get(&self.failed),
-            lease_lost: get(&self.lease_lost),
-            fingerprint_mismatches: get(&self.fingerprint_mismatches),
-            store_errors: get(&self.store_errors),
+            executed: self.executed.get(),
+            replayed: self.replayed.get(),
+            cache_hits: self.cache_hits.get(),
+            in_progress: self.in_progress.get(),
+            failed: self.failed.get(),
+            lease_lost: self.lease_lost.get(),
+            fingerprint_mismatches: self.fingerprint_mismatches.get(),
+            store_errors: self.store_errors.get(),
         }
     }
 }
