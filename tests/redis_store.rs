@@ -22,6 +22,13 @@ fn event(key: &str) -> EventEnvelope {
     EventEnvelope::new("test.event", json!({"key": key})).with_idempotency_key(key)
 }
 
+async fn acquired(checker: &IdempotencyChecker, e: &EventEnvelope) -> idempotency::Lease {
+    match checker.mark_processing(e).await.expect("claim") {
+        idempotency::ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
 fn sorted_fields(doc: &serde_json::Value) -> Vec<&str> {
     let mut fields: Vec<&str> = doc
         .as_object()
@@ -53,10 +60,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     let e = event("schema-1").with_event_id("evt-123");
 
     // PROCESSING: who holds the key and until when; no null fields.
-    let lease = match checker.mark_processing(&e).await.expect("claim") {
-        idempotency::ClaimOutcome::Acquired(lease) => lease,
-        other => panic!("expected Acquired, got {other:?}"),
-    };
+    let lease = acquired(&checker, &e).await;
     let doc = stored_doc(&mut redis, key).await;
     assert_eq!(
         sorted_fields(&doc),
@@ -125,10 +129,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
 
     // FAILED: the attempt's identity and error, no live lease.
     let f = event("schema-2");
-    let lease = match checker.mark_processing(&f).await.expect("claim") {
-        idempotency::ClaimOutcome::Acquired(lease) => lease,
-        other => panic!("expected Acquired, got {other:?}"),
-    };
+    let lease = acquired(&checker, &f).await;
     checker.mark_failed(&lease, "boom").await.expect("fail");
     let doc = stored_doc(&mut redis, "idempotency:events:schema-2").await;
     assert_eq!(
@@ -204,10 +205,7 @@ async fn a_retried_complete_finds_its_first_try_applied() {
         .expect("connect");
     let checker = IdempotencyChecker::new(store);
     let e = event("retried-complete");
-    let lease = match checker.mark_processing(&e).await.expect("claim") {
-        idempotency::ClaimOutcome::Acquired(lease) => lease,
-        other => panic!("expected Acquired, got {other:?}"),
-    };
+    let lease = acquired(&checker, &e).await;
     // Hold every client for 400ms: the first try times out unanswered and is
     // retried; all tries then run in order when the pause ends.
     let mut admin = server.client().await;

@@ -734,21 +734,8 @@ impl IdempotencyChecker {
         if request.fingerprint.is_none() && attempt > 1 {
             return;
         }
-        let record = IdempotencyRecord {
-            idempotency_key: String::new(),
-            event_id: None,
-            event_type: None,
-            status: ProcessingStatus::Completed,
-            result: Some(result),
-            error: None,
-            first_seen_at: None,
-            completed_at: Some(Utc::now()),
-            attempts: attempt,
-            lease_token: None,
-            lease_expires_at: None,
-            fingerprint: request.fingerprint.clone(),
-            expires_at: None,
-        };
+        let record =
+            IdempotencyRecord::completed(result, attempt, request.fingerprint.clone(), Utc::now());
         cache.put(key, record, Some(ttl));
     }
 }

@@ -123,20 +123,33 @@ impl IdempotencyRecord {
             && self.lease_expires_at.is_some_and(|at| at > now)
     }
 
-    /// Turns the record into its `COMPLETED` form with `result` at `now`:
-    /// only what a replay needs is kept.
+    /// A `COMPLETED` record: only what a replay needs.
+    pub(crate) fn completed(
+        result: serde_json::Value,
+        attempts: u32,
+        fingerprint: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            idempotency_key: String::new(),
+            event_id: None,
+            event_type: None,
+            status: ProcessingStatus::Completed,
+            result: Some(result),
+            error: None,
+            first_seen_at: None,
+            completed_at: Some(now),
+            attempts,
+            lease_token: None,
+            lease_expires_at: None,
+            fingerprint,
+            expires_at: None,
+        }
+    }
+
+    /// Turns the record into its `COMPLETED` form with `result` at `now`.
     pub(crate) fn set_completed(&mut self, result: serde_json::Value, now: DateTime<Utc>) {
-        self.idempotency_key = String::new();
-        self.event_id = None;
-        self.event_type = None;
-        self.status = ProcessingStatus::Completed;
-        self.result = Some(result);
-        self.error = None;
-        self.first_seen_at = None;
-        self.completed_at = Some(now);
-        self.lease_token = None;
-        self.lease_expires_at = None;
-        self.expires_at = None;
+        *self = Self::completed(result, self.attempts, self.fingerprint.take(), now);
     }
 
     /// Turns the record into its `FAILED` form with `error`.
