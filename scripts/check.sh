@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every check CI runs, in order. Run from anywhere: `bash scripts/check.sh`.
 #
-# 1. Installs redis-server and nats-server from Debian's packages when they are
-#    missing (the tests start their own servers on free loopback ports and stop
+# 1. Installs redis-server, nats-server (and openssl, for the TLS tests'
+#    throwaway CA) from Debian's packages when they are missing (the tests start their own servers on free loopback ports and stop
 #    them; nothing here starts a long-lived service).
 # 2. cargo fmt --check, clippy with -D warnings, every test (unit, integration
 #    against real servers, doctests including the guide), docs with -D warnings,
@@ -15,6 +15,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/
 missing=()
 have redis-server || missing+=(redis-server)
 have nats-server || missing+=(nats-server)
+have openssl || missing+=(openssl)  # the TLS tests make a throwaway CA
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "==> installing ${missing[*]} from Debian's packages"
   sudo=""

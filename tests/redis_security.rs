@@ -1,11 +1,12 @@
 //! Redis AUTH and ACL users: credentials come from the URL, and wrong or
-//! missing credentials are a clear, fast error, never a hang.
+//! missing credentials are a clear, fast error, never a hang. TLS
+//! (`rediss://`) against a server with a certificate from a test CA.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::RedisServer;
+use common::{RedisServer, TlsRedisServer};
 use idempotency::{EventEnvelope, IdempotencyChecker, IdempotencyError, RedisStore};
 use serde_json::json;
 
@@ -82,4 +83,59 @@ async fn a_least_privilege_acl_user_is_enough() {
     processes_once(&format!("redis://idem:idem-pass@127.0.0.1:{port}")).await;
     refused(&format!("redis://idem:wrong@127.0.0.1:{port}")).await;
     refused(&format!("redis://nobody:idem-pass@127.0.0.1:{port}")).await;
+}
+
+/// `rediss://` with the test CA trusted: the whole protocol runs over TLS.
+#[tokio::test]
+async fn tls_with_the_servers_ca_works() {
+    let server = TlsRedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .tls_root_certificate(server.ca_pem())
+        .connect()
+        .await
+        .expect("connect over TLS");
+    let checker = IdempotencyChecker::new(store);
+    let e = EventEnvelope::new("test.event", json!({})).with_idempotency_key("tls-1");
+    for _ in 0..2 {
+        let done = checker
+            .process(&e, |_| async { Ok::<_, IdempotencyError>(7) })
+            .await
+            .expect("process over TLS");
+        assert_eq!(*done.value(), 7);
+    }
+    assert_eq!(checker.stats().executed, 1);
+    assert_eq!(checker.stats().replayed, 1);
+}
+
+/// A certificate from a CA we do not trust, or a plain-text client on the
+/// TLS port: a fast error, never a hang and never an unverified connection.
+#[tokio::test]
+async fn tls_refuses_an_untrusted_certificate_and_plain_text() {
+    let server = TlsRedisServer::start();
+    for (what, builder) in [
+        (
+            "another CA",
+            RedisStore::builder(server.url()).tls_root_certificate(server.other_ca_pem()),
+        ),
+        ("the system's roots", RedisStore::builder(server.url())),
+        (
+            "plain text",
+            RedisStore::builder(format!("redis://127.0.0.1:{}", server.port())),
+        ),
+    ] {
+        let started = Instant::now();
+        let outcome = builder
+            .connect_timeout(Duration::from_millis(500))
+            .connect()
+            .await;
+        assert!(
+            matches!(outcome, Err(IdempotencyError::StoreUnavailable { .. })),
+            "{what}: {outcome:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -61,20 +61,4 @@ mod concurrent_claims_have_one_winner {
     }
 }
 
-conformance!(
-    absent_key_is_acquired_as_attempt_one,
-    live_lease_is_in_progress,
-    completed_is_duplicate_with_exact_result,
-    failed_is_reclaimed_with_next_attempt,
-    expired_lease_is_taken_over_and_stale_holder_cannot_write,
-    renew_keeps_the_lease_alive,
-    retried_claim_with_own_token_is_acquired,
-    repeated_fail_succeeds_and_completed_takes_no_write,
-    unknown_lease_writes_nothing,
-    fingerprints_guard_key_reuse,
-    records_expire_after_ttl,
-    processing_record_outlives_a_short_ttl,
-    get_and_delete,
-    renewed_record_outlives_its_first_lease,
-    empty_strings_mean_absent,
-);
+for_each_rule!(conformance);

@@ -9,6 +9,32 @@ use idempotency::{
 };
 use serde_json::json;
 
+/// Calls `$then!(rule, rule, ...)` with every rule that takes
+/// `&dyn IdempotencyStore`: the one list both the per-store tests and the
+/// cluster run use.
+#[macro_export]
+macro_rules! for_each_rule {
+    ($then:ident) => {
+        $then!(
+            absent_key_is_acquired_as_attempt_one,
+            live_lease_is_in_progress,
+            completed_is_duplicate_with_exact_result,
+            failed_is_reclaimed_with_next_attempt,
+            expired_lease_is_taken_over_and_stale_holder_cannot_write,
+            renew_keeps_the_lease_alive,
+            retried_claim_with_own_token_is_acquired,
+            repeated_fail_succeeds_and_completed_takes_no_write,
+            unknown_lease_writes_nothing,
+            fingerprints_guard_key_reuse,
+            records_expire_after_ttl,
+            processing_record_outlives_a_short_ttl,
+            get_and_delete,
+            renewed_record_outlives_its_first_lease,
+            empty_strings_mean_absent,
+        );
+    };
+}
+
 const LONG: Duration = Duration::from_secs(60);
 
 fn request<'a>(key: &'a str, token: &'a str) -> ClaimRequest<'a> {

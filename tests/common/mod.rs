@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 /// A server process on a free loopback port with its own temporary
 /// directory, killed (and the directory removed) when dropped.
-struct ServerProcess {
+pub struct ServerProcess {
     child: Child,
-    port: u16,
+    pub port: u16,
     dir: PathBuf,
 }
 
@@ -205,6 +205,408 @@ impl RedisServer {
     /// Kills the server (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
         self.0.kill();
+    }
+}
+
+/// A free loopback port whose cluster-bus port (`port + 10000`) is free too.
+fn free_cluster_port() -> u16 {
+    for _ in 0..100 {
+        let port = free_port();
+        if port < 55000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port pair for a cluster node")
+}
+
+/// Runs `redis-cli` with `args`, returning its stdout; panics on failure.
+fn redis_cli(args: &[String]) -> String {
+    let output = Command::new(binary("redis-cli", "redis-tools"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run redis-cli");
+    assert!(
+        output.status.success(),
+        "redis-cli {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Polls `check` every 50 ms for up to `within`; panics with `what` if it
+/// never holds.
+fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {within:?} waiting until {what}");
+}
+
+/// A real 3-master Redis Cluster on loopback: three `redis-server
+/// --cluster-enabled yes` joined by `redis-cli --cluster create`. Killed
+/// when dropped.
+pub struct RedisCluster {
+    nodes: Vec<ServerProcess>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let nodes: Vec<ServerProcess> = (0..3)
+            .map(|_| {
+                ServerProcess::start(
+                    "redis-server",
+                    10,
+                    free_cluster_port,
+                    |port, dir| {
+                        let mut args = redis_args(port, dir);
+                        let conf = dir.join("nodes.conf");
+                        args.extend(
+                            [
+                                "--cluster-enabled",
+                                "yes",
+                                "--cluster-node-timeout",
+                                "2000",
+                                "--cluster-config-file",
+                            ]
+                            .map(Into::into),
+                        );
+                        args.push(conf.into());
+                        args
+                    },
+                    redis_ready,
+                )
+            })
+            .collect();
+        let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
+        create.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        create.push("--cluster-yes".into());
+        redis_cli(&create);
+        let cluster = Self { nodes };
+        for port in cluster.ports() {
+            wait_until(Duration::from_secs(20), "the cluster state is ok", || {
+                redis_cli(&[
+                    "-p".into(),
+                    port.to_string(),
+                    "CLUSTER".into(),
+                    "INFO".into(),
+                ])
+                .contains("cluster_state:ok")
+            });
+        }
+        cluster
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports()
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// A cluster client for inspecting what the store wrote.
+    pub async fn client(&self) -> redis::cluster_async::ClusterConnection {
+        let nodes: Vec<String> = self
+            .ports()
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect();
+        redis::cluster::ClusterClient::new(nodes)
+            .expect("cluster nodes")
+            .get_async_connection()
+            .await
+            .expect("connect to the test cluster")
+    }
+
+    /// Empties every master.
+    pub fn flush(&self) {
+        for port in self.ports() {
+            redis_cli(&["-p".into(), port.to_string(), "FLUSHALL".into()]);
+        }
+    }
+
+    /// How many keys each master holds.
+    pub fn key_counts(&self) -> Vec<u64> {
+        self.ports()
+            .into_iter()
+            .map(|port| {
+                redis_cli(&["-p".into(), port.to_string(), "DBSIZE".into()])
+                    .trim()
+                    .parse()
+                    .expect("DBSIZE")
+            })
+            .collect()
+    }
+}
+
+/// A Sentinel setup on loopback: a master, one replica and one sentinel
+/// watching them as `mymaster` (quorum 1, `down-after-milliseconds` 1000).
+/// Killed when dropped.
+pub struct RedisSentinel {
+    pub master: ServerProcess,
+    pub replica: ServerProcess,
+    pub sentinel: ServerProcess,
+}
+
+pub const SENTINEL_SERVICE: &str = "mymaster";
+
+impl RedisSentinel {
+    /// Starts the three and waits until the sentinel sees the replica
+    /// and the replica is in sync.
+    pub fn start() -> Self {
+        let master = ServerProcess::start("redis-server", 5, free_port, redis_args, redis_ready);
+        let master_port = master.port;
+        let replica = ServerProcess::start(
+            "redis-server",
+            5,
+            free_port,
+            move |port, dir| {
+                let mut args = redis_args(port, dir);
+                args.extend(["--replicaof", "127.0.0.1", &master_port.to_string()].map(Into::into));
+                args
+            },
+            redis_ready,
+        );
+        let sentinel = ServerProcess::start(
+            "redis-server",
+            5,
+            free_port,
+            move |port, dir| {
+                let conf = dir.join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\n\
+                         sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 1\n\
+                         sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n\
+                         sentinel failover-timeout {SENTINEL_SERVICE} 5000\n",
+                        dir.display()
+                    ),
+                )
+                .expect("write sentinel.conf");
+                vec![conf.into(), "--sentinel".into()]
+            },
+            redis_ready,
+        );
+        let setup = Self {
+            master,
+            replica,
+            sentinel,
+        };
+        let replica_port = setup.replica.port.to_string();
+        wait_until(Duration::from_secs(20), "the replica is in sync", || {
+            redis_cli(&[
+                "-p".into(),
+                replica_port.clone(),
+                "INFO".into(),
+                "replication".into(),
+            ])
+            .contains("master_link_status:up")
+        });
+        let sentinel_port = setup.sentinel.port.to_string();
+        wait_until(
+            Duration::from_secs(30),
+            "the sentinel sees the replica",
+            || {
+                redis_cli(&[
+                    "-p".into(),
+                    sentinel_port.clone(),
+                    "SENTINEL".into(),
+                    "REPLICAS".into(),
+                    SENTINEL_SERVICE.into(),
+                ])
+                .contains(&replica_port)
+            },
+        );
+        setup
+    }
+
+    /// `redis+sentinel://` naming the sentinel and the service.
+    pub fn url(&self) -> String {
+        format!(
+            "redis+sentinel://127.0.0.1:{}/{SENTINEL_SERVICE}",
+            self.sentinel.port
+        )
+    }
+
+    /// The port the sentinel currently names as the master.
+    pub fn current_master_port(&self) -> u16 {
+        let out = redis_cli(&[
+            "-p".into(),
+            self.sentinel.port.to_string(),
+            "SENTINEL".into(),
+            "GET-MASTER-ADDR-BY-NAME".into(),
+            SENTINEL_SERVICE.into(),
+        ]);
+        out.lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .expect("sentinel names a master")
+    }
+
+    /// SIGKILLs the master.
+    pub fn kill_master(&mut self) {
+        self.master.kill();
+    }
+
+    /// Waits until the sentinel has promoted the replica.
+    pub fn wait_for_failover(&self, within: Duration) {
+        let replica = self.replica.port;
+        wait_until(within, "the sentinel promotes the replica", || {
+            self.current_master_port() == replica
+        });
+    }
+
+    /// A plain client to the node at `port`.
+    pub async fn client(port: u16) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to a sentinel-managed node")
+    }
+}
+
+/// Makes a test CA and a server certificate for `127.0.0.1`/`localhost`
+/// in `dir` with the `openssl` command: `ca.crt`, `server.crt`,
+/// `server.key`, and a second, unrelated `other-ca.crt`.
+fn make_certificates(dir: &std::path::Path) {
+    let openssl = binary("openssl", "openssl");
+    let run = |args: &[&str]| {
+        let output = Command::new(&openssl)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "other-ca"] {
+        let (key, crt) = (format!("{ca}.key"), format!("{ca}.crt"));
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend([
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=idempotency test CA",
+        ]);
+        run(&args);
+    }
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&args);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("write san.ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+/// A `redis-server` that speaks only TLS, with a certificate from a test CA
+/// made for it.
+pub struct TlsRedisServer(ServerProcess);
+
+impl TlsRedisServer {
+    pub fn start() -> Self {
+        Self(ServerProcess::start(
+            "redis-server",
+            5,
+            free_port,
+            |port, dir| {
+                make_certificates(dir);
+                let mut args = redis_args(port, dir);
+                // The plain port is off; the TLS port is the one we picked.
+                args[1] = "0".into();
+                let file = |name: &str| dir.join(name).into_os_string();
+                args.extend([
+                    "--tls-port".into(),
+                    port.to_string().into(),
+                    "--tls-cert-file".into(),
+                    file("server.crt"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.crt"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]);
+                args
+            },
+            // The port accepts connections; a TLS handshake is the client's job.
+            |_| true,
+        ))
+    }
+
+    /// `rediss://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.0.port)
+    }
+
+    /// The PEM of the CA that signed the server's certificate.
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.0.dir.join("ca.crt")).expect("read ca.crt")
+    }
+
+    /// The PEM of a CA that signed nothing here.
+    pub fn other_ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.0.dir.join("other-ca.crt")).expect("read other-ca.crt")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port
     }
 }
 

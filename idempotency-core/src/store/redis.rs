@@ -17,14 +17,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
 use super::{ClaimRequest, IdempotencyStore};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{ClaimOutcome, IdempotencyRecord, Lease};
 
+mod conn;
 mod ops;
+use conn::{Conn, Connections, OpenError, Settings};
 pub use ops::PrefixSummary;
 
 const STORE: &str = "redis";
@@ -187,6 +188,8 @@ pub struct RedisStoreBuilder {
     connect_timeout: Duration,
     response_timeout: Duration,
     max_retries: u32,
+    #[cfg(feature = "tls")]
+    tls: Option<conn::TlsMaterial>,
 }
 
 impl RedisStoreBuilder {
@@ -215,45 +218,78 @@ impl RedisStoreBuilder {
     /// [`StoreUnavailable`](IdempotencyError::StoreUnavailable) when Redis
     /// does not answer) and returns the store.
     pub async fn connect(self) -> Result<RedisStore> {
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|e| IdempotencyError::Config(format!("invalid Redis URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.response_timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
-        let connect = ConnectionManager::new_with_config(client, config);
+        let settings = Settings {
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
+            #[cfg(feature = "tls")]
+            certificates: self.tls,
+        };
         let connected = async {
-            let mut conn = connect.await?;
+            let conns = Connections::open(&self.url, settings).await?;
             // A server that wants a password lets the connection in and
             // refuses commands: ask once, so bad credentials fail here.
-            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-            Ok::<_, RedisError>(conn)
+            let _: String = redis::cmd("PING")
+                .query_async(&mut conns.get())
+                .await
+                .map_err(OpenError::Redis)?;
+            Ok::<_, OpenError>(conns)
         };
-        let conn = tokio::time::timeout(self.connect_timeout * 2, connected)
+        let conns = tokio::time::timeout(self.connect_timeout * 2, connected)
             .await
             .map_err(|elapsed| IdempotencyError::store_unavailable(STORE, elapsed))?
-            .map_err(|e| {
-                if refused_credentials(&e) {
-                    IdempotencyError::Config(format!(
-                        "Redis refused the credentials (user and password in the URL): {e}"
-                    ))
-                } else {
-                    IdempotencyError::store_unavailable(STORE, e)
-                }
+            .map_err(|e| match e {
+                OpenError::Config(e) => e,
+                OpenError::Redis(e) if refused_credentials(&e) => IdempotencyError::Config(
+                    format!("Redis refused the credentials (user and password in the URL): {e}"),
+                ),
+                OpenError::Redis(e) => IdempotencyError::store_unavailable(STORE, e),
             })?;
         Ok(RedisStore {
-            conn,
+            conns,
             scripts: Arc::new(Scripts::new()),
             max_retries: self.max_retries,
             op_timeout: self.response_timeout * (self.max_retries + 1)
                 + Duration::from_millis(200) * self.max_retries,
         })
     }
+
+    /// Trusts the CA certificate `pem` (PEM) for `rediss` connections,
+    /// instead of the system's roots. Needs the `tls` feature.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.get_or_insert_with(Default::default).root = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate and key (both PEM) on `rediss`
+    /// connections, for servers that require mutual TLS
+    /// (`tls-auth-clients yes`). Needs the `tls` feature.
+    #[cfg(feature = "tls")]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.get_or_insert_with(Default::default).client =
+            Some((certificate_pem.into(), key_pem.into()));
+        self
+    }
 }
 
-/// The Redis store: single node today (Sentinel and Cluster are planned).
+/// The Redis store: a single node, a Redis Cluster or a Sentinel-managed
+/// master, chosen by the URL scheme.
+///
+/// | URL | topology |
+/// |---|---|
+/// | `redis://[user:password@]host:port[/db]` | one node |
+/// | `rediss://...` | one node over TLS (feature `tls`) |
+/// | `redis+cluster://[user:password@]host:port,host:port,...` | Redis Cluster, from any of its nodes |
+/// | `redis+sentinel://[user:password@]host:port,.../SERVICE[/db]` | the master of a Sentinel service |
+///
+/// Every operation touches one key, so a cluster needs no hash tags. A
+/// Sentinel store finds the new master by itself after a failover. The
+/// credentials in the URL are for the data nodes; sentinels are asked
+/// without credentials.
 ///
 /// Cheap to clone: clones share one multiplexed connection.
 ///
@@ -266,7 +302,7 @@ impl RedisStoreBuilder {
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conns: Connections,
     scripts: Arc<Scripts>,
     max_retries: u32,
     op_timeout: Duration,
@@ -275,6 +311,7 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
+            .field("topology", &self.conns)
             .field("max_retries", &self.max_retries)
             .field("op_timeout", &self.op_timeout)
             .finish_non_exhaustive()
@@ -286,8 +323,22 @@ fn refused_credentials(e: &RedisError) -> bool {
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
 }
 
+/// Worth another try: the connection broke or timed out, or the server (a
+/// cluster or Sentinel setup in the middle of a failover) asks to retry.
 fn transient(e: &RedisError) -> bool {
-    e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+    e.is_timeout()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.code(),
+            Some("READONLY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "LOADING")
+        )
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::ClusterConnectionNotFound
+                | redis::ErrorKind::MasterNameNotFoundBySentinel
+        )
 }
 
 fn unavailable(e: impl Into<crate::error::BoxError>) -> IdempotencyError {
@@ -360,8 +411,8 @@ fn parse_record(key: &str, raw: &str) -> Result<IdempotencyRecord> {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://[user:password@]host:port[/db]`) with the
-    /// default timeouts.
+    /// Connects to `url` with the default timeouts; the scheme picks the
+    /// topology (see [`RedisStore`]).
     pub async fn connect(url: &str) -> Result<Self> {
         Self::builder(url).connect().await
     }
@@ -373,6 +424,8 @@ impl RedisStore {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             max_retries: 2,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -383,16 +436,17 @@ impl RedisStore {
     /// have been applied).
     async fn run<T, F, Fut>(&self, key: &str, op: F) -> Result<T>
     where
-        F: Fn(ConnectionManager, bool) -> Fut,
+        F: Fn(Conn, bool) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let attempts = async {
             let mut tries = 0;
             loop {
-                match op(self.conn.clone(), tries > 0).await {
+                match op(self.conns.get(), tries > 0).await {
                     Ok(v) => return Ok(v),
                     Err(e) if transient(&e) && tries < self.max_retries => {
                         tries += 1;
+                        self.conns.recover(&e).await;
                         let base = 25u64 << tries.min(6);
                         let jitter = uuid::Uuid::new_v4().as_u128() as u64 % base;
                         tracing::debug!(error = %e, tries, "retrying a Redis operation");

@@ -1,13 +1,17 @@
 //! Operations over every record under a key prefix: what the admin CLI runs.
 //!
 //! All of them walk the keyspace with `SCAN` (never `KEYS`), a page at a
-//! time, so they do not block Redis on a large database.
+//! time, so they do not block Redis on a large database. On a cluster they
+//! walk every master in turn, sending each page's commands to the node that
+//! holds its keys.
 
 use chrono::{DateTime, Utc};
-use redis::Value;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, FromRedisValue, Pipeline, Value};
 use serde::Serialize;
 
-use super::{RedisStore, ms_to_time, parse_record};
+use super::conn::Conn;
+use super::{RedisStore, ms_to_time, parse_record, unavailable};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{IdempotencyRecord, ProcessingStatus};
 
@@ -52,20 +56,115 @@ fn pattern(prefix: &str) -> String {
     out
 }
 
-impl RedisStore {
-    /// One `SCAN` page: the next cursor and the keys found.
-    async fn scan_page(&self, pattern: &str, cursor: u64) -> Result<(u64, Vec<String>)> {
-        self.run("", |mut conn, _| async move {
-            redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(PAGE)
-                .query_async(&mut conn)
-                .await
+/// Where a `SCAN` walk runs: the one node, or one master of a cluster.
+#[derive(Debug, Clone)]
+enum Node {
+    Only,
+    Master(String, u16),
+}
+
+/// The masters in `CLUSTER NODES` output (`id host:port@cport flags ...`),
+/// leaving out those flagged as failing.
+fn masters(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let addr = fields.nth(1)?;
+            let flags = fields.next()?;
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) {
+                return None;
+            }
+            let addr = addr.split('@').next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
         })
-        .await
+        .collect()
+}
+
+impl Node {
+    fn route(&self) -> Option<SingleNodeRoutingInfo> {
+        match self {
+            Self::Only => None,
+            Self::Master(host, port) => Some(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            }),
+        }
+    }
+}
+
+/// Sends `cmd` to `node`.
+async fn query<T: FromRedisValue>(mut conn: Conn, node: &Node, cmd: &Cmd) -> redis::RedisResult<T> {
+    match (&mut conn, node.route()) {
+        (Conn::Cluster(cluster), Some(route)) => {
+            let value = cluster
+                .route_command(cmd.clone(), RoutingInfo::SingleNode(route))
+                .await?;
+            Ok(T::from_redis_value(value)?)
+        }
+        _ => cmd.query_async(&mut conn).await,
+    }
+}
+
+/// Sends `pipe` to `node`: on a cluster, a page's keys may span slots but
+/// all live on the node that was scanned.
+async fn query_pipe(
+    mut conn: Conn,
+    node: &Node,
+    pipe: &Pipeline,
+) -> redis::RedisResult<Vec<Value>> {
+    match (&mut conn, node.route()) {
+        (Conn::Cluster(cluster), Some(route)) => {
+            cluster
+                .route_pipeline(pipe.clone(), 0, pipe.len(), route)
+                .await
+        }
+        _ => pipe.query_async(&mut conn).await,
+    }
+}
+
+impl RedisStore {
+    /// The nodes a walk visits.
+    async fn nodes(&self) -> Result<Vec<Node>> {
+        if !self.conns.is_cluster() {
+            return Ok(vec![Node::Only]);
+        }
+        let text: String = self
+            .run("", |mut conn, _| async move {
+                redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let found = masters(&text);
+        if found.is_empty() {
+            return Err(unavailable("CLUSTER NODES lists no healthy master"));
+        }
+        Ok(found
+            .into_iter()
+            .map(|(host, port)| Node::Master(host, port))
+            .collect())
+    }
+
+    /// One `SCAN` page of `node`: the next cursor and the keys found.
+    async fn scan_page(
+        &self,
+        node: &Node,
+        pattern: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<String>)> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(PAGE);
+        let cmd = &cmd;
+        self.run("", |conn, _| async move { query(conn, node, cmd).await })
+            .await
     }
 
     /// The store's clock (Redis `TIME`), as the scripts see it.
@@ -78,21 +177,24 @@ impl RedisStore {
         Ok(ms_to_time(secs * 1000 + micros / 1000))
     }
 
-    /// The values of `keys`, with their `MEMORY USAGE`, in one round trip.
-    async fn load_page(&self, keys: &[String]) -> Result<Vec<(Option<Vec<u8>>, u64)>> {
-        let values: Vec<Value> = self
-            .run("", |mut conn, _| async move {
-                let mut pipe = redis::pipe();
-                for key in keys {
-                    // A non-string value makes GET fail; read it as "not a record".
-                    pipe.cmd("EVAL")
-                        .arg("local ok, v = pcall(redis.call, 'GET', KEYS[1]) if ok then return v end return false")
-                        .arg(1)
-                        .arg(key);
-                    pipe.cmd("MEMORY").arg("USAGE").arg(key);
-                }
-                pipe.query_async(&mut conn).await
-            })
+    /// The values of `keys` (all on `node`), with their `MEMORY USAGE`, in
+    /// one round trip.
+    async fn load_page(&self, node: &Node, keys: &[String]) -> Result<Vec<(Option<Vec<u8>>, u64)>> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            // A non-string value makes GET fail; read it as "not a record".
+            pipe.cmd("EVAL")
+                .arg("local ok, v = pcall(redis.call, 'GET', KEYS[1]) if ok then return v end return false")
+                .arg(1)
+                .arg(key);
+            pipe.cmd("MEMORY").arg("USAGE").arg(key);
+        }
+        let pipe = &pipe;
+        let values = self
+            .run(
+                "",
+                |conn, _| async move { query_pipe(conn, node, pipe).await },
+            )
             .await?;
         let mut out = Vec::with_capacity(keys.len());
         let mut values = values.into_iter();
@@ -118,25 +220,28 @@ impl RedisStore {
         mut visit: impl FnMut(&str, Option<Result<IdempotencyRecord>>, u64),
     ) -> Result<()> {
         let pattern = pattern(prefix);
-        let mut cursor = 0;
-        loop {
-            let (next, keys) = self.scan_page(&pattern, cursor).await?;
-            if !keys.is_empty() {
-                let loaded = self.load_page(&keys).await?;
-                for (key, (value, usage)) in keys.iter().zip(loaded) {
-                    let record = value.map(|bytes| {
-                        String::from_utf8(bytes)
-                            .map_err(|e| IdempotencyError::corrupt(key, e))
-                            .and_then(|text| parse_record(key, &text))
-                    });
-                    visit(key, record, usage);
+        for node in self.nodes().await? {
+            let mut cursor = 0;
+            loop {
+                let (next, keys) = self.scan_page(&node, &pattern, cursor).await?;
+                if !keys.is_empty() {
+                    let loaded = self.load_page(&node, &keys).await?;
+                    for (key, (value, usage)) in keys.iter().zip(loaded) {
+                        let record = value.map(|bytes| {
+                            String::from_utf8(bytes)
+                                .map_err(|e| IdempotencyError::corrupt(key, e))
+                                .and_then(|text| parse_record(key, &text))
+                        });
+                        visit(key, record, usage);
+                    }
                 }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
         }
+        Ok(())
     }
 
     /// Every `PROCESSING` record under `prefix` whose lease has run out (by
@@ -194,30 +299,57 @@ impl RedisStore {
             ));
         }
         let pattern = pattern(prefix);
-        let mut cursor = 0;
         let mut deleted = 0;
-        loop {
-            let (next, keys) = self.scan_page(&pattern, cursor).await?;
-            if !keys.is_empty() {
-                let keys = &keys;
-                let n: u64 = self
-                    .run("", |mut conn, _| async move {
-                        redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await
-                    })
-                    .await?;
-                deleted += n;
+        for node in self.nodes().await? {
+            let mut cursor = 0;
+            loop {
+                let (next, keys) = self.scan_page(&node, &pattern, cursor).await?;
+                if !keys.is_empty() {
+                    // One UNLINK per key: a cluster refuses multi-key
+                    // commands across slots, even on one node.
+                    let mut pipe = redis::pipe();
+                    for key in &keys {
+                        pipe.cmd("UNLINK").arg(key);
+                    }
+                    let (pipe, node) = (&pipe, &node);
+                    let counts = self
+                        .run(
+                            "",
+                            |conn, _| async move { query_pipe(conn, node, pipe).await },
+                        )
+                        .await?;
+                    deleted += counts.iter().filter(|v| matches!(v, Value::Int(1))).count() as u64;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
         }
+        Ok(deleted)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::pattern;
+    use super::{masters, pattern};
+
+    #[test]
+    fn cluster_nodes_lists_healthy_masters() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7002@17002 master,fail - 0 1 3 connected 10923-16383
+d4 127.0.0.1:7003@17003 slave a1 0 1 1 connected
+";
+        assert_eq!(
+            masters(nodes),
+            vec![
+                ("127.0.0.1".to_owned(), 7000),
+                ("127.0.0.1".to_owned(), 7001)
+            ]
+        );
+    }
 
     #[test]
     fn prefixes_are_matched_literally() {
