@@ -239,11 +239,13 @@ async fn expired_lease_is_taken_over_and_stale_worker_loses(kind: Kind) {
         .checker
         .process(&e, |lease| async move {
             assert_eq!(lease.attempt, 2);
+            assert!(lease.taken_over, "the handler learns it took over");
             Ok::<_, IdempotencyError>("B".to_owned())
         })
         .await
         .expect("takeover");
     assert_eq!(taken, Processed::Executed("B".to_owned()));
+    assert_eq!(env.checker.stats().lease_takeovers, 1);
 
     let late = env.checker.mark_completed(&stale, &"A").await;
     assert!(

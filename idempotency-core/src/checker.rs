@@ -312,6 +312,7 @@ impl IdempotencyChecker {
             token: token.to_owned(),
             attempt: 0,
             expires_at: Utc::now(),
+            taken_over: false,
         };
         runtime.spawn(async move {
             let give_up = Instant::now() + durations.lease;
@@ -546,7 +547,16 @@ impl IdempotencyChecker {
                 other => self.count_store_error(other)?,
             };
             let claimed = match outcome {
-                ClaimOutcome::Acquired(lease) => Claimed::Acquired(lease),
+                ClaimOutcome::Acquired(lease) => {
+                    if lease.taken_over {
+                        bump(&self.inner.counters.lease_takeovers);
+                        tracing::info!(
+                            attempt = lease.attempt,
+                            "took over an attempt whose lease ran out"
+                        );
+                    }
+                    Claimed::Acquired(lease)
+                }
                 ClaimOutcome::Duplicate(record) => {
                     bump(&self.inner.counters.replayed);
                     if let Some(cache) = &self.inner.cache {

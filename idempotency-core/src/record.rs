@@ -178,6 +178,11 @@ pub struct Lease {
     pub attempt: u32,
     /// When the lease runs out unless renewed, as of the last claim or renewal.
     pub expires_at: DateTime<Utc>,
+    /// This attempt took over a `PROCESSING` record whose lease had run out:
+    /// an earlier attempt died (or stalled) part-way, so some of its side
+    /// effects may already have happened. Handlers whose effects are not
+    /// naturally idempotent can check for them when this is set.
+    pub taken_over: bool,
 }
 
 /// What a claim found.

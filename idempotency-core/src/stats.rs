@@ -21,6 +21,9 @@ pub struct CheckerStats {
     pub failed: u64,
     /// Attempts that found their lease taken over when they tried to finish.
     pub lease_lost: u64,
+    /// Claims that took over a `PROCESSING` record whose lease had run out
+    /// (the attempt before died or stalled).
+    pub lease_takeovers: u64,
     /// Keys reused with a different payload.
     pub fingerprint_mismatches: u64,
     /// Store operations that failed (unavailable, timed out, corrupt).
@@ -56,6 +59,7 @@ pub(crate) struct Counters {
     pub(crate) in_progress: Counter,
     pub(crate) failed: Counter,
     pub(crate) lease_lost: Counter,
+    pub(crate) lease_takeovers: Counter,
     pub(crate) fingerprint_mismatches: Counter,
     pub(crate) store_errors: Counter,
 }
@@ -69,6 +73,7 @@ impl Default for Counters {
             in_progress: Counter::new("idempotency_in_progress_total"),
             failed: Counter::new("idempotency_failed_total"),
             lease_lost: Counter::new("idempotency_lease_lost_total"),
+            lease_takeovers: Counter::new("idempotency_lease_takeovers_total"),
             fingerprint_mismatches: Counter::new("idempotency_fingerprint_mismatches_total"),
             store_errors: Counter::new("idempotency_store_errors_total"),
         }
@@ -102,6 +107,7 @@ impl Counters {
             in_progress: self.in_progress.get(),
             failed: self.failed.get(),
             lease_lost: self.lease_lost.get(),
+            lease_takeovers: self.lease_takeovers.get(),
             fingerprint_mismatches: self.fingerprint_mismatches.get(),
             store_errors: self.store_errors.get(),
         }

@@ -125,6 +125,7 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
 
     let second = acquire(store, &request("c:failed", "t2")).await;
     assert_eq!(second.attempt, 2);
+    assert!(!second.taken_over, "retrying a FAILED attempt is no takeover");
     let record = store.get("c:failed").await.expect("get").expect("record");
     assert!(first_seen.is_some());
     assert_eq!(
@@ -152,6 +153,8 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
 
     let new = acquire(store, &request("c:takeover", "new")).await;
     assert_eq!(new.attempt, 2);
+    assert!(new.taken_over, "the claim reports the takeover");
+    assert!(!old.taken_over, "a first claim takes nothing over");
 
     for stale in [
         store.complete(&old, &json!("stale"), LONG).await,
@@ -249,6 +252,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
 
 pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
     let forged = Lease {
+        taken_over: false,
         key: "c:forged".into(),
         token: "nobody".into(),
         attempt: 1,

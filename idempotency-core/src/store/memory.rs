@@ -208,11 +208,13 @@ impl IdempotencyStore for MemoryStore {
                     token: request.token.to_owned(),
                     attempt: entry.record.attempts,
                     expires_at: entry.record.lease_expires_at.unwrap_or(now),
+                    taken_over: false,
                 }));
             }
             // The decisions above are only made for a present record.
             (_, None) => 1,
         };
+        let taken_over = existing.is_some_and(|r| r.status == ProcessingStatus::Processing);
         let first_seen_at = existing.and_then(|r| r.first_seen_at).unwrap_or(now);
         let lease_expires_at = after(now, request.lease);
         let record = IdempotencyRecord {
@@ -240,6 +242,7 @@ impl IdempotencyStore for MemoryStore {
             token: request.token.to_owned(),
             attempt,
             expires_at: lease_expires_at,
+            taken_over,
         }))
     }
 

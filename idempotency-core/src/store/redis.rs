@@ -78,19 +78,20 @@ end
 local raw, rec = load(key, got or false)
 if rec == false then return {'corrupt', raw} end
 local now = now_ms()
-local attempts, first_seen = 0, now
+local attempts, first_seen, taken_over = 0, now, 0
 if rec then
   local theirs = val(rec.fingerprint)
   if fp and type(theirs) == 'string' and theirs ~= fp then return {'mismatch'} end
   if rec.status == 'COMPLETED' then return {'duplicate', raw, expiry(key, now)} end
   if rec.status == 'PROCESSING' then
     if rec.lease_token == token then
-      return {'acquired', tonumber(rec.attempts) or 1, tonumber(rec.lease_expires_at) or now}
+      return {'acquired', tonumber(rec.attempts) or 1, tonumber(rec.lease_expires_at) or now, 0}
     end
     if type(rec.lease_expires_at) == 'number' and rec.lease_expires_at > now then
       return {'in_progress', raw, expiry(key, now)}
     end
   end
+  if rec.status == 'PROCESSING' then taken_over = 1 end
   attempts = tonumber(rec.attempts) or 0
   first_seen = tonumber(val(rec.first_seen_at)) or now
   if not fp and type(theirs) == 'string' then fp = theirs end
@@ -101,7 +102,7 @@ local doc = cjson.encode({
   status = 'PROCESSING', first_seen_at = first_seen, attempts = attempts + 1,
   lease_token = token, lease_expires_at = expires, fingerprint = fp })
 redis.call('SET', key, doc, 'PX', math.max(ttl_ms, lease_ms))
-return {'acquired', attempts + 1, expires}
+return {'acquired', attempts + 1, expires, taken_over}
 "#;
 
 /// KEYS[1] key; ARGV token, lease_ms
@@ -495,6 +496,7 @@ impl IdempotencyStore for RedisStore {
                 token: request.token.to_owned(),
                 attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
                 expires_at: ms_to_time(reply.int(1)?),
+                taken_over: reply.int(2)? == 1,
             })),
             "duplicate" => Ok(ClaimOutcome::Duplicate(reply.record(request.key)?)),
             "in_progress" => Ok(ClaimOutcome::InProgress(reply.record(request.key)?)),
