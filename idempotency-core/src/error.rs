@@ -148,6 +148,26 @@ impl IdempotencyError {
         }
     }
 
+    /// The message without any key in it: what the framework logs at `WARN`
+    /// and `ERROR`, so keys (possibly personal data, unless key hashing is
+    /// on) stay out of logs above `DEBUG`.
+    pub fn redacted(&self) -> String {
+        match self {
+            Self::InProgress { attempt, .. } => {
+                format!("the event is being processed by another attempt (attempt {attempt})")
+            }
+            Self::Duplicate { .. } => "the event was already processed".to_owned(),
+            Self::FingerprintMismatch { .. } => {
+                "the idempotency key was already used with a different payload".to_owned()
+            }
+            Self::LeaseLost { .. } => {
+                "the lease was lost to another attempt; nothing was written".to_owned()
+            }
+            Self::CorruptRecord { .. } => "a stored record is corrupt".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
     /// Whether retrying the same call later may succeed (store outages and
     /// keys held by another attempt).
     pub fn is_retryable(&self) -> bool {
@@ -155,6 +175,34 @@ impl IdempotencyError {
             self,
             Self::InProgress { .. } | Self::StoreUnavailable { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdempotencyError;
+
+    #[test]
+    fn redacted_messages_name_no_key() {
+        let key = "customer-42@example.com";
+        for error in [
+            IdempotencyError::InProgress {
+                key: key.into(),
+                attempt: 2,
+            },
+            IdempotencyError::Duplicate {
+                key: key.into(),
+                cached_result: None,
+            },
+            IdempotencyError::FingerprintMismatch { key: key.into() },
+            IdempotencyError::LeaseLost { key: key.into() },
+            IdempotencyError::corrupt(key, "bad"),
+        ] {
+            assert!(error.to_string().contains(key));
+            assert!(!error.redacted().contains(key), "{}", error.redacted());
+        }
+        let other = IdempotencyError::Config("x".into());
+        assert_eq!(other.redacted(), other.to_string());
     }
 }
 

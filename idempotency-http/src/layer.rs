@@ -372,7 +372,7 @@ fn refusal(error: &IdempotencyError) -> Response<Body> {
             &format!("invalid Idempotency-Key: {reason}"),
         ),
         IdempotencyError::StoreUnavailable { .. } => {
-            tracing::warn!(%error, "idempotency store unavailable; request refused");
+            tracing::warn!(error = %error.redacted(), "idempotency store unavailable; request refused");
             retry_later(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the idempotency store is unavailable; the request was not processed",
@@ -385,7 +385,7 @@ fn refusal(error: &IdempotencyError) -> Response<Body> {
             1,
         ),
         other => {
-            tracing::error!(error = %other, "idempotency layer error");
+            tracing::error!(error = %other.redacted(), "idempotency layer error");
             problem(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the request could not be processed",

@@ -46,7 +46,7 @@ pub(crate) fn classify(error: &IdempotencyError) -> Disposition {
     match error {
         IdempotencyError::InProgress { .. } => Disposition::Retry {
             busy: true,
-            reason: error.to_string(),
+            reason: error.redacted(),
         },
         IdempotencyError::Duplicate { cached_result, .. } => Disposition::Done {
             reply: Bytes::from(serde_json::to_vec(cached_result).unwrap_or_default()),
@@ -55,11 +55,11 @@ pub(crate) fn classify(error: &IdempotencyError) -> Disposition {
         | IdempotencyError::InvalidKey { .. }
         | IdempotencyError::MissingKey
         | IdempotencyError::Serialization(_) => Disposition::Reject {
-            reason: error.to_string(),
+            reason: error.redacted(),
         },
         _ => Disposition::Retry {
             busy: false,
-            reason: error.to_string(),
+            reason: error.redacted(),
         },
     }
 }

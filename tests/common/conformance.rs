@@ -125,7 +125,10 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
 
     let second = acquire(store, &request("c:failed", "t2")).await;
     assert_eq!(second.attempt, 2);
-    assert!(!second.taken_over, "retrying a FAILED attempt is no takeover");
+    assert!(
+        !second.taken_over,
+        "retrying a FAILED attempt is no takeover"
+    );
     let record = store.get("c:failed").await.expect("get").expect("record");
     assert!(first_seen.is_some());
     assert_eq!(
