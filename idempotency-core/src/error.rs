@@ -178,6 +178,9 @@ impl IdempotencyError {
     }
 }
 
+/// The result type of this crate.
+pub type Result<T, E = IdempotencyError> = std::result::Result<T, E>;
+
 #[cfg(test)]
 mod tests {
     use super::IdempotencyError;
@@ -205,6 +208,3 @@ mod tests {
         assert_eq!(other.redacted(), other.to_string());
     }
 }
-
-/// The result type of this crate.
-pub type Result<T, E = IdempotencyError> = std::result::Result<T, E>;
