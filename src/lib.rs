@@ -31,6 +31,8 @@
 //! | `redis` | yes | [`RedisStore`], the shared store for fleets of workers |
 //! | `http` | no | [`http`]: the `Idempotency-Key` tower layer for axum |
 //! | `nats` | no | [`nats`]: NATS subscribers, JetStream consumers, the dedup relay |
+//! | `tls` | no | `rediss://` URLs for [`RedisStore`] (rustls with the ring provider) |
+//! | `cli` | no | the `idempotency` admin binary |
 
 #[doc(inline)]
 pub use idempotency_core::*;
@@ -59,7 +61,8 @@ struct ReadmeDoctests;
     feature = "http",
     feature = "nats",
     feature = "macros",
-    feature = "redis"
+    feature = "redis",
+    feature = "tls"
 ))]
 #[doc = include_str!("../IDEMPOTENCY_GUIDE.md")]
 struct GuideDoctests;
