@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::breaker::{Breaker, CircuitState, Permit, Transition};
 use crate::cache::ReplayCache;
 use crate::config::{DuplicatePolicy, IdempotencyConfig, InProgressPolicy, check_duration};
 use crate::envelope::EventEnvelope;
@@ -179,6 +180,7 @@ struct Inner {
     config: IdempotencyConfig,
     counters: Counters,
     cache: Option<ReplayCache>,
+    breaker: Option<Breaker>,
 }
 
 /// Makes handlers idempotent over an [`IdempotencyStore`].
@@ -252,6 +254,7 @@ impl IdempotencyChecker {
             inner: Arc::new(Inner {
                 store,
                 cache: config.local_cache.map(ReplayCache::new),
+                breaker: config.circuit_breaker.map(Breaker::new),
                 config,
                 counters: Counters::default(),
             }),
@@ -273,11 +276,84 @@ impl IdempotencyChecker {
         self.inner.counters.snapshot()
     }
 
-    /// Checks that the store answers.
+    /// Where the circuit breaker in front of the store is;
+    /// [`CircuitState::Closed`] when the breaker is off (see
+    /// [`IdempotencyConfigBuilder::circuit_breaker`](crate::IdempotencyConfigBuilder::circuit_breaker)).
+    pub fn circuit_state(&self) -> CircuitState {
+        self.inner
+            .breaker
+            .as_ref()
+            .map_or(CircuitState::Closed, Breaker::state)
+    }
+
+    /// Checks that the store answers. While the circuit breaker is open this
+    /// fails fast without asking the store; once the cool-down is over it
+    /// may be the probe that closes the breaker.
     pub async fn health_check(&self) -> Result<()> {
+        self.gated("health", || self.inner.store.health()).await
+    }
+
+    /// Asks the circuit breaker for a gated store call: `Err` (a
+    /// `StoreUnavailable` saying the circuit is open) when the store must
+    /// not be called.
+    fn admit(&self) -> Result<Option<Permit<'_>>> {
+        match &self.inner.breaker {
+            None => Ok(None),
+            Some(breaker) => breaker.admit().map(Some).map_err(|open| {
+                tracing::debug!(%open, "store call refused");
+                IdempotencyError::store_unavailable(self.inner.store.name(), open)
+            }),
+        }
+    }
+
+    /// Reports a store call's outcome to the circuit breaker.
+    fn settle<T>(&self, permit: Option<Permit<'_>>, result: &Result<T>) {
+        let Some(permit) = permit else {
+            return;
+        };
+        let unavailable = matches!(result, Err(IdempotencyError::StoreUnavailable { .. }));
+        match permit.record(unavailable) {
+            Some(Transition::Opened { open_for }) => {
+                bump(&self.inner.counters.circuit_opened);
+                tracing::warn!(
+                    store = self.inner.store.name(),
+                    open_for_ms = u64::try_from(open_for.as_millis()).unwrap_or(u64::MAX),
+                    "circuit breaker opened after consecutive store failures; store calls fail fast until a probe succeeds"
+                );
+            }
+            Some(Transition::Reopened { open_for }) => tracing::debug!(
+                store = self.inner.store.name(),
+                open_for_ms = u64::try_from(open_for.as_millis()).unwrap_or(u64::MAX),
+                "circuit breaker probe failed; staying open"
+            ),
+            Some(Transition::Closed) => tracing::info!(
+                store = self.inner.store.name(),
+                "the store answered the probe; circuit breaker closed"
+            ),
+            None => {}
+        }
+    }
+
+    /// Reports the outcome of a store call the breaker does not gate
+    /// (renew, complete, fail: writes for an attempt whose handler runs or
+    /// ran). It still counts while the breaker is closed.
+    fn observe<T>(&self, result: &Result<T>) {
+        self.settle(self.inner.breaker.as_ref().map(Breaker::unchecked), result);
+    }
+
+    /// Runs one gated store call `op` (named `name` in metrics).
+    async fn gated<T, Fut>(&self, name: &'static str, op: impl FnOnce() -> Fut) -> Result<T>
+    where
+        Fut: Future<Output = Result<T>>,
+    {
+        let permit = match self.admit() {
+            Ok(permit) => permit,
+            Err(open) => return self.count_store_error(Err(open)),
+        };
         let started = Instant::now();
-        let result = self.inner.store.health().await;
-        store_latency("health", started);
+        let result = op().await;
+        store_latency(name, started);
+        self.settle(permit, &result);
         self.count_store_error(result)
     }
 
@@ -302,11 +378,14 @@ impl IdempotencyChecker {
     /// lease, to fail that attempt: a token-checked write that changes nothing
     /// unless the claim really landed, in which case the key becomes
     /// retryable at once instead of blocked until the lease expires.
+    ///
+    /// The tries go through the circuit breaker: while it is open they wait
+    /// instead of adding load to a store that is down.
     fn release_uncertain_claim(&self, key: &str, token: &str, durations: Durations) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let store = Arc::clone(&self.inner.store);
+        let checker = self.clone();
         let lease = Lease {
             key: key.to_owned(),
             token: token.to_owned(),
@@ -318,14 +397,23 @@ impl IdempotencyChecker {
             let give_up = Instant::now() + durations.lease;
             let mut pause = Duration::from_millis(100);
             while Instant::now() < give_up {
-                match store
-                    .fail(
-                        &lease,
-                        "claim outcome unknown: the store did not answer",
-                        durations.ttl,
-                    )
-                    .await
-                {
+                let released = match checker.admit() {
+                    Ok(permit) => {
+                        let released = checker
+                            .inner
+                            .store
+                            .fail(
+                                &lease,
+                                "claim outcome unknown: the store did not answer",
+                                durations.ttl,
+                            )
+                            .await;
+                        checker.settle(permit, &released);
+                        released
+                    }
+                    Err(open) => Err(open),
+                };
+                match released {
                     Err(IdempotencyError::StoreUnavailable { .. }) => {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(5));
@@ -339,10 +427,9 @@ impl IdempotencyChecker {
     /// The record for a raw idempotency key, whatever its status.
     pub async fn get_processing_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
         let key = stored_key(key, &self.inner.config)?;
-        let started = Instant::now();
-        let record = self.inner.store.get(&key.storage).await;
-        store_latency("get", started);
-        let record = self.count_store_error(record)?;
+        let record = self
+            .gated("get", || self.inner.store.get(&key.storage))
+            .await?;
         Ok(record.map(|mut record| {
             if record.idempotency_key.is_empty() {
                 record.idempotency_key = key.recorded;
@@ -374,10 +461,9 @@ impl IdempotencyChecker {
     pub async fn delete_record(&self, key: &str) -> Result<bool> {
         let storage = self.storage_key(key)?;
         self.forget(&storage);
-        let started = Instant::now();
-        let deleted = self.inner.store.delete(&storage).await;
-        store_latency("delete", started);
-        let deleted = self.count_store_error(deleted);
+        let deleted = self
+            .gated("delete", || self.inner.store.delete(&storage))
+            .await;
         // A duplicate answered by the store while the delete was in flight
         // may have cached the record again.
         self.forget(&storage);
@@ -448,6 +534,7 @@ impl IdempotencyChecker {
             .instrument(tracing::debug_span!("idempotency.complete", key = %lease.key, attempt = lease.attempt))
             .await;
         store_latency("complete", started);
+        self.observe(&result);
         tracing::debug!(key = %lease.key, ok = result.is_ok(), "complete");
         match &result {
             Ok(()) => bump(&self.inner.counters.executed),
@@ -474,6 +561,7 @@ impl IdempotencyChecker {
             )
             .await;
         store_latency("fail", started);
+        self.observe(&result);
         tracing::debug!(key = %lease.key, ok = result.is_ok(), "fail");
         match &result {
             Ok(()) => bump(&self.inner.counters.failed),
@@ -524,6 +612,11 @@ impl IdempotencyChecker {
         };
         let mut pause = Duration::from_millis(10);
         loop {
+            // Refused by the open breaker: nothing was sent, nothing to release.
+            let permit = match self.admit() {
+                Ok(permit) => permit,
+                Err(open) => return self.count_store_error(Err(open)),
+            };
             let started = Instant::now();
             let outcome = self
                 .inner
@@ -532,6 +625,7 @@ impl IdempotencyChecker {
                 .instrument(tracing::debug_span!("idempotency.claim", key = %key.storage))
                 .await;
             store_latency("claim", started);
+            self.settle(permit, &outcome);
             let outcome = match outcome {
                 Err(e @ IdempotencyError::FingerprintMismatch { .. }) => {
                     bump(&self.inner.counters.fingerprint_mismatches);
@@ -582,6 +676,11 @@ impl IdempotencyChecker {
 
     /// Claims the envelope's key and returns a guard for the manual style.
     /// See [`IdempotencyGuard`].
+    ///
+    /// When the store is unavailable (or the circuit breaker is open) this
+    /// returns [`StoreUnavailable`](IdempotencyError::StoreUnavailable) even
+    /// with [`fail_open`](crate::IdempotencyConfigBuilder::fail_open) on:
+    /// the manual style leaves that decision to the caller.
     pub async fn guard<P: Serialize>(
         &self,
         envelope: &EventEnvelope<P>,
@@ -620,8 +719,13 @@ impl IdempotencyChecker {
     /// - While another attempt runs, the call fails with
     ///   [`IdempotencyError::InProgress`] (or waits, under
     ///   [`InProgressPolicy::Wait`]).
-    /// - If the store cannot be reached the handler does not run and the error
-    ///   is returned (fail closed).
+    /// - If the store cannot be reached (or the circuit breaker is open) the
+    ///   handler does not run and
+    ///   [`StoreUnavailable`](IdempotencyError::StoreUnavailable) is
+    ///   returned (fail closed), unless
+    ///   [`fail_open`](crate::IdempotencyConfigBuilder::fail_open) is on:
+    ///   then the handler runs unguarded and its value comes back as
+    ///   [`Processed::Executed`].
     pub async fn process<P, T, E, F, Fut>(
         &self,
         envelope: &EventEnvelope<P>,
@@ -652,7 +756,15 @@ impl IdempotencyChecker {
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let (claimed, durations, key) = self.claim(&request).await?;
+        let (claimed, durations, key) = match self.claim(&request).await {
+            Ok(claimed) => claimed,
+            Err(error @ IdempotencyError::StoreUnavailable { .. })
+                if self.inner.config.fail_open =>
+            {
+                return self.run_unguarded(&request, &error, handler).await;
+            }
+            Err(error) => return Err(E::from(error)),
+        };
         let lease = match claimed {
             Claimed::Acquired(lease) => lease,
             Claimed::Duplicate(record) => {
@@ -703,20 +815,20 @@ impl IdempotencyChecker {
                     // runs again; duplicates get a decoding error.
                     if let Err(store_error) = guard.finish_completed(&serde_json::Value::Null).await
                     {
-                        tracing::warn!(error = %store_error, "could not record the completed attempt");
+                        tracing::warn!(error = %store_error.redacted(), "could not record the completed attempt");
                     }
                     Err(E::from(IdempotencyError::Serialization(e)))
                 }
             },
             Ok(Err(error)) => {
                 if let Err(store_error) = guard.finish_failed(&error.to_string()).await {
-                    tracing::warn!(error = %store_error, "could not record the failed attempt; its lease will expire");
+                    tracing::warn!(error = %store_error.redacted(), "could not record the failed attempt; its lease will expire");
                 }
                 Err(error)
             }
             Err(panic) => {
                 if let Err(store_error) = guard.finish_failed("handler panicked").await {
-                    tracing::warn!(error = %store_error, "could not record the panicked attempt; its lease will expire");
+                    tracing::warn!(error = %store_error.redacted(), "could not record the panicked attempt; its lease will expire");
                 }
                 std::panic::resume_unwind(panic)
             }
@@ -725,6 +837,52 @@ impl IdempotencyChecker {
 }
 
 impl IdempotencyChecker {
+    /// Fail open: the claim failed with the store unavailable, so run the
+    /// handler with no record at all (see
+    /// [`IdempotencyConfigBuilder::fail_open`](crate::IdempotencyConfigBuilder::fail_open)).
+    async fn run_unguarded<T, E, F, Fut>(
+        &self,
+        request: &KeyedRequest<'_>,
+        cause: &IdempotencyError,
+        handler: F,
+    ) -> Result<Processed<T>, E>
+    where
+        E: From<IdempotencyError>,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let storage = self.storage_key(request.key)?;
+        bump(&self.inner.counters.fail_open);
+        // No key or payload at warn level: raw keys may be personal data.
+        tracing::warn!(
+            error = %cause.redacted(),
+            circuit_open = cause.is_circuit_open(),
+            event_type = request.event_type,
+            "store unavailable: running the handler unguarded (fail_open); a redelivery will run it again"
+        );
+        tracing::debug!(key = %storage, "unguarded run");
+        let lease_for = request
+            .in_progress_timeout
+            .unwrap_or(self.inner.config.in_progress_timeout);
+        let now = Utc::now();
+        let lease = Lease {
+            key: storage,
+            token: new_token(),
+            attempt: 0,
+            expires_at: chrono::TimeDelta::from_std(lease_for)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .unwrap_or(now),
+            taken_over: false,
+        };
+        let started = Instant::now();
+        let value = CURRENT_LEASE
+            .scope(lease.clone(), async move { handler(lease).await })
+            .await;
+        handler_latency(started);
+        value.map(Processed::Executed)
+    }
+
     /// Puts this process's own completion into the local replay cache, as
     /// the record the store now holds.
     fn remember(
@@ -918,6 +1076,7 @@ impl IdempotencyGuard {
             .instrument(tracing::debug_span!("idempotency.renew", key = %lease.key))
             .await;
         store_latency("renew", started);
+        self.checker.observe(&renewed);
         let renewed = self.checker.count_store_error(renewed)?;
         self.state = GuardState::Held(renewed);
         Ok(())
@@ -957,7 +1116,7 @@ impl IdempotencyGuard {
     /// Renews the lease every third of the lease until dropped (sooner after
     /// a failed renewal). Never returns.
     fn heartbeat(&self) -> impl Future<Output = Infallible> + use<> {
-        let store = Arc::clone(&self.checker.inner.store);
+        let checker = self.checker.clone();
         let lease_duration = self.durations.lease;
         let lease = self.lease().cloned();
         async move {
@@ -969,11 +1128,14 @@ impl IdempotencyGuard {
             loop {
                 tokio::time::sleep(pause).await;
                 let started = Instant::now();
-                let renewed = store
+                let renewed = checker
+                    .inner
+                    .store
                     .renew(&lease, lease_duration)
                     .instrument(tracing::debug_span!("idempotency.renew", key = %lease.key))
                     .await;
                 store_latency("renew", started);
+                checker.observe(&renewed);
                 match renewed {
                     Ok(renewed) => {
                         lease = renewed;
@@ -987,7 +1149,7 @@ impl IdempotencyGuard {
                         return std::future::pending().await;
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "could not renew the lease; trying again soon");
+                        tracing::warn!(error = %error.redacted(), "could not renew the lease; trying again soon");
                         pause = (every / 4).max(Duration::from_millis(1));
                     }
                 }

@@ -119,6 +119,8 @@ pub struct IdempotencyConfig {
     pub(crate) on_duplicate: DuplicatePolicy,
     pub(crate) on_in_progress: InProgressPolicy,
     pub(crate) local_cache: Option<LocalCache>,
+    pub(crate) circuit_breaker: Option<CircuitBreakerConfig>,
+    pub(crate) fail_open: bool,
 }
 
 /// The optional in-process cache of `COMPLETED` records (see
@@ -130,6 +132,40 @@ pub struct LocalCache {
     /// How long one entry may be replayed without asking the store (never
     /// longer than the record itself lives).
     pub ttl: Duration,
+}
+
+/// The checker's circuit breaker (see
+/// [`IdempotencyConfigBuilder::circuit_breaker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreakerConfig {
+    /// How many consecutive `StoreUnavailable` answers open the breaker.
+    /// Default 5.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before one probe call may test the
+    /// store. Default 2s.
+    pub open_for: Duration,
+    /// The longest cool-down: each failed probe doubles the last one, up to
+    /// this. 30s, or `open_for` when that is longer.
+    pub max_open_for: Duration,
+}
+
+/// The cap on a growing cool-down, unless `open_for` itself is longer.
+const MAX_OPEN_FOR: Duration = Duration::from_secs(30);
+
+impl CircuitBreakerConfig {
+    fn new(failure_threshold: u32, open_for: Duration) -> Self {
+        Self {
+            failure_threshold,
+            open_for,
+            max_open_for: open_for.max(MAX_OPEN_FOR),
+        }
+    }
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self::new(5, Duration::from_secs(2))
+    }
 }
 
 impl Default for IdempotencyConfig {
@@ -144,6 +180,8 @@ impl Default for IdempotencyConfig {
             on_duplicate: DuplicatePolicy::Replay,
             on_in_progress: InProgressPolicy::Error,
             local_cache: None,
+            circuit_breaker: Some(CircuitBreakerConfig::default()),
+            fail_open: false,
         }
     }
 }
@@ -157,6 +195,7 @@ impl IdempotencyConfig {
             in_progress_timeout: None,
             wait: None,
             cache_ttl: None,
+            breaker: None,
         }
     }
 
@@ -206,6 +245,18 @@ impl IdempotencyConfig {
     pub fn local_cache(&self) -> Option<LocalCache> {
         self.local_cache
     }
+
+    /// The circuit breaker in front of the store, if on. Default on: 5
+    /// consecutive failures open it for 2s.
+    pub fn circuit_breaker(&self) -> Option<CircuitBreakerConfig> {
+        self.circuit_breaker
+    }
+
+    /// Whether `process` runs the handler unguarded when the store is
+    /// unavailable. Default off (fail closed).
+    pub fn fail_open(&self) -> bool {
+        self.fail_open
+    }
 }
 
 /// Builder of [`IdempotencyConfig`]; [`build`](Self::build) validates.
@@ -233,6 +284,7 @@ pub struct IdempotencyConfigBuilder {
     in_progress_timeout: Option<DurationArg>,
     wait: Option<DurationArg>,
     cache_ttl: Option<(usize, DurationArg)>,
+    breaker: Option<(u32, DurationArg)>,
 }
 
 impl IdempotencyConfigBuilder {
@@ -308,6 +360,61 @@ impl IdempotencyConfigBuilder {
         self
     }
 
+    /// Sets the circuit breaker: after `failure_threshold` consecutive
+    /// [`StoreUnavailable`](IdempotencyError::StoreUnavailable) answers, the
+    /// checker stops calling the store for `open_for` (e.g. `"2s"`) and
+    /// fails fast with `StoreUnavailable` instead; then one probe call tests
+    /// the store: its success closes the breaker, its failure re-opens it
+    /// for twice as long (up to 30s, or `open_for` if longer). On by
+    /// default with 5 failures and 2s.
+    ///
+    /// The breaker gates the calls that start work or only read: claims
+    /// (`process`, `guard`, `mark_processing`), `get_processing_record`,
+    /// `is_duplicate`, `delete_record` and `health_check`. Writes on behalf
+    /// of an attempt whose handler is running or has run (lease renewals,
+    /// `complete`, `fail`, a dropped guard's release) always go to the
+    /// store: they record real outcomes, and skipping a renewal could hand a
+    /// live attempt's key to another worker. Their failures still count
+    /// towards opening the breaker. The background release of a claim whose
+    /// reply was lost waits while the breaker is open. Replays from the
+    /// local replay cache need no store and keep working.
+    pub fn circuit_breaker(
+        mut self,
+        failure_threshold: u32,
+        open_for: impl Into<DurationArg>,
+    ) -> Self {
+        self.breaker = Some((failure_threshold, open_for.into()));
+        self
+    }
+
+    /// Turns the circuit breaker off: every call goes to the store.
+    pub fn no_circuit_breaker(mut self) -> Self {
+        self.breaker = None;
+        self.config.circuit_breaker = None;
+        self
+    }
+
+    /// Fail open: when the claim fails with
+    /// [`StoreUnavailable`](IdempotencyError::StoreUnavailable) (the store
+    /// is down, or the circuit breaker is open),
+    /// [`process`](crate::IdempotencyChecker::process) and
+    /// [`process_request`](crate::IdempotencyChecker::process_request) run
+    /// the handler *unguarded* and return
+    /// [`Processed::Executed`](crate::Processed::Executed): nothing is
+    /// recorded, so a redelivery runs it again. Each such run logs a warning
+    /// and counts in [`CheckerStats::fail_open`](crate::CheckerStats::fail_open).
+    /// The handler's lease is not known to any store: its `attempt` is 0.
+    ///
+    /// Default off (fail closed: the error is returned and the handler does
+    /// not run). Turn it on only for handlers where running twice is cheaper
+    /// than not running. The manual [`guard`](crate::IdempotencyChecker::guard)
+    /// and [`mark_processing`](crate::IdempotencyChecker::mark_processing)
+    /// calls always return the error: their callers decide.
+    pub fn fail_open(mut self, on: bool) -> Self {
+        self.config.fail_open = on;
+        self
+    }
+
     /// Validates and returns the configuration.
     pub fn build(self) -> Result<IdempotencyConfig> {
         let mut config = self.config;
@@ -330,6 +437,17 @@ impl IdempotencyConfigBuilder {
                 max_entries,
                 ttl: ttl.resolve("local_cache ttl")?,
             });
+        }
+        if let Some((failure_threshold, open_for)) = self.breaker {
+            if failure_threshold == 0 {
+                return Err(IdempotencyError::Config(
+                    "circuit_breaker: failure_threshold must be at least 1".into(),
+                ));
+            }
+            config.circuit_breaker = Some(CircuitBreakerConfig::new(
+                failure_threshold,
+                open_for.resolve("circuit_breaker open_for")?,
+            ));
         }
         if config.max_key_len == 0 {
             return Err(IdempotencyError::Config(
@@ -394,5 +512,48 @@ mod tests {
         assert_eq!(c.max_key_len(), 255);
         assert_eq!(c.on_duplicate(), DuplicatePolicy::Replay);
         assert_eq!(c.on_in_progress(), InProgressPolicy::Error);
+        assert_eq!(
+            c.circuit_breaker(),
+            Some(CircuitBreakerConfig {
+                failure_threshold: 5,
+                open_for: Duration::from_secs(2),
+                max_open_for: Duration::from_secs(30),
+            })
+        );
+        assert!(!c.fail_open());
+    }
+
+    #[test]
+    fn circuit_breaker_is_validated_and_can_be_turned_off() {
+        let err = IdempotencyConfig::builder()
+            .circuit_breaker(0, "1s")
+            .build()
+            .expect_err("zero threshold");
+        assert!(err.to_string().contains("failure_threshold"), "{err}");
+        let err = IdempotencyConfig::builder()
+            .circuit_breaker(3, "soon")
+            .build()
+            .expect_err("bad duration");
+        assert!(err.to_string().contains("open_for"), "{err}");
+        let long = IdempotencyConfig::builder()
+            .circuit_breaker(3, "1m")
+            .build()
+            .expect("config");
+        assert_eq!(
+            long.circuit_breaker(),
+            Some(CircuitBreakerConfig {
+                failure_threshold: 3,
+                open_for: Duration::from_secs(60),
+                max_open_for: Duration::from_secs(60),
+            })
+        );
+        let off = IdempotencyConfig::builder()
+            .circuit_breaker(3, "1s")
+            .no_circuit_breaker()
+            .fail_open(true)
+            .build()
+            .expect("config");
+        assert_eq!(off.circuit_breaker(), None);
+        assert!(off.fail_open());
     }
 }

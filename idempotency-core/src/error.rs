@@ -93,8 +93,11 @@ pub enum IdempotencyError {
         reason: InvalidKeyReason,
     },
 
-    /// The store could not be reached or did not answer in time. The handler
-    /// did not run (the checker fails closed).
+    /// The store could not be reached or did not answer in time, or the
+    /// checker's circuit breaker is open after repeated failures (see
+    /// [`is_circuit_open`](Self::is_circuit_open); the source then says so).
+    /// The handler did not run (the checker fails closed), unless
+    /// [`fail_open`](crate::IdempotencyConfigBuilder::fail_open) is on.
     #[error("the {store} store is unavailable")]
     StoreUnavailable {
         /// Which store (`"redis"`, `"memory"`, ...).
@@ -166,6 +169,16 @@ impl IdempotencyError {
             Self::CorruptRecord { .. } => "a stored record is corrupt".to_owned(),
             other => other.to_string(),
         }
+    }
+
+    /// Whether this is a [`StoreUnavailable`](Self::StoreUnavailable) error
+    /// from the checker's open circuit breaker: the store was not called.
+    pub fn is_circuit_open(&self) -> bool {
+        matches!(
+            self,
+            Self::StoreUnavailable { source, .. }
+                if source.downcast_ref::<crate::breaker::CircuitOpen>().is_some()
+        )
     }
 
     /// Whether retrying the same call later may succeed (store outages and

@@ -38,6 +38,7 @@
 //! |---|---|
 //! | `redis` | [`RedisStore`], on the `redis` crate's `ConnectionManager` |
 
+mod breaker;
 mod cache;
 mod checker;
 mod config;
@@ -52,10 +53,11 @@ pub mod store;
 #[doc(hidden)]
 pub mod __private;
 
+pub use breaker::CircuitState;
 pub use checker::{IdempotencyChecker, IdempotencyGuard, KeyedRequest, Processed, current_lease};
 pub use config::{
-    DuplicatePolicy, DurationArg, IdempotencyConfig, IdempotencyConfigBuilder, InProgressPolicy,
-    LocalCache, parse_duration,
+    CircuitBreakerConfig, DuplicatePolicy, DurationArg, IdempotencyConfig,
+    IdempotencyConfigBuilder, InProgressPolicy, LocalCache, parse_duration,
 };
 pub use envelope::EventEnvelope;
 pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result};

@@ -26,8 +26,15 @@ pub struct CheckerStats {
     pub lease_takeovers: u64,
     /// Keys reused with a different payload.
     pub fingerprint_mismatches: u64,
-    /// Store operations that failed (unavailable, timed out, corrupt).
+    /// Store operations that failed (unavailable, timed out, corrupt),
+    /// including calls refused by the open circuit breaker.
     pub store_errors: u64,
+    /// Handlers run unguarded because the store was unavailable and
+    /// [`fail_open`](crate::IdempotencyConfigBuilder::fail_open) is on.
+    pub fail_open: u64,
+    /// How many times the circuit breaker opened (closed → open; a failed
+    /// probe that keeps it open is not counted again).
+    pub circuit_opened: u64,
 }
 
 /// One counter: kept in the checker for [`CheckerStats`] and reported to
@@ -62,6 +69,8 @@ pub(crate) struct Counters {
     pub(crate) lease_takeovers: Counter,
     pub(crate) fingerprint_mismatches: Counter,
     pub(crate) store_errors: Counter,
+    pub(crate) fail_open: Counter,
+    pub(crate) circuit_opened: Counter,
 }
 
 impl Default for Counters {
@@ -76,6 +85,8 @@ impl Default for Counters {
             lease_takeovers: Counter::new("idempotency_lease_takeovers_total"),
             fingerprint_mismatches: Counter::new("idempotency_fingerprint_mismatches_total"),
             store_errors: Counter::new("idempotency_store_errors_total"),
+            fail_open: Counter::new("idempotency_fail_open_total"),
+            circuit_opened: Counter::new("idempotency_circuit_opened_total"),
         }
     }
 }
@@ -110,6 +121,8 @@ impl Counters {
             lease_takeovers: self.lease_takeovers.get(),
             fingerprint_mismatches: self.fingerprint_mismatches.get(),
             store_errors: self.store_errors.get(),
+            fail_open: self.fail_open.get(),
+            circuit_opened: self.circuit_opened.get(),
         }
     }
 }
