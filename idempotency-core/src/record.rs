@@ -164,7 +164,7 @@ impl IdempotencyRecord {
 
 /// The right to run one attempt for one key, handed out by a successful claim.
 ///
-/// The `token` is a fencing token: fresh and random for each claim. Only the
+/// The `token` is a fencing token: unique to each claim. Only the
 /// holder of the current token can complete, fail or renew the record, so a
 /// worker whose lease was taken over can never overwrite the newer attempt.
 /// Handlers can use the token to fence their own writes too.
