@@ -57,13 +57,18 @@ pub struct Prepared<'c> {
 }
 
 struct Call {
-    key: String,
-    event_id: String,
-    event_type: String,
+    /// The key, the event id and the event type, one after the other in one
+    /// allocation (this runs on every call).
+    text: String,
+    key_end: usize,
+    id_end: usize,
     fingerprint: Option<String>,
     options: Options,
 }
 
+// The generated code hands over the key it computed; it is copied into the
+// call's one allocation.
+#[allow(clippy::needless_pass_by_value)]
 pub fn prepare<'c, P: Serialize>(
     checker: impl CheckerRef<'c>,
     envelope: &EventEnvelope<P>,
@@ -76,12 +81,20 @@ pub fn prepare<'c, P: Serialize>(
         } else {
             None
         };
+        let key = key.as_deref().unwrap_or_else(|| envelope.effective_key());
+        let mut text =
+            String::with_capacity(key.len() + envelope.event_id.len() + envelope.event_type.len());
+        text.push_str(key);
+        let key_end = text.len();
+        text.push_str(&envelope.event_id);
+        let id_end = text.len();
+        text.push_str(&envelope.event_type);
         Ok((
             checker,
             Call {
-                key: key.unwrap_or_else(|| envelope.effective_key().to_owned()),
-                event_id: envelope.event_id.clone(),
-                event_type: envelope.event_type.clone(),
+                text,
+                key_end,
+                id_end,
                 fingerprint,
                 options,
             },
@@ -102,14 +115,22 @@ where
     E: From<IdempotencyError> + std::fmt::Display,
     Fut: Future<Output = Result<T, E>>,
 {
-    let (checker, call) = prepared.inner?;
-    let mut request = KeyedRequest::new(&call.key)
-        .event_id(&call.event_id)
-        .event_type(&call.event_type);
-    if let Some(fingerprint) = call.fingerprint {
+    let (
+        checker,
+        Call {
+            text,
+            key_end,
+            id_end,
+            fingerprint,
+            options,
+        },
+    ) = prepared.inner?;
+    let mut request = KeyedRequest::new(&text[..key_end])
+        .event_id(&text[key_end..id_end])
+        .event_type(&text[id_end..]);
+    if let Some(fingerprint) = fingerprint {
         request = request.fingerprint(fingerprint);
     }
-    let options = call.options;
     if let Some(ttl) = options.ttl {
         request = request.ttl(ttl);
     }
