@@ -77,4 +77,25 @@ conformance!(
     get_and_delete,
     renewed_record_outlives_its_first_lease,
     empty_strings_mean_absent,
+    marks_are_new_once_and_answer_in_order,
+    marks_detect_repeats_within_a_batch,
+    contains_reads_without_marking,
+    marks_expire_after_ttl,
+    a_mark_is_a_completed_record_claimed_as_duplicate,
 );
+
+mod concurrent_marks_have_one_winner {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn memory() {
+        let (_server, store) = super::memory().await;
+        common::conformance::concurrent_marks_have_one_winner(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis() {
+        let (_server, store) = super::redis().await;
+        common::conformance::concurrent_marks_have_one_winner(store).await;
+    }
+}

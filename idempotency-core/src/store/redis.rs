@@ -24,6 +24,7 @@ use super::{ClaimRequest, IdempotencyStore};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{ClaimOutcome, IdempotencyRecord, Lease};
 
+mod dedup;
 mod ops;
 pub use ops::PrefixSummary;
 
@@ -517,6 +518,14 @@ impl IdempotencyStore for RedisStore {
             })
             .await?;
         Ok(())
+    }
+
+    async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>> {
+        self.mark_keys(keys, ttl).await
+    }
+
+    async fn contains(&self, keys: &[&str]) -> Result<Vec<bool>> {
+        self.contains_keys(keys).await
     }
 }
 
