@@ -62,3 +62,19 @@ mod concurrent_claims_have_one_winner {
 }
 
 for_each_rule!(conformance);
+
+mod concurrent_marks_have_one_winner {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn memory() {
+        let (_server, store) = super::memory().await;
+        common::conformance::concurrent_marks_have_one_winner(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis() {
+        let (_server, store) = super::redis().await;
+        common::conformance::concurrent_marks_have_one_winner(store).await;
+    }
+}

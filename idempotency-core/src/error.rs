@@ -86,6 +86,15 @@ pub enum IdempotencyError {
     #[error("the event has no idempotency key and no event id")]
     MissingKey,
 
+    /// A field that a [`KeyExtractor::Fields`](crate::KeyExtractor::Fields)
+    /// key is built from is missing from the payload (or null); no store
+    /// was asked. A key is never built from an invented value.
+    #[error("the payload has no key field `{field}`")]
+    MissingKeyField {
+        /// The field name or JSON pointer, as configured.
+        field: String,
+    },
+
     /// The key failed validation; no store was asked and no handler ran.
     #[error("invalid idempotency key: {reason}")]
     InvalidKey {

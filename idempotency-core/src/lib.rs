@@ -6,6 +6,9 @@
 //! get the first result replayed, failed attempts are retried, and a crashed
 //! attempt is taken over once its lease runs out.
 //!
+//! Pure deduplication pipelines, which need "is this id new?" rather than
+//! a handler run once, use [`Deduplicator`] on the same stores.
+//!
 //! Most applications depend on the umbrella crate `idempotency`, which
 //! re-exports this one. Store authors depend on this crate and implement
 //! [`IdempotencyStore`].
@@ -42,6 +45,7 @@ mod breaker;
 mod cache;
 mod checker;
 mod config;
+mod dedup;
 mod envelope;
 mod error;
 mod global;
@@ -59,6 +63,7 @@ pub use config::{
     CircuitBreakerConfig, DuplicatePolicy, DurationArg, IdempotencyConfig,
     IdempotencyConfigBuilder, InProgressPolicy, LocalCache, parse_duration,
 };
+pub use dedup::{Deduplicator, KeyExtractor, KeyFn};
 pub use envelope::EventEnvelope;
 pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result};
 pub use global::{default_checker, set_default_checker};

@@ -31,6 +31,11 @@ macro_rules! for_each_rule {
             get_and_delete,
             renewed_record_outlives_its_first_lease,
             empty_strings_mean_absent,
+            marks_are_new_once_and_answer_in_order,
+            marks_detect_repeats_within_a_batch,
+            contains_reads_without_marking,
+            marks_expire_after_ttl,
+            a_mark_is_a_completed_record_claimed_as_duplicate,
         );
     };
 }
@@ -407,4 +412,125 @@ pub async fn empty_strings_mean_absent(store: &dyn IdempotencyStore) {
     let mut other = request("c:empty", "t2");
     other.fingerprint = Some("other");
     acquire(store, &other).await;
+}
+
+// ---------------------------------------------------------------------------
+// Seen-set marks (`mark` / `contains`), what `Deduplicator` is built on.
+// ---------------------------------------------------------------------------
+
+pub async fn marks_are_new_once_and_answer_in_order(store: &dyn IdempotencyStore) {
+    assert_eq!(
+        store.mark(&[], LONG).await.expect("mark"),
+        Vec::<bool>::new()
+    );
+    assert_eq!(
+        store.mark(&["m:a", "m:b"], LONG).await.expect("mark"),
+        [true, true]
+    );
+    assert_eq!(
+        store
+            .mark(&["m:b", "m:c", "m:a", "m:d"], LONG)
+            .await
+            .expect("mark"),
+        [false, true, false, true]
+    );
+    assert_eq!(store.mark(&["m:c"], LONG).await.expect("mark"), [false]);
+}
+
+pub async fn marks_detect_repeats_within_a_batch(store: &dyn IdempotencyStore) {
+    assert_eq!(
+        store
+            .mark(&["m:x", "m:y", "m:x", "m:z", "m:y", "m:x"], LONG)
+            .await
+            .expect("mark"),
+        [true, true, false, true, false, false]
+    );
+}
+
+pub async fn contains_reads_without_marking(store: &dyn IdempotencyStore) {
+    assert_eq!(
+        store.contains(&[]).await.expect("contains"),
+        Vec::<bool>::new()
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            store.contains(&["m:r1", "m:r2"]).await.expect("contains"),
+            [false, false],
+            "reading marks nothing"
+        );
+    }
+    store.mark(&["m:r2"], LONG).await.expect("mark");
+    assert_eq!(
+        store
+            .contains(&["m:r1", "m:r2", "m:r1"])
+            .await
+            .expect("contains"),
+        [false, true, false]
+    );
+    // Any record counts as seen, and a mark never overwrites one.
+    let lease = acquire(store, &request("m:held", "t1")).await;
+    assert_eq!(store.contains(&["m:held"]).await.expect("contains"), [true]);
+    assert_eq!(store.mark(&["m:held"], LONG).await.expect("mark"), [false]);
+    let record = store.get("m:held").await.expect("get").expect("record");
+    assert_eq!(record.status, ProcessingStatus::Processing);
+    store
+        .complete(&lease, &json!("done"), LONG)
+        .await
+        .expect("the holder still completes");
+}
+
+pub async fn marks_expire_after_ttl(store: &dyn IdempotencyStore) {
+    let short = Duration::from_millis(200);
+    assert_eq!(store.mark(&["m:ttl"], short).await.expect("mark"), [true]);
+    let record = store.get("m:ttl").await.expect("get").expect("record");
+    let expires = record.expires_at.expect("a mark expires");
+    assert!(expires <= chrono::Utc::now() + chrono::TimeDelta::milliseconds(250));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(store.contains(&["m:ttl"]).await.expect("contains"), [false]);
+    assert_eq!(
+        store.mark(&["m:ttl"], short).await.expect("mark"),
+        [true],
+        "an expired mark is new again"
+    );
+}
+
+pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn IdempotencyStore) {
+    store.mark(&["m:done"], LONG).await.expect("mark");
+    let record = store.get("m:done").await.expect("get").expect("record");
+    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.result.unwrap_or_default(), serde_json::Value::Null);
+    assert_eq!(record.attempts, 1);
+    assert!(record.completed_at.is_some());
+    assert_eq!(record.lease_expires_at, None);
+    match store.claim(&request("m:done", "t1")).await.expect("claim") {
+        ClaimOutcome::Duplicate(record) => {
+            assert_eq!(record.status, ProcessingStatus::Completed);
+            assert_eq!(record.result.unwrap_or_default(), serde_json::Value::Null);
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    // With a fingerprint to compare too (a mark records none).
+    let mut fingerprinted = request("m:done", "t2");
+    fingerprinted.fingerprint = Some("fp");
+    assert!(matches!(
+        store.claim(&fingerprinted).await.expect("claim"),
+        ClaimOutcome::Duplicate(_)
+    ));
+    // Deleting a mark makes the key new again.
+    assert!(store.delete("m:done").await.expect("delete"));
+    assert_eq!(store.mark(&["m:done"], LONG).await.expect("mark"), [true]);
+}
+
+pub async fn concurrent_marks_have_one_winner(store: Arc<dyn IdempotencyStore>) {
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.mark(&["m:race"], LONG).await.expect("mark")[0] })
+        })
+        .collect();
+    let mut winners = 0;
+    for task in tasks {
+        winners += usize::from(task.await.expect("task"));
+    }
+    assert_eq!(winners, 1);
 }

@@ -727,4 +727,12 @@ impl idempotency::IdempotencyStore for Instrumented {
         self.count();
         self.inner.health().await
     }
+    async fn mark(&self, keys: &[&str], ttl: Duration) -> idempotency::Result<Vec<bool>> {
+        self.count();
+        self.inner.mark(keys, ttl).await
+    }
+    async fn contains(&self, keys: &[&str]) -> idempotency::Result<Vec<bool>> {
+        self.count();
+        self.inner.contains(keys).await
+    }
 }

@@ -297,6 +297,33 @@ impl IdempotencyStore for MemoryStore {
     async fn health(&self) -> Result<()> {
         Ok(())
     }
+
+    async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>> {
+        let now = Utc::now();
+        let expires_at = after(now, ttl);
+        Ok(keys
+            .iter()
+            .map(|&key| {
+                let mut shard = self.shard(key);
+                if shard.live(key, now).is_some() {
+                    return false;
+                }
+                let record = IdempotencyRecord::completed(serde_json::Value::Null, 1, None, now);
+                shard
+                    .entries
+                    .insert(key.to_owned(), Entry { record, expires_at });
+                true
+            })
+            .collect())
+    }
+
+    async fn contains(&self, keys: &[&str]) -> Result<Vec<bool>> {
+        let now = Utc::now();
+        Ok(keys
+            .iter()
+            .map(|&key| self.shard(key).live(key, now).is_some())
+            .collect())
+    }
 }
 
 #[cfg(test)]

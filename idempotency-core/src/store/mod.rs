@@ -63,6 +63,9 @@ pub struct ClaimRequest<'a> {
 /// - Lease expiry is judged by the store's own clock.
 /// - A value that is not a record is reported as
 ///   [`CorruptRecord`](crate::IdempotencyError::CorruptRecord), never a panic.
+/// - [`mark`](Self::mark) writes only where no record exists (any value at
+///   the key counts as seen) and answers in input order;
+///   [`contains`](Self::contains) only reads.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
     /// A short name for messages: `"memory"`, `"redis"`.
@@ -94,4 +97,21 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
 
     /// Checks that the store answers.
     async fn health(&self) -> Result<()>;
+
+    /// Marks each of `keys` as seen, atomically per key: where no record
+    /// exists (whatever its status), writes a `COMPLETED` record with a null
+    /// result that lives `ttl`, like Redis `SET key doc NX PX ttl`.
+    ///
+    /// Returns one answer per key, in order: `true` where this call wrote the
+    /// mark, `false` where a record already existed, including one written
+    /// by an earlier occurrence of the same key in `keys`. A mark is an
+    /// ordinary `COMPLETED` record: a later [`claim`](Self::claim) of the key
+    /// is a [`ClaimOutcome::Duplicate`]. A store that retries after a lost
+    /// reply must recognise its own applied marks (and still answer `true`).
+    /// This is what [`Deduplicator`](crate::Deduplicator) is built on.
+    async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>>;
+
+    /// Whether a record (of any status) exists at each of `keys`, in order.
+    /// Reads only.
+    async fn contains(&self, keys: &[&str]) -> Result<Vec<bool>>;
 }

@@ -24,6 +24,7 @@ use crate::error::{IdempotencyError, Result};
 use crate::record::{ClaimOutcome, IdempotencyRecord, Lease};
 
 mod conn;
+mod dedup;
 mod ops;
 use conn::{Conn, Connections, OpenError, Settings};
 pub use ops::PrefixSummary;
@@ -619,6 +620,14 @@ impl IdempotencyStore for RedisStore {
             })
             .await?;
         Ok(())
+    }
+
+    async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>> {
+        self.mark_keys(keys, ttl).await
+    }
+
+    async fn contains(&self, keys: &[&str]) -> Result<Vec<bool>> {
+        self.contains_keys(keys).await
     }
 }
 
