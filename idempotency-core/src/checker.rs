@@ -394,7 +394,6 @@ impl IdempotencyChecker {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let checker = self.clone();
         let lease = Lease {
             key: key.to_owned(),
             token: token.to_owned(),
@@ -402,21 +401,51 @@ impl IdempotencyChecker {
             expires_at: Utc::now(),
             taken_over: false,
         };
+        self.write_later(runtime, lease, None, durations, durations.lease);
+    }
+
+    /// After the handler ran and its completion could not be written (the
+    /// store was unavailable): keep trying, for up to `ttl`, to record it. A
+    /// token-checked write: it lands only if the attempt still holds the key,
+    /// and then duplicates replay the result instead of running again.
+    fn complete_later(&self, lease: Lease, result: serde_json::Value, durations: Durations) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.write_later(runtime, lease, Some(result), durations, durations.ttl);
+    }
+
+    /// Retries, in the background and through the circuit breaker, a
+    /// `complete` (with `result`) or a `fail` (without) of `lease` while the
+    /// store is unavailable, for up to `give_up_after`.
+    fn write_later(
+        &self,
+        runtime: tokio::runtime::Handle,
+        lease: Lease,
+        result: Option<serde_json::Value>,
+        durations: Durations,
+        give_up_after: Duration,
+    ) {
+        let checker = self.clone();
         runtime.spawn(async move {
-            let give_up = Instant::now() + durations.lease;
+            let give_up = Instant::now() + give_up_after;
             let mut pause = Duration::from_millis(100);
             while Instant::now() < give_up {
                 let released = match checker.admit() {
                     Ok(permit) => {
-                        let released = checker
-                            .inner
-                            .store
-                            .fail(
-                                &lease,
-                                "claim outcome unknown: the store did not answer",
-                                durations.ttl,
-                            )
-                            .await;
+                        let store = &checker.inner.store;
+                        let released = match &result {
+                            Some(result) => store.complete(&lease, result, durations.ttl).await,
+                            None => {
+                                store
+                                    .fail(
+                                        &lease,
+                                        "claim outcome unknown: the store did not answer",
+                                        durations.ttl,
+                                    )
+                                    .await
+                            }
+                        };
                         checker.settle(permit, &released);
                         released
                     }
@@ -790,6 +819,7 @@ impl IdempotencyChecker {
             }
         };
         let attempt = lease.attempt;
+        let held = lease.clone();
         let mut guard = IdempotencyGuard {
             checker: self.clone(),
             state: GuardState::Held(lease.clone()),
@@ -813,11 +843,24 @@ impl IdempotencyChecker {
         handler_latency(started);
         match outcome {
             Ok(Ok(value)) => match storable(&value) {
-                Ok(json) => {
-                    guard.finish_completed(&json).await.map_err(E::from)?;
-                    self.remember(&key, &request, attempt, json, durations.ttl);
-                    Ok(Processed::Executed(value))
-                }
+                Ok(json) => match guard.finish_completed(&json).await {
+                    Ok(()) => {
+                        self.remember(&key, &request, attempt, json, durations.ttl);
+                        Ok(Processed::Executed(value))
+                    }
+                    // The side effects happened: report them, and keep
+                    // trying to record them. Returning an error would only
+                    // invite a redelivery that runs the handler again.
+                    Err(e @ IdempotencyError::StoreUnavailable { .. }) => {
+                        tracing::warn!(
+                            error = %e.redacted(),
+                            "the handler ran but the store did not take its completion; retrying it in the background"
+                        );
+                        self.complete_later(held, json, durations);
+                        Ok(Processed::Executed(value))
+                    }
+                    Err(e) => Err(E::from(e)),
+                },
                 Err(e) => {
                     // The side effects happened: record the key as done (with
                     // no replayable result) rather than failed, so it never

@@ -651,6 +651,9 @@ pub struct Instrumented {
     pub inner: std::sync::Arc<dyn idempotency::IdempotencyStore>,
     pub calls: std::sync::atomic::AtomicUsize,
     pub lose_claim_replies: std::sync::atomic::AtomicBool,
+    /// How many coming `complete` calls fail with `StoreUnavailable`
+    /// without reaching the store.
+    pub refuse_completes: std::sync::atomic::AtomicUsize,
 }
 
 impl Instrumented {
@@ -659,6 +662,7 @@ impl Instrumented {
             inner,
             calls: Default::default(),
             lose_claim_replies: Default::default(),
+            refuse_completes: Default::default(),
         }
     }
 
@@ -704,6 +708,17 @@ impl idempotency::IdempotencyStore for Instrumented {
         ttl: Duration,
     ) -> idempotency::Result<()> {
         self.count();
+        let refused = self.refuse_completes.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
+        if refused.is_ok() {
+            return Err(idempotency::IdempotencyError::store_unavailable(
+                "instrumented",
+                "the store did not answer the completion",
+            ));
+        }
         self.inner.complete(lease, result, ttl).await
     }
     async fn fail(
