@@ -401,7 +401,7 @@ impl IdempotencyChecker {
             expires_at: Utc::now(),
             taken_over: false,
         };
-        self.write_later(runtime, lease, None, durations, durations.lease);
+        self.write_later(&runtime, lease, None, durations, durations.lease);
     }
 
     /// After the handler ran and its completion could not be written (the
@@ -412,7 +412,7 @@ impl IdempotencyChecker {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        self.write_later(runtime, lease, Some(result), durations, durations.ttl);
+        self.write_later(&runtime, lease, Some(result), durations, durations.ttl);
     }
 
     /// Retries, in the background and through the circuit breaker, a
@@ -420,7 +420,7 @@ impl IdempotencyChecker {
     /// store is unavailable, for up to `give_up_after`.
     fn write_later(
         &self,
-        runtime: tokio::runtime::Handle,
+        runtime: &tokio::runtime::Handle,
         lease: Lease,
         result: Option<serde_json::Value>,
         durations: Durations,
