@@ -179,35 +179,7 @@ async fn cluster_worker() {
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
-    let mut tasks = Vec::new();
-    for i in 0..KEYS {
-        let key = (i + worker * KEYS / 4) % KEYS;
-        let (checker, counter) = (checker.clone(), counter.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let mut counter = counter.clone();
-                let outcome = checker
-                    .process(&event(&format!("xproc-{key}")), |_| async move {
-                        let _: i64 = counter.incr(format!("test:executions:{key}"), 1).await?;
-                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(key)
-                    })
-                    .await;
-                match outcome {
-                    Ok(done) => return *done.value() == key,
-                    Err(e)
-                        if e.downcast_ref::<IdempotencyError>()
-                            .is_some_and(IdempotencyError::is_retryable) =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err(e) => panic!("worker error: {e}"),
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        assert!(task.await.expect("task"));
-    }
+    common::process_each_key(&checker, &counter, worker, KEYS).await;
 }
 
 /// `summary`, `stuck` and `clear` walk every master, not just one.

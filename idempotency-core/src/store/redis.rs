@@ -496,7 +496,7 @@ impl RedisStore {
                     Ok(v) => return Ok(v),
                     Err(e) if transient(&e) && tries < self.max_retries => {
                         tries += 1;
-                        self.conns.recover(&e).await;
+                        self.conns.recover().await;
                         let base = 25u64 << tries.min(6);
                         let jitter = uuid::Uuid::new_v4().as_u128() as u64 % base;
                         tracing::debug!(error = %e, tries, "retrying a Redis operation");

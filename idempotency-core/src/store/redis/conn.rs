@@ -417,14 +417,8 @@ impl Connections {
     }
 
     /// After a transient failure: find a moved Sentinel master.
-    pub(super) async fn recover(&self, error: &RedisError) {
-        if let Self::Sentinel(master) = self
-            && (error.is_io_error()
-                || error.is_connection_dropped()
-                || error.is_connection_refusal()
-                || error.is_timeout()
-                || error.code() == Some("READONLY"))
-        {
+    pub(super) async fn recover(&self) {
+        if let Self::Sentinel(master) = self {
             master.rediscover().await;
         }
     }
