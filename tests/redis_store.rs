@@ -54,13 +54,69 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
         .build()
         .expect("config");
     let store = RedisStore::connect(&server.url()).await.expect("connect");
-    let checker = IdempotencyChecker::with_config(store, config);
+    let checker = IdempotencyChecker::with_config(store.clone(), config);
     let mut redis = server.client().await;
     let key = "idempotency:events:schema-1";
     let e = event("schema-1").with_event_id("evt-123");
 
-    // PROCESSING: who holds the key and until when; no null fields.
+    // PROCESSING, as the fast path's plain `SET NX` writes it: who holds the
+    // key, and the lease relative to the key's expiry; no null fields.
+    let before_ms = chrono::Utc::now().timestamp_millis();
     let lease = acquired(&checker, &e).await;
+    let doc = stored_doc(&mut redis, key).await;
+    assert_eq!(
+        sorted_fields(&doc),
+        [
+            "attempts",
+            "claim_px",
+            "event_id",
+            "event_type",
+            "fingerprint",
+            "idempotency_key",
+            "lease_ms",
+            "lease_token",
+            "status"
+        ]
+    );
+    assert_eq!(doc["idempotency_key"], "schema-1");
+    assert_eq!(doc["event_id"], "evt-123");
+    assert_eq!(doc["event_type"], "test.event");
+    assert_eq!(doc["status"], "PROCESSING");
+    assert_eq!(doc["attempts"], 1);
+    assert_eq!(doc["lease_token"].as_str(), Some(lease.token.as_str()));
+    assert_eq!(doc["fingerprint"].as_str().map(str::len), Some(64));
+    assert_eq!(doc["claim_px"], 3_600_000, "max(ttl, lease)");
+    let lease_ms = doc["lease_ms"].as_i64().expect("integer milliseconds");
+    let pttl: i64 = redis.pttl(key).await.expect("PTTL");
+    assert!(pttl > 3_500_000 && pttl <= 3_600_000, "PTTL {pttl}");
+
+    // Read back, the lease is settled into absolute times by the store's
+    // clock (this test's clock and the server's are the same host's).
+    let record = checker
+        .get_processing_record("schema-1")
+        .await
+        .expect("get")
+        .expect("record");
+    let after_ms = chrono::Utc::now().timestamp_millis();
+    let first_seen = record
+        .first_seen_at
+        .expect("first_seen_at")
+        .timestamp_millis();
+    let lease_until = record
+        .lease_expires_at
+        .expect("lease_expires_at")
+        .timestamp_millis();
+    assert!(
+        (before_ms - 5..=after_ms + 5).contains(&first_seen),
+        "claimed at {first_seen}, between {before_ms} and {after_ms}"
+    );
+    assert_eq!(lease_until - first_seen, lease_ms);
+    assert!(record.is_live_processing(chrono::Utc::now()));
+    // Reading does not rewrite the document; a renewal writes absolute times.
+    assert!(stored_doc(&mut redis, key).await.get("claim_px").is_some());
+    let lease = idempotency::IdempotencyStore::renew(&store, &lease, Duration::from_secs(30))
+        .await
+        .expect("renew");
     let doc = stored_doc(&mut redis, key).await;
     assert_eq!(
         sorted_fields(&doc),
@@ -76,21 +132,8 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
             "status"
         ]
     );
-    assert_eq!(doc["idempotency_key"], "schema-1");
-    assert_eq!(doc["event_id"], "evt-123");
-    assert_eq!(doc["event_type"], "test.event");
-    assert_eq!(doc["status"], "PROCESSING");
-    assert_eq!(doc["attempts"], 1);
-    assert_eq!(doc["lease_token"].as_str(), Some(lease.token.as_str()));
-    assert_eq!(doc["fingerprint"].as_str().map(str::len), Some(64));
+    assert_eq!(doc["first_seen_at"], first_seen);
     let now_ms = chrono::Utc::now().timestamp_millis();
-    for field in ["first_seen_at", "lease_expires_at"] {
-        let at = doc[field].as_i64().expect("integer milliseconds");
-        assert!(
-            (now_ms - at).abs() < 600_000,
-            "{field} is epoch milliseconds"
-        );
-    }
 
     // COMPLETED: only what a replay needs.
     checker
@@ -100,17 +143,12 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     let doc = stored_doc(&mut redis, key).await;
     assert_eq!(
         sorted_fields(&doc),
-        [
-            "attempts",
-            "completed_at",
-            "fingerprint",
-            "result",
-            "status"
-        ]
+        ["completed_at", "fingerprint", "result", "status", "ttl_ms"],
+        "attempts is left out when it is 1"
     );
     assert_eq!(doc["status"], "COMPLETED");
     assert_eq!(doc["result"], json!({"receipt": 42}));
-    assert_eq!(doc["attempts"], 1);
+    assert_eq!(doc["ttl_ms"], 3_600_000);
     let at = doc["completed_at"].as_i64().expect("integer milliseconds");
     assert!((now_ms - at).abs() < 60_000, "completed_at is epoch ms");
     let pttl: i64 = redis.pttl(key).await.expect("PTTL");
@@ -125,7 +163,17 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
         .expect("get")
         .expect("record");
     assert_eq!(record.idempotency_key, "schema-1");
+    assert_eq!(record.attempts, 1);
     assert!(record.expires_at.is_some());
+    // A duplicate (the fast path: no script) knows the expiry from ttl_ms.
+    match checker.mark_processing(&e).await.expect("claim") {
+        idempotency::ClaimOutcome::Duplicate(record) => {
+            let expires = record.expires_at.expect("expires_at").timestamp_millis();
+            assert_eq!(expires, at + 3_600_000);
+            assert_eq!(record.result, Some(json!({"receipt": 42})));
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
 
     // FAILED: the attempt's identity and error, no live lease.
     let f = event("schema-2");
@@ -148,6 +196,80 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     );
     assert_eq!(doc["status"], "FAILED");
     assert_eq!(doc["error"], "boom");
+}
+
+/// Documents written before the fast claim path (a COMPLETED record with no
+/// `ttl_ms`, a claim with absolute lease times) are still read correctly:
+/// the claim falls back to the script, which reports the expiry.
+#[tokio::test]
+async fn documents_of_the_earlier_schema_are_still_understood() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let checker = IdempotencyChecker::new(store);
+    let mut redis = server.client().await;
+    let _: () = redis
+        .set_ex(
+            "idempotency:events:legacy-done",
+            r#"{"status":"COMPLETED","completed_at":1700000000000,"attempts":2,"result":{"ok":true}}"#,
+            600,
+        )
+        .await
+        .expect("SET");
+    match checker
+        .mark_processing(&event("legacy-done"))
+        .await
+        .expect("claim")
+    {
+        idempotency::ClaimOutcome::Duplicate(record) => {
+            assert_eq!(record.attempts, 2);
+            assert_eq!(record.result, Some(json!({"ok": true})));
+            let left = record.expires_at.expect("expiry from PTTL") - chrono::Utc::now();
+            assert!(
+                left > chrono::TimeDelta::seconds(590) && left <= chrono::TimeDelta::seconds(600),
+                "{left}"
+            );
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+
+    // A claim in the earlier form, whose lease ran out: taken over.
+    let _: () = redis
+        .set_ex(
+            "idempotency:events:legacy-claim",
+            r#"{"status":"PROCESSING","first_seen_at":1700000000000,"attempts":1,"lease_token":"old","lease_expires_at":1700000030000}"#,
+            600,
+        )
+        .await
+        .expect("SET");
+    let lease = acquired(&checker, &event("legacy-claim")).await;
+    assert_eq!(lease.attempt, 2);
+    assert!(lease.taken_over);
+}
+
+/// A fast-path claim whose key lost its expiry (someone ran `PERSIST`) has
+/// no clock to measure its lease against: it counts as run out and is
+/// taken over, rather than blocking the key forever.
+#[tokio::test]
+async fn a_fast_claim_without_expiry_is_taken_over() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let checker = IdempotencyChecker::new(store);
+    let mut redis = server.client().await;
+    let first = acquired(&checker, &event("persisted")).await;
+    let persisted: bool = redis
+        .persist("idempotency:events:persisted")
+        .await
+        .expect("PERSIST");
+    assert!(persisted);
+    let second = acquired(&checker, &event("persisted")).await;
+    assert_eq!(second.attempt, 2);
+    assert!(second.taken_over);
+    assert_ne!(first.token, second.token);
+    let lost = checker
+        .mark_completed(&first, &json!(1))
+        .await
+        .expect_err("the first holder was taken over");
+    assert!(matches!(lost, IdempotencyError::LeaseLost { .. }), "{lost}");
 }
 
 /// The memory budget of issue 6: a COMPLETED record with a 100-byte result
@@ -243,7 +365,7 @@ async fn corrupt_values_are_typed_errors_naming_the_key() {
         ("garbage", "garbage"),
         ("number", "123"),
         ("bad-status", r#"{"status":"DONE"}"#),
-        ("missing-fields", r#"{"status":"COMPLETED"}"#),
+        ("wrong-types", r#"{"status":"COMPLETED","attempts":"two"}"#),
     ];
     for (key, value) in cases {
         let _: () = redis

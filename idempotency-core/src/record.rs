@@ -57,6 +57,13 @@ impl std::fmt::Display for ProcessingStatus {
 ///
 /// A `COMPLETED` record is what lives longest (its whole `ttl`), so it keeps
 /// only what a replay needs: no lease, no copy of its own key.
+///
+/// The Redis document differs in two places (see the Redis schema in the
+/// guide): a claim written by its fast
+/// path holds `lease_ms` and `claim_px` in place of `first_seen_at` and
+/// `lease_expires_at` until a script settles them, and a `COMPLETED`
+/// document adds `ttl_ms` and leaves `attempts` out when it is 1. Reads
+/// always return the fields above.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
     /// The effective idempotency key, or its SHA-256 digest when key hashing
@@ -94,7 +101,9 @@ pub struct IdempotencyRecord {
         with = "chrono::serde::ts_milliseconds_option"
     )]
     pub completed_at: Option<DateTime<Utc>>,
-    /// How many attempts have claimed the key (1 for the first).
+    /// How many attempts have claimed the key (1 for the first). A stored
+    /// `COMPLETED` document leaves it out when it is 1.
+    #[serde(default = "first_attempt")]
     pub attempts: u32,
     /// The fencing token of the attempt that holds (`PROCESSING`) or last
     /// held (`FAILED`) the key.
@@ -114,6 +123,10 @@ pub struct IdempotencyRecord {
     /// read that returned this record. Not part of the stored document.
     #[serde(skip)]
     pub expires_at: Option<DateTime<Utc>>,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 impl IdempotencyRecord {

@@ -8,10 +8,23 @@
 //! - Expiry: the key's own TTL (`PX`): `max(ttl, lease)` while `PROCESSING`,
 //!   `ttl` from the moment it becomes `COMPLETED` or `FAILED`.
 //!
-//! Claim, renew, complete, fail and read are Lua scripts run with `EVALSHA` (loaded
-//! once, reloaded transparently after a `SCRIPT FLUSH`): one round trip each,
-//! every one touching a single key, so Redis Cluster works unchanged.
+//! A claim is first tried as one plain `SET key doc NX PX max(ttl, lease) GET`
+//! (Redis 7.0 or later): an absent key is claimed, and a COMPLETED record
+//! comes back as a duplicate, each in one command with no script. Since only
+//! a script can read the store's clock, that claim document holds its lease
+//! relative to the key's expiry (`lease_ms`, and the `claim_px` it was set
+//! with: claimed at `expiry - claim_px`); every script settles it into
+//! `first_seen_at` and `lease_expires_at` when it reads the record. A
+//! `COMPLETED` document carries `ttl_ms`, so the replay knows when it
+//! expires. Every other case (a live or expired lease, a FAILED record)
+//! goes to the claim script.
+//!
+//! Claim, renew, complete, fail and read are Lua scripts run with `EVALSHA`
+//! (loaded once, reloaded transparently after a `SCRIPT FLUSH`): one round
+//! trip each, every one touching a single key, so Redis Cluster works
+//! unchanged.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +34,7 @@ use redis::{RedisError, Script, Value};
 
 use super::{ClaimRequest, IdempotencyStore};
 use crate::error::{IdempotencyError, Result};
-use crate::record::{ClaimOutcome, IdempotencyRecord, Lease};
+use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
 
 mod conn;
 mod dedup;
@@ -51,6 +64,19 @@ local function load(key, raw)
   local st = rec.status
   if st ~= 'PROCESSING' and st ~= 'COMPLETED' and st ~= 'FAILED' then
     return 'unknown status', false
+  end
+  -- A claim written by the client's plain `SET NX` keeps its times relative
+  -- to the key's expiry: it was claimed at (expiry - claim_px), by the
+  -- store's clock. Settle them into absolute fields (a key without expiry
+  -- counts as claimed a whole lease ago).
+  if rec.claim_px ~= nil then
+    local now, pttl = now_ms(), redis.call('PTTL', key)
+    local lease_ms = tonumber(rec.lease_ms) or 0
+    local at = now - lease_ms
+    if pttl >= 0 then at = now + pttl - (tonumber(rec.claim_px) or 0) end
+    rec.first_seen_at, rec.lease_expires_at = at, at + lease_ms
+    rec.lease_ms, rec.claim_px = nil, nil
+    raw = cjson.encode(rec)
   end
   return raw, rec
 end
@@ -127,9 +153,11 @@ return {'ok', rec.lease_expires_at}
 /// (the result's JSON text, or the error text), retried ('1' when an earlier
 /// try of this same call may have been applied).
 ///
-/// A `COMPLETED` record keeps only `status`, `completed_at`, `attempts`,
-/// `fingerprint` and `result`: no token. So a second `complete` by the same
-/// holder is recognised only when it is flagged as a retry.
+/// A `COMPLETED` record keeps only `status`, `completed_at`, `attempts`
+/// (left out when 1), `ttl_ms` (so a replay knows when the record expires
+/// without asking), `fingerprint` and `result`: no token. So a second
+/// `complete` by the same holder is recognised only when it is flagged as a
+/// retry.
 const FINISH: &str = r#"
 local token, target = ARGV[1], ARGV[3]
 -- The hot path: completing a PROCESSING record we hold, with no
@@ -145,8 +173,10 @@ if target == 'COMPLETED' then
     and not string.find(raw, '"fingerprint":', 1, true) then
     local attempts = string.match(raw, '"attempts":(%d+)')
     if attempts then
+      if attempts == '1' then attempts = '' else attempts = ',"attempts":' .. attempts end
       redis.call('SET', KEYS[1], '{"status":"COMPLETED","completed_at":' .. int(now_ms())
-        .. ',"attempts":' .. attempts .. ',"result":' .. ARGV[4] .. '}', 'PX', tonumber(ARGV[2]))
+        .. attempts .. ',"ttl_ms":' .. ARGV[2] .. ',"result":' .. ARGV[4] .. '}',
+        'PX', tonumber(ARGV[2]))
       return {'ok'}
     end
   end
@@ -164,7 +194,8 @@ end
 local doc
 if target == 'COMPLETED' then
   doc = cjson.encode({ status = 'COMPLETED', completed_at = now_ms(),
-    attempts = rec.attempts, fingerprint = val(rec.fingerprint) })
+    attempts = (tonumber(rec.attempts) ~= 1) and rec.attempts or nil,
+    ttl_ms = tonumber(ARGV[2]), fingerprint = val(rec.fingerprint) })
   -- The result is spliced in verbatim (as the last field), so Lua never
   -- re-encodes, and never rounds, the handler's numbers.
   doc = string.sub(doc, 1, -2) .. ',"result":' .. ARGV[4] .. '}'
@@ -187,6 +218,11 @@ if not rec then return {'absent'} end
 return {'found', raw, expiry(KEYS[1], now_ms())}
 "#;
 
+/// The read script's whole text.
+fn read_script() -> String {
+    format!("{PRELUDE}{READ}")
+}
+
 #[derive(Debug)]
 struct Scripts {
     claim: Script,
@@ -201,7 +237,7 @@ impl Scripts {
             claim: Script::new(&format!("{PRELUDE}{CLAIM}")),
             renew: Script::new(&format!("{PRELUDE}{RENEW}")),
             finish: Script::new(&format!("{PRELUDE}{FINISH}")),
-            read: Script::new(&format!("{PRELUDE}{READ}")),
+            read: Script::new(&read_script()),
         }
     }
 }
@@ -446,6 +482,42 @@ fn members(request: &ClaimRequest<'_>) -> Result<String> {
     Ok(out)
 }
 
+/// The claim document the fast path writes with `SET NX`: the descriptive
+/// fields, attempt 1, the token, and the lease relative to the key's expiry
+/// (`lease_ms` and the `claim_px` it was set with), since only a script can
+/// read the store's clock. Every script settles these into `first_seen_at`
+/// and `lease_expires_at` when it reads the record.
+fn fast_claim(request: &ClaimRequest<'_>, px: u64) -> Result<String> {
+    let mut doc = String::with_capacity(160 + request.recorded_key.len());
+    doc.push('{');
+    doc.push_str(&members(request)?);
+    doc.push_str("\"status\":\"PROCESSING\",\"attempts\":1,\"lease_token\":");
+    doc.push_str(&serde_json::to_string(request.token)?);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        doc,
+        ",\"lease_ms\":{},\"claim_px\":{px}",
+        millis(request.lease)
+    );
+    if let Some(fingerprint) = request.fingerprint.filter(|f| !f.is_empty()) {
+        doc.push_str(",\"fingerprint\":");
+        doc.push_str(&serde_json::to_string(fingerprint)?);
+    }
+    doc.push('}');
+    Ok(doc)
+}
+
+/// When a COMPLETED record expires: `completed_at + ttl_ms`. The finish
+/// script writes `ttl_ms` before the result, which it splices in last, so
+/// the first `"ttl_ms":` ahead of the first `"result":` is the record's own.
+fn completed_expiry(raw: &str, record: &IdempotencyRecord) -> Option<DateTime<Utc>> {
+    let head = &raw[..raw.find("\"result\":").unwrap_or(raw.len())];
+    let at = head.find("\"ttl_ms\":")? + "\"ttl_ms\":".len();
+    let digits = head[at..].split(|c: char| !c.is_ascii_digit()).next()?;
+    let ttl = chrono::TimeDelta::try_milliseconds(digits.parse().ok()?)?;
+    record.completed_at?.checked_add_signed(ttl)
+}
+
 fn text(key: &str, value: Value) -> Result<String> {
     match value {
         Value::BulkString(bytes) => {
@@ -523,35 +595,71 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
-        let mut invocation = self.scripts.claim.key(request.key);
-        invocation
-            .arg(request.token)
-            .arg(millis(request.lease))
-            .arg(millis(request.ttl))
-            .arg(request.fingerprint.unwrap_or(""))
-            .arg(members(request)?);
-        let value: Value = self
+        // The common cases in one plain command: `SET NX GET` writes the
+        // claim when the key is absent, and otherwise returns the record
+        // untouched. A COMPLETED record (a duplicate) or our own claim (a
+        // retried try) is answered from that reply; anything else (a live or
+        // expired lease, a FAILED record, a legacy or unreadable value) goes to
+        // the claim script, which decides it atomically.
+        let px = millis(request.ttl).max(millis(request.lease));
+        let doc = fast_claim(request, px)?;
+        let sent_at = Utc::now();
+        let existing: Option<Vec<u8>> = self
             .run(request.key, |mut conn, _| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut conn).await }
+                let doc = &doc;
+                async move {
+                    redis::cmd("SET")
+                        .arg(request.key)
+                        .arg(doc)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(px)
+                        .arg("GET")
+                        .query_async(&mut conn)
+                        .await
+                }
             })
             .await?;
-        let reply = Reply::parse(request.key, value)?;
-        match reply.tag.as_str() {
-            "acquired" => Ok(ClaimOutcome::Acquired(Lease {
-                key: request.key.to_owned(),
-                token: request.token.to_owned(),
-                attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
-                expires_at: ms_to_time(reply.int(1)?),
-                taken_over: reply.int(2)? == 1,
-            })),
-            "duplicate" => Ok(ClaimOutcome::Duplicate(reply.record(request.key)?)),
-            "in_progress" => Ok(ClaimOutcome::InProgress(reply.record(request.key)?)),
-            "mismatch" => Err(IdempotencyError::FingerprintMismatch {
-                key: request.key.to_owned(),
-            }),
-            other => Err(unavailable(format!("unexpected claim reply `{other}`"))),
+        let lease = |attempt: u32| Lease {
+            key: request.key.to_owned(),
+            token: request.token.to_owned(),
+            attempt,
+            expires_at: sent_at + chrono::TimeDelta::milliseconds(millis(request.lease) as i64),
+            taken_over: false,
+        };
+        let Some(existing) = existing else {
+            return Ok(ClaimOutcome::Acquired(lease(1)));
+        };
+        let record = std::str::from_utf8(&existing)
+            .ok()
+            .and_then(|raw| Some((raw, serde_json::from_str::<IdempotencyRecord>(raw).ok()?)));
+        if let Some((raw, mut record)) = record {
+            match record.status {
+                ProcessingStatus::Completed => {
+                    if let (Some(ours), Some(theirs)) = (request.fingerprint, &record.fingerprint)
+                        && !ours.is_empty()
+                        && ours != theirs
+                    {
+                        return Err(IdempotencyError::FingerprintMismatch {
+                            key: request.key.to_owned(),
+                        });
+                    }
+                    // Records written before `ttl_ms` existed get their
+                    // expiry from the script (PTTL).
+                    if let Some(expires_at) = completed_expiry(raw, &record) {
+                        record.expires_at = Some(expires_at);
+                        return Ok(ClaimOutcome::Duplicate(record));
+                    }
+                }
+                ProcessingStatus::Processing
+                    if record.lease_token.as_deref() == Some(request.token) =>
+                {
+                    return Ok(ClaimOutcome::Acquired(lease(record.attempts)));
+                }
+                _ => {}
+            }
         }
+        self.claim_script(request).await
     }
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
@@ -632,6 +740,39 @@ impl IdempotencyStore for RedisStore {
 }
 
 impl RedisStore {
+    /// The claim script: every case, decided atomically in Redis.
+    async fn claim_script(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
+        let mut invocation = self.scripts.claim.key(request.key);
+        invocation
+            .arg(request.token)
+            .arg(millis(request.lease))
+            .arg(millis(request.ttl))
+            .arg(request.fingerprint.unwrap_or(""))
+            .arg(members(request)?);
+        let value: Value = self
+            .run(request.key, |mut conn, _| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await?;
+        let reply = Reply::parse(request.key, value)?;
+        match reply.tag.as_str() {
+            "acquired" => Ok(ClaimOutcome::Acquired(Lease {
+                key: request.key.to_owned(),
+                token: request.token.to_owned(),
+                attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
+                expires_at: ms_to_time(reply.int(1)?),
+                taken_over: reply.int(2)? == 1,
+            })),
+            "duplicate" => Ok(ClaimOutcome::Duplicate(reply.record(request.key)?)),
+            "in_progress" => Ok(ClaimOutcome::InProgress(reply.record(request.key)?)),
+            "mismatch" => Err(IdempotencyError::FingerprintMismatch {
+                key: request.key.to_owned(),
+            }),
+            other => Err(unavailable(format!("unexpected claim reply `{other}`"))),
+        }
+    }
+
     async fn finish(
         &self,
         lease: &Lease,

@@ -11,7 +11,7 @@ use redis::{Cmd, FromRedisValue, Pipeline, Value};
 use serde::Serialize;
 
 use super::conn::Conn;
-use super::{RedisStore, ms_to_time, parse_record, unavailable};
+use super::{RedisStore, Reply, ms_to_time, read_script, unavailable};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{IdempotencyRecord, ProcessingStatus};
 
@@ -177,16 +177,20 @@ impl RedisStore {
         Ok(ms_to_time(secs * 1000 + micros / 1000))
     }
 
-    /// The values of `keys` (all on `node`), with their `MEMORY USAGE`, in
-    /// one round trip.
-    async fn load_page(&self, node: &Node, keys: &[String]) -> Result<Vec<(Option<Vec<u8>>, u64)>> {
+    /// The records of `keys` (all on `node`), read by the read script (so a
+    /// fast-path claim's relative lease is settled by the store's clock),
+    /// with their `MEMORY USAGE`, in one round trip. `None`: the key is gone.
+    async fn load_page(
+        &self,
+        node: &Node,
+        keys: &[String],
+    ) -> Result<Vec<(Option<Result<IdempotencyRecord>>, u64)>> {
         let mut pipe = redis::pipe();
+        // Loaded first, so the EVALSHAs after it cannot miss the script.
+        pipe.cmd("SCRIPT").arg("LOAD").arg(read_script());
+        let sha = self.scripts.read.get_hash();
         for key in keys {
-            // A non-string value makes GET fail; read it as "not a record".
-            pipe.cmd("EVAL")
-                .arg("local ok, v = pcall(redis.call, 'GET', KEYS[1]) if ok then return v end return false")
-                .arg(1)
-                .arg(key);
+            pipe.cmd("EVALSHA").arg(sha).arg(1).arg(key);
             pipe.cmd("MEMORY").arg("USAGE").arg(key);
         }
         let pipe = &pipe;
@@ -197,17 +201,21 @@ impl RedisStore {
             )
             .await?;
         let mut out = Vec::with_capacity(keys.len());
-        let mut values = values.into_iter();
-        while let (Some(value), Some(usage)) = (values.next(), values.next()) {
-            let value = match value {
-                Value::BulkString(bytes) => Some(bytes),
-                _ => None,
+        let mut values = values.into_iter().skip(1);
+        for key in keys {
+            let (Some(value), Some(usage)) = (values.next(), values.next()) else {
+                break;
+            };
+            let record = match Reply::parse(key, value) {
+                Ok(reply) if reply.tag == "found" => Some(reply.record(key)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
             };
             let usage = match usage {
                 Value::Int(n) => u64::try_from(n).unwrap_or(0),
                 _ => 0,
             };
-            out.push((value, usage));
+            out.push((record, usage));
         }
         Ok(out)
     }
@@ -226,12 +234,7 @@ impl RedisStore {
                 let (next, keys) = self.scan_page(&node, &pattern, cursor).await?;
                 if !keys.is_empty() {
                     let loaded = self.load_page(&node, &keys).await?;
-                    for (key, (value, usage)) in keys.iter().zip(loaded) {
-                        let record = value.map(|bytes| {
-                            String::from_utf8(bytes)
-                                .map_err(|e| IdempotencyError::corrupt(key, e))
-                                .and_then(|text| parse_record(key, &text))
-                        });
+                    for (key, (record, usage)) in keys.iter().zip(loaded) {
                         visit(key, record, usage);
                     }
                 }
