@@ -158,9 +158,10 @@ return {'ok', rec.lease_expires_at}
 /// without asking), `fingerprint` and `result`: no token. So a second
 /// `complete` by the same holder is recognised only when it is flagged as a
 /// retry.
-const FINISH: &str = r#"
+const FINISH_HOT: &str = r#"
 local token, target = ARGV[1], ARGV[3]
--- The hot path: completing a PROCESSING record we hold, with no
+-- The hot path, ahead of the prelude so that a call taking it does not pay
+-- for defining the helpers: completing a PROCESSING record we hold, with no
 -- fingerprint, is decided by finding our token and the status in the text
 -- (quotes inside JSON strings are escaped, so neither can be forged by a
 -- key or an event type), and the COMPLETED record is written without
@@ -174,13 +175,19 @@ if target == 'COMPLETED' then
     local attempts = string.match(raw, '"attempts":(%d+)')
     if attempts then
       if attempts == '1' then attempts = '' else attempts = ',"attempts":' .. attempts end
-      redis.call('SET', KEYS[1], '{"status":"COMPLETED","completed_at":' .. int(now_ms())
+      local t = redis.call('TIME')
+      redis.call('SET', KEYS[1], '{"status":"COMPLETED","completed_at":'
+        .. string.format('%s%03d', t[1], math.floor(tonumber(t[2]) / 1000))
         .. attempts .. ',"ttl_ms":' .. ARGV[2] .. ',"result":' .. ARGV[4] .. '}',
         'PX', tonumber(ARGV[2]))
       return {'ok'}
     end
   end
 end
+"#;
+
+/// The rest of the finish script, after the prelude.
+const FINISH: &str = r#"
 local raw, rec = load(KEYS[1])
 if rec == false then return {'corrupt', raw} end
 if not rec then return {'lost'} end
@@ -236,7 +243,7 @@ impl Scripts {
         Self {
             claim: Script::new(&format!("{PRELUDE}{CLAIM}")),
             renew: Script::new(&format!("{PRELUDE}{RENEW}")),
-            finish: Script::new(&format!("{PRELUDE}{FINISH}")),
+            finish: Script::new(&format!("{FINISH_HOT}{PRELUDE}{FINISH}")),
             read: Script::new(&read_script()),
         }
     }
