@@ -190,6 +190,9 @@ pub struct Lease {
     /// The attempt number (1 for the first attempt).
     pub attempt: u32,
     /// When the lease runs out unless renewed, as of the last claim or renewal.
+    /// A fresh claim on Redis (the plain `SET NX` path) measures it on this
+    /// host's clock from the moment the claim was sent, so it errs early;
+    /// other claims and renewals report the store's clock.
     pub expires_at: DateTime<Utc>,
     /// This attempt took over a `PROCESSING` record whose lease had run out:
     /// an earlier attempt died (or stalled) part-way, so some of its side
