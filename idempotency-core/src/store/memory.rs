@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::{ClaimRequest, IdempotencyStore};
+use super::{ClaimRequest, IdempotencyStore, after};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{
     ClaimDecision, ClaimOutcome, FinishDecision, IdempotencyRecord, Lease, ProcessingStatus,
@@ -67,14 +67,6 @@ impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// `now + d`, saturating instead of overflowing.
-fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    TimeDelta::from_std(d)
-        .ok()
-        .and_then(|d| now.checked_add_signed(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// The empty string means "absent", as it does in the Redis scripts.

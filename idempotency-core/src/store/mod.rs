@@ -12,6 +12,17 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::record::{ClaimOutcome, IdempotencyRecord, Lease};
 
+/// `now + d`, saturating instead of overflowing.
+pub(crate) fn after(
+    now: chrono::DateTime<chrono::Utc>,
+    d: Duration,
+) -> chrono::DateTime<chrono::Utc> {
+    chrono::TimeDelta::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+}
+
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -631,7 +631,7 @@ impl IdempotencyStore for RedisStore {
             key: request.key.to_owned(),
             token: request.token.to_owned(),
             attempt,
-            expires_at: sent_at + chrono::TimeDelta::milliseconds(millis(request.lease) as i64),
+            expires_at: super::after(sent_at, request.lease),
             taken_over: false,
         };
         let Some(existing) = existing else {
