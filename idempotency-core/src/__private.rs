@@ -2,6 +2,7 @@
 //! signatures here change without notice.
 #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::time::Duration;
 
@@ -50,51 +51,77 @@ pub fn default_checker() -> Result<&'static IdempotencyChecker, IdempotencyError
     crate::default_checker().ok_or(IdempotencyError::NoDefaultChecker)
 }
 
-/// Everything the call needs, owned, so the handler body may take the
-/// envelope by value.
-pub struct Prepared<'c> {
-    inner: Result<(&'c IdempotencyChecker, Call), IdempotencyError>,
+/// Everything the call needs. It borrows the envelope's text when the
+/// handler takes the envelope by reference; [`owned`](Prepared::owned)
+/// copies it for a handler that takes the envelope by value.
+pub struct Prepared<'c, 'e> {
+    inner: Result<(&'c IdempotencyChecker, Call<'e>), IdempotencyError>,
 }
 
-struct Call {
-    /// The key, the event id and the event type, one after the other in one
-    /// allocation (this runs on every call).
-    text: String,
-    key_end: usize,
-    id_end: usize,
+struct Call<'e> {
+    text: Text<'e>,
     fingerprint: Option<String>,
     options: Options,
 }
 
-// The generated code hands over the key it computed; it is copied into the
-// call's one allocation.
-#[allow(clippy::needless_pass_by_value)]
-pub fn prepare<'c, P: Serialize>(
+/// The key, the event id and the event type.
+enum Text<'e> {
+    Borrowed {
+        key: Cow<'e, str>,
+        event_id: &'e str,
+        event_type: &'e str,
+    },
+    /// One after the other in one allocation (this runs on every call).
+    Owned {
+        text: String,
+        key_end: usize,
+        id_end: usize,
+    },
+}
+
+impl Text<'_> {
+    fn parts(&self) -> (&str, &str, &str) {
+        match self {
+            Self::Borrowed {
+                key,
+                event_id,
+                event_type,
+            } => (key, event_id, event_type),
+            Self::Owned {
+                text,
+                key_end,
+                id_end,
+            } => (
+                text.get(..*key_end).unwrap_or_default(),
+                text.get(*key_end..*id_end).unwrap_or_default(),
+                text.get(*id_end..).unwrap_or_default(),
+            ),
+        }
+    }
+}
+
+pub fn prepare<'c, 'e, P: Serialize>(
     checker: impl CheckerRef<'c>,
-    envelope: &EventEnvelope<P>,
+    envelope: &'e EventEnvelope<P>,
     key: Option<String>,
     options: Options,
-) -> Prepared<'c> {
+) -> Prepared<'c, 'e> {
     let inner = checker.resolve().and_then(|checker| {
         let fingerprint = if checker.config().fingerprint_payloads() {
             Some(crate::fingerprint(&envelope.payload)?)
         } else {
             None
         };
-        let key = key.as_deref().unwrap_or_else(|| envelope.effective_key());
-        let mut text =
-            String::with_capacity(key.len() + envelope.event_id.len() + envelope.event_type.len());
-        text.push_str(key);
-        let key_end = text.len();
-        text.push_str(&envelope.event_id);
-        let id_end = text.len();
-        text.push_str(&envelope.event_type);
+        let key = key.map_or_else(|| Cow::Borrowed(envelope.effective_key()), Cow::Owned);
+        let text = Text::Borrowed {
+            key,
+            event_id: &envelope.event_id,
+            event_type: &envelope.event_type,
+        };
         Ok((
             checker,
             Call {
                 text,
-                key_end,
-                id_end,
                 fingerprint,
                 options,
             },
@@ -103,13 +130,42 @@ pub fn prepare<'c, P: Serialize>(
     Prepared { inner }
 }
 
+impl<'c> Prepared<'c, '_> {
+    /// The same call, holding its own copy of the envelope's text.
+    pub fn owned(self) -> Prepared<'c, 'static> {
+        let inner = self.inner.map(|(checker, call)| {
+            let (key, event_id, event_type) = call.text.parts();
+            let mut text = String::with_capacity(key.len() + event_id.len() + event_type.len());
+            text.push_str(key);
+            let key_end = text.len();
+            text.push_str(event_id);
+            let id_end = text.len();
+            text.push_str(event_type);
+            let text = Text::Owned {
+                text,
+                key_end,
+                id_end,
+            };
+            (
+                checker,
+                Call {
+                    text,
+                    fingerprint: call.fingerprint,
+                    options: call.options,
+                },
+            )
+        });
+        Prepared { inner }
+    }
+}
+
 /// Pins the output type of the handler's `async` block, so `?` inside it
 /// infers like in the function it came from.
 pub fn typed<R, F: Future<Output = R>>(future: F) -> F {
     future
 }
 
-pub async fn run<T, E, Fut>(prepared: Prepared<'_>, handler: Fut) -> Result<T, E>
+pub async fn run<T, E, Fut>(prepared: Prepared<'_, '_>, handler: Fut) -> Result<T, E>
 where
     T: Serialize + DeserializeOwned,
     E: From<IdempotencyError> + std::fmt::Display,
@@ -119,15 +175,14 @@ where
         checker,
         Call {
             text,
-            key_end,
-            id_end,
             fingerprint,
             options,
         },
     ) = prepared.inner?;
-    let mut request = KeyedRequest::new(&text[..key_end])
-        .event_id(&text[key_end..id_end])
-        .event_type(&text[id_end..]);
+    let (key, event_id, event_type) = text.parts();
+    let mut request = KeyedRequest::new(key)
+        .event_id(event_id)
+        .event_type(event_type);
     if let Some(fingerprint) = fingerprint {
         request = request.fingerprint(fingerprint);
     }

@@ -159,20 +159,6 @@ impl IdempotencyRecord {
             expires_at: None,
         }
     }
-
-    /// Turns the record into its `COMPLETED` form with `result` at `now`.
-    pub(crate) fn set_completed(&mut self, result: serde_json::Value, now: DateTime<Utc>) {
-        *self = Self::completed(result, self.attempts, self.fingerprint.take(), now);
-    }
-
-    /// Turns the record into its `FAILED` form with `error`.
-    pub(crate) fn set_failed(&mut self, error: String) {
-        self.status = ProcessingStatus::Failed;
-        self.error = Some(error);
-        self.result = None;
-        self.lease_expires_at = None;
-        self.expires_at = None;
-    }
 }
 
 /// The right to run one attempt for one key, handed out by a successful claim.
@@ -232,8 +218,47 @@ pub(crate) enum ClaimDecision {
     FingerprintMismatch,
 }
 
+/// What the state machine reads of a stored record: the record type itself,
+/// or a store's compact form of it, lends these.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordView<'a> {
+    pub(crate) status: ProcessingStatus,
+    pub(crate) attempts: u32,
+    pub(crate) lease_token: Option<&'a str>,
+    pub(crate) lease_expires_at: Option<DateTime<Utc>>,
+    pub(crate) fingerprint: Option<&'a str>,
+}
+
+#[cfg(test)]
+impl IdempotencyRecord {
+    /// Turns the record into its `COMPLETED` form with `result` at `now`.
+    pub(crate) fn set_completed(&mut self, result: serde_json::Value, now: DateTime<Utc>) {
+        *self = Self::completed(result, self.attempts, self.fingerprint.take(), now);
+    }
+
+    /// Turns the record into its `FAILED` form with `error`.
+    pub(crate) fn set_failed(&mut self, error: String) {
+        self.status = ProcessingStatus::Failed;
+        self.error = Some(error);
+        self.result = None;
+        self.lease_expires_at = None;
+        self.expires_at = None;
+    }
+
+    /// What the state machine reads of this record.
+    pub(crate) fn view(&self) -> RecordView<'_> {
+        RecordView {
+            status: self.status,
+            attempts: self.attempts,
+            lease_token: self.lease_token.as_deref(),
+            lease_expires_at: self.lease_expires_at,
+            fingerprint: self.fingerprint.as_deref(),
+        }
+    }
+}
+
 pub(crate) fn decide_claim(
-    existing: Option<&IdempotencyRecord>,
+    existing: Option<RecordView<'_>>,
     fingerprint: Option<&str>,
     token: &str,
     now: DateTime<Utc>,
@@ -241,17 +266,19 @@ pub(crate) fn decide_claim(
     let Some(record) = existing else {
         return ClaimDecision::Acquire { attempt: 1 };
     };
-    if let (Some(theirs), Some(ours)) = (record.fingerprint.as_deref(), fingerprint)
+    if let (Some(theirs), Some(ours)) = (record.fingerprint, fingerprint)
         && theirs != ours
     {
         return ClaimDecision::FingerprintMismatch;
     }
     match record.status {
         ProcessingStatus::Completed => ClaimDecision::Duplicate,
-        ProcessingStatus::Processing if record.lease_token.as_deref() == Some(token) => {
+        ProcessingStatus::Processing if record.lease_token == Some(token) => {
             ClaimDecision::AlreadyHeld
         }
-        ProcessingStatus::Processing if record.is_live_processing(now) => ClaimDecision::InProgress,
+        ProcessingStatus::Processing if record.lease_expires_at.is_some_and(|at| at > now) => {
+            ClaimDecision::InProgress
+        }
         ProcessingStatus::Processing | ProcessingStatus::Failed => ClaimDecision::Acquire {
             attempt: record.attempts.saturating_add(1),
         },
@@ -277,7 +304,7 @@ pub(crate) enum FinishDecision {
 /// the caller is re-sending a call whose first try may have been applied (a
 /// store's own retry after a timeout), which then counts as applied.
 pub(crate) fn decide_finish(
-    existing: Option<&IdempotencyRecord>,
+    existing: Option<RecordView<'_>>,
     token: &str,
     target: ProcessingStatus,
     retried: bool,
@@ -285,7 +312,7 @@ pub(crate) fn decide_finish(
     let Some(record) = existing else {
         return FinishDecision::LeaseLost;
     };
-    let held = record.lease_token.as_deref() == Some(token);
+    let held = record.lease_token == Some(token);
     match record.status {
         ProcessingStatus::Processing if held => FinishDecision::Apply,
         status if status == target && target != ProcessingStatus::Processing => {
@@ -335,7 +362,7 @@ mod tests {
     fn completed_is_a_duplicate() {
         let r = record(ProcessingStatus::Completed, "a", -1000);
         assert_eq!(
-            decide_claim(Some(&r), Some("fp"), "b", Utc::now()),
+            decide_claim(Some(r.view()), Some("fp"), "b", Utc::now()),
             ClaimDecision::Duplicate
         );
     }
@@ -344,12 +371,12 @@ mod tests {
     fn live_processing_is_in_progress_and_expired_is_taken_over() {
         let live = record(ProcessingStatus::Processing, "a", 60_000);
         assert_eq!(
-            decide_claim(Some(&live), None, "b", Utc::now()),
+            decide_claim(Some(live.view()), None, "b", Utc::now()),
             ClaimDecision::InProgress
         );
         let expired = record(ProcessingStatus::Processing, "a", -1);
         assert_eq!(
-            decide_claim(Some(&expired), None, "b", Utc::now()),
+            decide_claim(Some(expired.view()), None, "b", Utc::now()),
             ClaimDecision::Acquire { attempt: 3 }
         );
     }
@@ -358,7 +385,7 @@ mod tests {
     fn own_token_counts_as_held() {
         let live = record(ProcessingStatus::Processing, "a", 60_000);
         assert_eq!(
-            decide_claim(Some(&live), None, "a", Utc::now()),
+            decide_claim(Some(live.view()), None, "a", Utc::now()),
             ClaimDecision::AlreadyHeld
         );
     }
@@ -367,7 +394,7 @@ mod tests {
     fn failed_is_reclaimable_with_next_attempt() {
         let failed = record(ProcessingStatus::Failed, "a", 60_000);
         assert_eq!(
-            decide_claim(Some(&failed), Some("fp"), "b", Utc::now()),
+            decide_claim(Some(failed.view()), Some("fp"), "b", Utc::now()),
             ClaimDecision::Acquire { attempt: 3 }
         );
     }
@@ -381,7 +408,7 @@ mod tests {
         ] {
             let r = record(status, "a", 60_000);
             assert_eq!(
-                decide_claim(Some(&r), Some("other"), "b", Utc::now()),
+                decide_claim(Some(r.view()), Some("other"), "b", Utc::now()),
                 ClaimDecision::FingerprintMismatch
             );
         }
@@ -391,11 +418,11 @@ mod tests {
     fn only_the_token_holder_finishes() {
         let r = record(ProcessingStatus::Processing, "a", -5);
         assert_eq!(
-            decide_finish(Some(&r), "a", ProcessingStatus::Completed, false),
+            decide_finish(Some(r.view()), "a", ProcessingStatus::Completed, false),
             FinishDecision::Apply
         );
         assert_eq!(
-            decide_finish(Some(&r), "b", ProcessingStatus::Completed, true),
+            decide_finish(Some(r.view()), "b", ProcessingStatus::Completed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
@@ -409,19 +436,24 @@ mod tests {
         let mut failed = record(ProcessingStatus::Processing, "a", 1000);
         failed.set_failed("e".into());
         assert_eq!(
-            decide_finish(Some(&failed), "a", ProcessingStatus::Failed, false),
+            decide_finish(Some(failed.view()), "a", ProcessingStatus::Failed, false),
             FinishDecision::AlreadyApplied
         );
         assert_eq!(
-            decide_finish(Some(&failed), "b", ProcessingStatus::Failed, true),
+            decide_finish(Some(failed.view()), "b", ProcessingStatus::Failed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(Some(&failed), "a", ProcessingStatus::Completed, true),
+            decide_finish(Some(failed.view()), "a", ProcessingStatus::Completed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(Some(&failed), "a", ProcessingStatus::Processing, false),
+            decide_finish(
+                Some(failed.view()),
+                "a",
+                ProcessingStatus::Processing,
+                false
+            ),
             FinishDecision::LeaseLost
         );
     }
@@ -432,19 +464,19 @@ mod tests {
         done.set_completed(serde_json::json!(1), Utc::now());
         assert_eq!(done.lease_token, None);
         assert_eq!(
-            decide_finish(Some(&done), "a", ProcessingStatus::Completed, false),
+            decide_finish(Some(done.view()), "a", ProcessingStatus::Completed, false),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(Some(&done), "a", ProcessingStatus::Completed, true),
+            decide_finish(Some(done.view()), "a", ProcessingStatus::Completed, true),
             FinishDecision::AlreadyApplied
         );
         assert_eq!(
-            decide_finish(Some(&done), "a", ProcessingStatus::Failed, true),
+            decide_finish(Some(done.view()), "a", ProcessingStatus::Failed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(Some(&done), "a", ProcessingStatus::Processing, true),
+            decide_finish(Some(done.view()), "a", ProcessingStatus::Processing, true),
             FinishDecision::LeaseLost
         );
     }

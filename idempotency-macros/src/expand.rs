@@ -178,10 +178,12 @@ fn expand(args: Args, mut function: ItemFn, marked: &[usize]) -> syn::Result<Tok
         Some(expr) => quote!(&(#expr)),
         None => quote!(#krate::__private::default_checker()),
     };
-    let envelope_ref = if by_ref {
-        quote!(#envelope)
+    // A borrowed envelope outlives the call, so the call borrows its text; an
+    // envelope taken by value moves into the handler, so the call copies it.
+    let (envelope_ref, owned) = if by_ref {
+        (quote!(#envelope), quote!())
     } else {
-        quote!(&#envelope)
+        (quote!(&#envelope), quote!(.owned()))
     };
     let key = match &args.key {
         Some(expr) => {
@@ -222,7 +224,7 @@ fn expand(args: Args, mut function: ItemFn, marked: &[usize]) -> syn::Result<Tok
                 on_duplicate: #on_duplicate,
                 on_in_progress: #on_in_progress,
             },
-        );
+        )#owned;
         #krate::__private::run(
             __idempotency_call,
             #krate::__private::typed::<#output, _>(async move #block),

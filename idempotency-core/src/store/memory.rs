@@ -1,18 +1,19 @@
 //! [`MemoryStore`]: the in-process store.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 
 use super::{ClaimRequest, IdempotencyStore, after};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{
     ClaimDecision, ClaimOutcome, FinishDecision, IdempotencyRecord, Lease, ProcessingStatus,
-    decide_claim, decide_finish,
+    RecordView, decide_claim, decide_finish,
 };
 
 const SHARDS: usize = 64;
@@ -46,13 +47,52 @@ type Hasher = foldhash::fast::RandomState;
 
 #[derive(Default)]
 struct Shard {
-    entries: HashMap<String, Entry, Hasher>,
+    /// Each slot keeps its key's hash, so a key is hashed once per
+    /// operation (for the shard and the table both) and never again when
+    /// the table grows.
+    slots: HashTable<Slot>,
     last_purge: Option<DateTime<Utc>>,
 }
 
-struct Entry {
-    record: Box<IdempotencyRecord>,
+/// One record in compact form: every text field in one allocation, and the
+/// fields each status keeps (see [`IdempotencyRecord`]) in its [`State`].
+/// The public record is built only when a caller reads one.
+struct Slot {
+    hash: u64,
+    /// The storage key, the fingerprint, the recorded key, the event id, the
+    /// event type and the lease token, end to end; an absent field is empty.
+    text: Box<str>,
+    /// Where each of the first five fields of `text` ends.
+    ends: [usize; 5],
+    attempts: u32,
     expires_at: DateTime<Utc>,
+    state: State,
+}
+
+enum State {
+    Processing {
+        first_seen_at: DateTime<Utc>,
+        lease_expires_at: DateTime<Utc>,
+    },
+    Failed {
+        first_seen_at: DateTime<Utc>,
+        error: String,
+    },
+    Completed {
+        completed_at: DateTime<Utc>,
+        result: serde_json::Value,
+    },
+}
+
+/// The index of a field in [`Slot::text`].
+#[derive(Clone, Copy)]
+enum Field {
+    Key = 0,
+    Fingerprint,
+    RecordedKey,
+    EventId,
+    EventType,
+    Token,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -70,8 +110,8 @@ impl Default for MemoryStore {
 }
 
 /// The empty string means "absent", as it does in the Redis scripts.
-fn present(s: Option<&str>) -> Option<String> {
-    s.filter(|s| !s.is_empty()).map(str::to_owned)
+fn present(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }
 
 impl MemoryStore {
@@ -83,17 +123,20 @@ impl MemoryStore {
         }
     }
 
-    /// The shard holding `key`, locked, swept if its last sweep is a second
-    /// old at `now`.
-    fn shard(&self, key: &str, now: DateTime<Utc>) -> MutexGuard<'_, Shard> {
-        let index = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
+    /// The shard holding the key of `hash`, locked, swept if its last sweep
+    /// is a second old at `now`.
+    fn shard(&self, hash: u64, now: DateTime<Utc>) -> MutexGuard<'_, Shard> {
+        // Bits the table does not use for a key's bucket (the low bits) or
+        // its tag (the top seven), so keys sharing a shard still spread
+        // across its table.
+        let index = (hash >> 40) as usize % SHARDS;
         // A poisoned shard only means a panic elsewhere while it was held; its
-        // map is never left half-written by our code, so keep using it.
+        // table is never left half-written by our code, so keep using it.
         let mut shard = self.shards[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if shard.last_purge.is_none_or(|at| now - at >= PURGE_EVERY) {
-            shard.entries.retain(|_, e| e.expires_at > now);
+            shard.slots.retain(|s| s.expires_at > now);
             shard.last_purge = Some(now);
         }
         shard
@@ -106,10 +149,10 @@ impl MemoryStore {
             .iter()
             .map(|s| {
                 let mut shard = s.lock().unwrap_or_else(PoisonError::into_inner);
-                let before = shard.entries.len();
-                shard.entries.retain(|_, e| e.expires_at > now);
+                let before = shard.slots.len();
+                shard.slots.retain(|s| s.expires_at > now);
                 shard.last_purge = Some(now);
-                before - shard.entries.len()
+                before - shard.slots.len()
             })
             .sum()
     }
@@ -118,12 +161,7 @@ impl MemoryStore {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| {
-                s.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entries
-                    .len()
-            })
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).slots.len())
             .sum()
     }
 
@@ -133,41 +171,150 @@ impl MemoryStore {
     }
 }
 
-impl Entry {
-    /// A copy of the record, with its expiry filled in.
-    fn snapshot(&self) -> IdempotencyRecord {
-        IdempotencyRecord {
-            expires_at: Some(self.expires_at),
-            ..(*self.record).clone()
+impl Slot {
+    /// A slot holding `fields` (in [`Field`] order) in one allocation.
+    fn new(
+        hash: u64,
+        fields: [&str; 6],
+        attempts: u32,
+        expires_at: DateTime<Utc>,
+        state: State,
+    ) -> Self {
+        let mut text = String::with_capacity(fields.iter().map(|f| f.len()).sum());
+        let mut ends = [0; 5];
+        for (i, field) in fields.iter().enumerate() {
+            text.push_str(field);
+            if let Some(end) = ends.get_mut(i) {
+                *end = text.len();
+            }
         }
+        Self {
+            hash,
+            text: text.into_boxed_str(),
+            ends,
+            attempts,
+            expires_at,
+            state,
+        }
+    }
+
+    fn field(&self, field: Field) -> &str {
+        let i = field as usize;
+        let start = i.checked_sub(1).map_or(0, |j| self.ends[j]);
+        let end = self.ends.get(i).copied().unwrap_or(self.text.len());
+        self.text.get(start..end).unwrap_or_default()
+    }
+
+    fn is(&self, key: &str) -> bool {
+        self.field(Field::Key) == key
+    }
+
+    fn status(&self) -> ProcessingStatus {
+        match self.state {
+            State::Processing { .. } => ProcessingStatus::Processing,
+            State::Failed { .. } => ProcessingStatus::Failed,
+            State::Completed { .. } => ProcessingStatus::Completed,
+        }
+    }
+
+    fn first_seen_at(&self) -> Option<DateTime<Utc>> {
+        match self.state {
+            State::Processing { first_seen_at, .. } | State::Failed { first_seen_at, .. } => {
+                Some(first_seen_at)
+            }
+            State::Completed { .. } => None,
+        }
+    }
+
+    fn lease_expires_at(&self) -> Option<DateTime<Utc>> {
+        match self.state {
+            State::Processing {
+                lease_expires_at, ..
+            } => Some(lease_expires_at),
+            _ => None,
+        }
+    }
+
+    fn view(&self) -> RecordView<'_> {
+        RecordView {
+            status: self.status(),
+            attempts: self.attempts,
+            lease_token: present(self.field(Field::Token)),
+            lease_expires_at: self.lease_expires_at(),
+            fingerprint: present(self.field(Field::Fingerprint)),
+        }
+    }
+
+    /// Keeps only what a `COMPLETED` record keeps of the text: the key and
+    /// the fingerprint.
+    fn trim_to_completed(&mut self) {
+        let keep = self.ends[Field::Fingerprint as usize];
+        let mut text = String::from(std::mem::take(&mut self.text));
+        text.truncate(keep);
+        self.text = text.into_boxed_str();
+        for end in &mut self.ends[Field::RecordedKey as usize..] {
+            *end = keep;
+        }
+    }
+
+    /// The public record, with its expiry filled in.
+    fn snapshot(&self) -> IdempotencyRecord {
+        let text = |field| present(self.field(field)).map(str::to_owned);
+        let mut record = IdempotencyRecord {
+            idempotency_key: self.field(Field::RecordedKey).to_owned(),
+            event_id: text(Field::EventId),
+            event_type: text(Field::EventType),
+            status: self.status(),
+            result: None,
+            error: None,
+            first_seen_at: self.first_seen_at(),
+            completed_at: None,
+            attempts: self.attempts,
+            lease_token: text(Field::Token),
+            lease_expires_at: self.lease_expires_at(),
+            fingerprint: text(Field::Fingerprint),
+            expires_at: Some(self.expires_at),
+        };
+        match &self.state {
+            State::Processing { .. } => {}
+            State::Failed { error, .. } => record.error = Some(error.clone()),
+            State::Completed {
+                completed_at,
+                result,
+            } => {
+                record.completed_at = Some(*completed_at);
+                record.result = Some(result.clone());
+            }
+        }
+        record
     }
 }
 
 impl Shard {
-    fn live(&self, key: &str, now: DateTime<Utc>) -> Option<&Entry> {
-        self.entries.get(key).filter(|e| e.expires_at > now)
+    fn live(&self, hash: u64, key: &str, now: DateTime<Utc>) -> Option<&Slot> {
+        self.slots
+            .find(hash, |s| s.is(key))
+            .filter(|s| s.expires_at > now)
     }
 
-    /// Applies a token-checked transition at `now`; `write` edits the record
-    /// in place and, given the record's current expiry, returns its new expiry.
+    /// Applies a token-checked transition at `now`; `write` edits the slot in
+    /// place (its expiry included).
     fn finish(
         &mut self,
+        hash: u64,
         lease: &Lease,
         target: ProcessingStatus,
         now: DateTime<Utc>,
-        write: impl FnOnce(&mut IdempotencyRecord, DateTime<Utc>) -> DateTime<Utc>,
+        write: impl FnOnce(&mut Slot),
     ) -> Result<()> {
-        let mut entry = self
-            .entries
-            .get_mut(&lease.key)
-            .filter(|e| e.expires_at > now);
-        let existing = entry.as_ref().map(|e| &*e.record);
-        match (
-            decide_finish(existing, &lease.token, target, false),
-            entry.as_mut(),
-        ) {
-            (FinishDecision::Apply, Some(entry)) => {
-                entry.expires_at = write(&mut entry.record, entry.expires_at);
+        let slot = self
+            .slots
+            .find_mut(hash, |s| s.is(&lease.key))
+            .filter(|s| s.expires_at > now);
+        let decision = decide_finish(slot.as_ref().map(|s| s.view()), &lease.token, target, false);
+        match (decision, slot) {
+            (FinishDecision::Apply, Some(slot)) => {
+                write(slot);
                 Ok(())
             }
             (FinishDecision::AlreadyApplied, _) => Ok(()),
@@ -186,87 +333,66 @@ impl IdempotencyStore for MemoryStore {
 
     async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
         let now = Utc::now();
-        let mut shard = self.shard(request.key, now);
-        let entry = shard.live(request.key, now);
-        let existing = entry.map(|e| &*e.record);
+        let hash = self.hasher.hash_one(request.key);
+        let mut shard = self.shard(hash, now);
+        let entry = shard.slots.entry(hash, |s| s.is(request.key), |s| s.hash);
+        let slot = match entry {
+            Entry::Occupied(occupied) => occupied.into_mut(),
+            Entry::Vacant(vacant) => {
+                // The common case: a key seen for the first time.
+                let (slot, lease) = acquire(hash, request, None, 1, now);
+                vacant.insert(slot);
+                return Ok(ClaimOutcome::Acquired(lease));
+            }
+        };
+        if slot.expires_at <= now {
+            // Run out but not yet swept: as good as absent.
+            let (new, lease) = acquire(hash, request, None, 1, now);
+            *slot = new;
+            return Ok(ClaimOutcome::Acquired(lease));
+        }
         let fingerprint = request.fingerprint.filter(|f| !f.is_empty());
-        let decision = decide_claim(existing, fingerprint, request.token, now);
-        let attempt = match (decision, entry) {
-            (ClaimDecision::Acquire { attempt }, _) => attempt,
-            (ClaimDecision::FingerprintMismatch, _) => {
+        let attempt = match decide_claim(Some(slot.view()), fingerprint, request.token, now) {
+            ClaimDecision::Acquire { attempt } => attempt,
+            ClaimDecision::FingerprintMismatch => {
                 return Err(IdempotencyError::FingerprintMismatch {
                     key: request.key.to_owned(),
                 });
             }
-            (ClaimDecision::Duplicate, Some(entry)) => {
-                return Ok(ClaimOutcome::Duplicate(entry.snapshot()));
-            }
-            (ClaimDecision::InProgress, Some(entry)) => {
-                return Ok(ClaimOutcome::InProgress(entry.snapshot()));
-            }
-            (ClaimDecision::AlreadyHeld, Some(entry)) => {
+            ClaimDecision::Duplicate => return Ok(ClaimOutcome::Duplicate(slot.snapshot())),
+            ClaimDecision::InProgress => return Ok(ClaimOutcome::InProgress(slot.snapshot())),
+            ClaimDecision::AlreadyHeld => {
                 return Ok(ClaimOutcome::Acquired(Lease {
                     key: request.key.to_owned(),
                     token: request.token.to_owned(),
-                    attempt: entry.record.attempts,
-                    expires_at: entry.record.lease_expires_at.unwrap_or(now),
+                    attempt: slot.attempts,
+                    expires_at: slot.lease_expires_at().unwrap_or(now),
                     taken_over: false,
                 }));
             }
-            // The decisions above are only made for a present record.
-            (_, None) => 1,
         };
-        let taken_over = existing.is_some_and(|r| r.status == ProcessingStatus::Processing);
-        let first_seen_at = existing.and_then(|r| r.first_seen_at).unwrap_or(now);
-        let lease_expires_at = after(now, request.lease);
-        let record = IdempotencyRecord {
-            idempotency_key: request.recorded_key.to_owned(),
-            event_id: present(request.event_id),
-            event_type: present(request.event_type),
-            status: ProcessingStatus::Processing,
-            result: None,
-            error: None,
-            first_seen_at: Some(first_seen_at),
-            completed_at: None,
-            attempts: attempt,
-            lease_token: Some(request.token.to_owned()),
-            lease_expires_at: Some(lease_expires_at),
-            fingerprint: present(fingerprint)
-                .or_else(|| existing.and_then(|r| r.fingerprint.clone())),
-            expires_at: None,
-        };
-        let expires_at = after(now, request.ttl.max(request.lease));
-        shard.entries.insert(
-            request.key.to_owned(),
-            Entry {
-                record: Box::new(record),
-                expires_at,
-            },
-        );
-        Ok(ClaimOutcome::Acquired(Lease {
-            key: request.key.to_owned(),
-            token: request.token.to_owned(),
-            attempt,
-            expires_at: lease_expires_at,
-            taken_over,
-        }))
+        let (new, lease) = acquire(hash, request, Some(slot), attempt, now);
+        *slot = new;
+        Ok(ClaimOutcome::Acquired(lease))
     }
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
         let mut renewed = lease.clone();
         let now = Utc::now();
-        self.shard(&lease.key, now).finish(
-            lease,
-            ProcessingStatus::Processing,
-            now,
-            |record, expires_at| {
+        let hash = self.hasher.hash_one(&lease.key);
+        self.shard(hash, now)
+            .finish(hash, lease, ProcessingStatus::Processing, now, |slot| {
                 let until = after(now, lease_duration);
-                record.lease_expires_at = Some(until);
+                if let State::Processing {
+                    lease_expires_at, ..
+                } = &mut slot.state
+                {
+                    *lease_expires_at = until;
+                }
                 renewed.expires_at = until;
                 // Like Redis: the record lives at least as long as the lease.
-                expires_at.max(until)
-            },
-        )?;
+                slot.expires_at = slot.expires_at.max(until);
+            })?;
         Ok(renewed)
     }
 
@@ -277,31 +403,49 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> Result<()> {
         let now = Utc::now();
-        self.shard(&lease.key, now)
-            .finish(lease, ProcessingStatus::Completed, now, |record, _| {
-                record.set_completed(result.clone(), now);
-                after(now, ttl)
+        let hash = self.hasher.hash_one(&lease.key);
+        self.shard(hash, now)
+            .finish(hash, lease, ProcessingStatus::Completed, now, |slot| {
+                slot.trim_to_completed();
+                slot.state = State::Completed {
+                    completed_at: now,
+                    result: result.clone(),
+                };
+                slot.expires_at = after(now, ttl);
             })
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
         let now = Utc::now();
-        self.shard(&lease.key, now)
-            .finish(lease, ProcessingStatus::Failed, now, |record, _| {
-                record.set_failed(error.to_owned());
-                after(now, ttl)
+        let hash = self.hasher.hash_one(&lease.key);
+        self.shard(hash, now)
+            .finish(hash, lease, ProcessingStatus::Failed, now, |slot| {
+                let first_seen_at = slot.first_seen_at().unwrap_or(now);
+                slot.state = State::Failed {
+                    first_seen_at,
+                    error: error.to_owned(),
+                };
+                slot.expires_at = after(now, ttl);
             })
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
         let now = Utc::now();
-        Ok(self.shard(key, now).live(key, now).map(Entry::snapshot))
+        let hash = self.hasher.hash_one(key);
+        Ok(self
+            .shard(hash, now)
+            .live(hash, key, now)
+            .map(Slot::snapshot))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
         let now = Utc::now();
-        let removed = self.shard(key, now).entries.remove(key);
-        Ok(removed.is_some_and(|e| e.expires_at > now))
+        let hash = self.hasher.hash_one(key);
+        let mut shard = self.shard(hash, now);
+        Ok(match shard.slots.find_entry(hash, |s| s.is(key)) {
+            Ok(found) => found.remove().0.expires_at > now,
+            Err(_) => false,
+        })
     }
 
     async fn health(&self) -> Result<()> {
@@ -314,19 +458,29 @@ impl IdempotencyStore for MemoryStore {
         Ok(keys
             .iter()
             .map(|&key| {
-                let mut shard = self.shard(key, now);
-                if shard.live(key, now).is_some() {
-                    return false;
-                }
-                let record = IdempotencyRecord::completed(serde_json::Value::Null, 1, None, now);
-                shard.entries.insert(
-                    key.to_owned(),
-                    Entry {
-                        record: Box::new(record),
-                        expires_at,
+                let hash = self.hasher.hash_one(key);
+                let mut shard = self.shard(hash, now);
+                let marked = Slot::new(
+                    hash,
+                    [key, "", "", "", "", ""],
+                    1,
+                    expires_at,
+                    State::Completed {
+                        completed_at: now,
+                        result: serde_json::Value::Null,
                     },
                 );
-                true
+                match shard.slots.entry(hash, |s| s.is(key), |s| s.hash) {
+                    Entry::Occupied(mut found) if found.get().expires_at <= now => {
+                        *found.get_mut() = marked;
+                        true
+                    }
+                    Entry::Occupied(_) => false,
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(marked);
+                        true
+                    }
+                }
             })
             .collect())
     }
@@ -335,9 +489,55 @@ impl IdempotencyStore for MemoryStore {
         let now = Utc::now();
         Ok(keys
             .iter()
-            .map(|&key| self.shard(key, now).live(key, now).is_some())
+            .map(|&key| {
+                let hash = self.hasher.hash_one(key);
+                self.shard(hash, now).live(hash, key, now).is_some()
+            })
             .collect())
     }
+}
+
+/// The `PROCESSING` slot a claim writes over `existing` (a live `FAILED` or
+/// run-out `PROCESSING` record, or none) as `attempt`, and the lease it
+/// hands out.
+fn acquire(
+    hash: u64,
+    request: &ClaimRequest<'_>,
+    existing: Option<&Slot>,
+    attempt: u32,
+    now: DateTime<Utc>,
+) -> (Slot, Lease) {
+    let lease_expires_at = after(now, request.lease);
+    let fingerprint = request
+        .fingerprint
+        .filter(|f| !f.is_empty())
+        .or_else(|| existing.and_then(|s| present(s.field(Field::Fingerprint))))
+        .unwrap_or_default();
+    let slot = Slot::new(
+        hash,
+        [
+            request.key,
+            fingerprint,
+            request.recorded_key,
+            request.event_id.unwrap_or_default(),
+            request.event_type.unwrap_or_default(),
+            request.token,
+        ],
+        attempt,
+        after(now, request.ttl.max(request.lease)),
+        State::Processing {
+            first_seen_at: existing.and_then(Slot::first_seen_at).unwrap_or(now),
+            lease_expires_at,
+        },
+    );
+    let lease = Lease {
+        key: request.key.to_owned(),
+        token: request.token.to_owned(),
+        attempt,
+        expires_at: lease_expires_at,
+        taken_over: existing.is_some_and(|s| s.status() == ProcessingStatus::Processing),
+    };
+    (slot, lease)
 }
 
 #[cfg(test)]
