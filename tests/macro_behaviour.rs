@@ -86,6 +86,27 @@ async fn via_macro(
     handler_body(runs, &envelope.payload).await
 }
 
+/// The same handler taking the envelope by reference: the call borrows the
+/// envelope's text instead of copying it.
+#[idempotent(checker = checker, ttl = "1h")]
+async fn via_macro_borrowed(
+    checker: &IdempotencyChecker,
+    runs: &Runs,
+    envelope: &EventEnvelope<Job>,
+) -> Result<Receipt, AppError> {
+    handler_body(runs, &envelope.payload).await
+}
+
+/// By reference, with a key of its own.
+#[idempotent(checker = checker, ttl = "1h", key = format!("tenant-7:{}", envelope.payload.id))]
+async fn via_macro_keyed(
+    checker: &IdempotencyChecker,
+    runs: &Runs,
+    envelope: &EventEnvelope<Job>,
+) -> Result<Receipt, AppError> {
+    handler_body(runs, &envelope.payload).await
+}
+
 async fn via_process(
     checker: &IdempotencyChecker,
     runs: &Runs,
@@ -224,4 +245,65 @@ async fn macro_and_process_behave_identically_on_redis() {
         .expect("get")
         .expect("record");
     assert_eq!(record.attempts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_borrowed_envelope_is_recorded_and_replayed_like_an_owned_one() {
+    let server = RedisServer::start();
+    let checker =
+        IdempotencyChecker::new(RedisStore::connect(&server.url()).await.expect("connect"));
+    let runs = Runs::default();
+    let call = |outcome| describe(Ok(outcome));
+
+    let first = job("f", Action::FailFirst);
+    assert_eq!(
+        call(via_macro_borrowed(&checker, &runs, &first).await),
+        "declined run 1"
+    );
+    let failed = checker
+        .get_processing_record("evt-f")
+        .await
+        .expect("get")
+        .expect("a FAILED record");
+    assert_eq!(
+        (
+            failed.idempotency_key.as_str(),
+            failed.event_id.as_deref(),
+            failed.event_type.as_deref()
+        ),
+        ("evt-f", Some("evt-f"), Some("job.requested"))
+    );
+    // The by-value handler shares the key, and each replays the other's result.
+    assert_eq!(
+        call(via_macro(&checker, &runs, first.clone()).await),
+        "ok f run 2"
+    );
+    assert_eq!(
+        call(via_macro_borrowed(&checker, &runs, &first).await),
+        "ok f run 2"
+    );
+
+    let keyed = job("g", Action::FailFirst);
+    assert_eq!(
+        call(via_macro_keyed(&checker, &runs, &keyed).await),
+        "declined run 1"
+    );
+    let failed = checker
+        .get_processing_record("tenant-7:g")
+        .await
+        .expect("get")
+        .expect("a FAILED record under the attribute's key");
+    assert_eq!(
+        (failed.idempotency_key.as_str(), failed.event_id.as_deref()),
+        ("tenant-7:g", Some("evt-g"))
+    );
+    assert_eq!(
+        call(via_macro_keyed(&checker, &runs, &keyed).await),
+        "ok g run 2"
+    );
+    assert_eq!(
+        call(via_macro_keyed(&checker, &runs, &keyed).await),
+        "ok g run 2"
+    );
+    assert_eq!(runs.snapshot().values().sum::<usize>(), 4);
 }
