@@ -62,7 +62,11 @@
 //! empty keyspace. "Redis CPU" in a note is the median
 //! share of one core that Redis's main thread used during the measurements
 //! (`INFO cpu`, `used_cpu_*_main_thread`): near 100%, Redis's single thread,
-//! not the client, is the bottleneck.
+//! not the client, is the bottleneck. "CPU per event" is the CPU time this
+//! process (the client: `/proc/self/stat`) and Redis's main thread used
+//! during a variant's measured rounds, summed over the rounds and divided
+//! by its events: on this 2-core machine the two share the cores, so it
+//! shows which side an extra cost sits on.
 //!
 //! ## Counting round trips
 //!
@@ -552,6 +556,28 @@ struct Compared {
     /// Redis main-thread CPU use during each measurement (1.0 = one core
     /// saturated), per variant: reference, process, macro.
     redis_cpu: [Vec<f64>; 3],
+    /// CPU time per variant, summed over the rounds.
+    cost: [Cost; 3],
+}
+
+/// CPU spent on a variant's measured rounds: by this process (the client)
+/// and by Redis's main thread.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cost {
+    events: u64,
+    client_ticks: u64,
+    redis_seconds: f64,
+}
+
+impl Cost {
+    /// Microseconds of client CPU and of Redis CPU per event.
+    fn per_event_us(self) -> (f64, f64) {
+        let events = self.events.max(1) as f64;
+        (
+            1e6 * self.client_ticks as f64 / TICKS_PER_SECOND / events,
+            1e6 * self.redis_seconds / events,
+        )
+    }
 }
 
 impl Compared {
@@ -600,6 +626,7 @@ async fn compare(bench: &Bench, kind: Kind, tasks: usize, label: &str) -> Compar
         process: Vec::new(),
         macro_: Vec::new(),
         redis_cpu: Default::default(),
+        cost: Default::default(),
     };
     for round in 0..ROUNDS {
         for variant in ORDERS[round % ORDERS.len()] {
@@ -609,10 +636,17 @@ async fn compare(bench: &Bench, kind: Kind, tasks: usize, label: &str) -> Compar
             let worker = bench.worker(variant.job(kind));
             let before = bench.checker.stats();
             let cpu_before = bench.redis_cpu().await;
+            let own_before = cpu_sample().own;
             let started = Instant::now();
             let (ops, rate) = run(&worker, tasks, MEASURE).await;
             let elapsed = started.elapsed().as_secs_f64();
-            let cpu = (bench.redis_cpu().await - cpu_before) / elapsed;
+            let own = cpu_sample().own.saturating_sub(own_before);
+            let redis_seconds = bench.redis_cpu().await - cpu_before;
+            let cpu = redis_seconds / elapsed;
+            let cost = &mut compared.cost[variant as usize];
+            cost.events += ops;
+            cost.client_ticks += own;
+            cost.redis_seconds += redis_seconds;
             let after = bench.checker.stats();
             if variant != Variant::Reference {
                 let (counted, what) = match kind {
@@ -1131,22 +1165,23 @@ fn cpu_sample() -> CpuSample {
     let field = |i: usize| fields.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal
     let own_stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let own: Vec<u64> = own_stat
+    // Fields after the `)` that ends the command name, by position (some,
+    // like tpgid, can be -1, so none is skipped).
+    let own: Vec<&str> = own_stat
         .rsplit_once(')')
         .map_or("", |(_, rest)| rest)
         .split_whitespace()
-        .filter_map(|f| f.parse().ok())
         .collect();
+    let own_field = |i: usize| own.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     CpuSample {
         // Interrupt time is left out: most of it is this run's own loopback
         // traffic, charged to no process.
         busy: field(0) + field(1) + field(2),
         steal: field(7),
         total: (0..8).map(field).sum(),
-        // utime and stime are fields 14 and 15 of /proc/self/stat; after the
-        // `)` and the state letter (not a number) they are the 11th and 12th
-        // numbers.
-        own: own.get(10).copied().unwrap_or(0) + own.get(11).copied().unwrap_or(0),
+        // utime and stime are fields 14 and 15 of /proc/self/stat: the 12th
+        // and 13th after the `)` (the state letter is the 1st).
+        own: own_field(11) + own_field(12),
     }
 }
 
@@ -1449,8 +1484,9 @@ async fn redis_phases(server: &common::RedisServer, started: Instant, report: &m
     // Redis's main thread used during the measurements: near 100%, Redis is
     // the bottleneck.
     let redis_cpu = |c: &Compared, variant: Variant| {
+        let (client_us, redis_us) = c.cost[variant as usize].per_event_us();
         format!(
-            "Redis CPU {:.0}%",
+            "Redis CPU {:.0}%; CPU per event: client {client_us:.1} us, Redis {redis_us:.1} us",
             100.0 * median(&c.redis_cpu[variant as usize])
         )
     };
