@@ -218,8 +218,8 @@ pub(crate) enum ClaimDecision {
     FingerprintMismatch,
 }
 
-/// What the state machine reads of a stored record: the record type itself,
-/// or a store's compact form of it, lends these.
+/// What the state machine reads of a stored record, lent by a store's own
+/// form of it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RecordView<'a> {
     pub(crate) status: ProcessingStatus,
@@ -227,34 +227,6 @@ pub(crate) struct RecordView<'a> {
     pub(crate) lease_token: Option<&'a str>,
     pub(crate) lease_expires_at: Option<DateTime<Utc>>,
     pub(crate) fingerprint: Option<&'a str>,
-}
-
-#[cfg(test)]
-impl IdempotencyRecord {
-    /// Turns the record into its `COMPLETED` form with `result` at `now`.
-    pub(crate) fn set_completed(&mut self, result: serde_json::Value, now: DateTime<Utc>) {
-        *self = Self::completed(result, self.attempts, self.fingerprint.take(), now);
-    }
-
-    /// Turns the record into its `FAILED` form with `error`.
-    pub(crate) fn set_failed(&mut self, error: String) {
-        self.status = ProcessingStatus::Failed;
-        self.error = Some(error);
-        self.result = None;
-        self.lease_expires_at = None;
-        self.expires_at = None;
-    }
-
-    /// What the state machine reads of this record.
-    pub(crate) fn view(&self) -> RecordView<'_> {
-        RecordView {
-            status: self.status,
-            attempts: self.attempts,
-            lease_token: self.lease_token.as_deref(),
-            lease_expires_at: self.lease_expires_at,
-            fingerprint: self.fingerprint.as_deref(),
-        }
-    }
 }
 
 pub(crate) fn decide_claim(
@@ -330,6 +302,33 @@ pub(crate) fn decide_finish(
 mod tests {
     use super::*;
     use chrono::TimeDelta;
+
+    impl IdempotencyRecord {
+        /// Turns the record into its `COMPLETED` form with `result` at `now`.
+        pub(crate) fn set_completed(&mut self, result: serde_json::Value, now: DateTime<Utc>) {
+            *self = Self::completed(result, self.attempts, self.fingerprint.take(), now);
+        }
+
+        /// Turns the record into its `FAILED` form with `error`.
+        pub(crate) fn set_failed(&mut self, error: String) {
+            self.status = ProcessingStatus::Failed;
+            self.error = Some(error);
+            self.result = None;
+            self.lease_expires_at = None;
+            self.expires_at = None;
+        }
+
+        /// What the state machine reads of this record.
+        pub(crate) fn view(&self) -> RecordView<'_> {
+            RecordView {
+                status: self.status,
+                attempts: self.attempts,
+                lease_token: self.lease_token.as_deref(),
+                lease_expires_at: self.lease_expires_at,
+                fingerprint: self.fingerprint.as_deref(),
+            }
+        }
+    }
 
     fn record(status: ProcessingStatus, token: &str, lease_ms: i64) -> IdempotencyRecord {
         let now = Utc::now();
