@@ -69,11 +69,13 @@ local function load(key, raw)
   -- to the key's expiry: it was claimed at (expiry - claim_px), by the
   -- store's clock. Settle them into absolute fields (a key without expiry
   -- counts as claimed a whole lease ago).
+  -- PEXPIRETIME is absolute, so every read settles the same times (PTTL
+  -- plus TIME could drift by a millisecond between two reads).
   if rec.claim_px ~= nil then
-    local now, pttl = now_ms(), redis.call('PTTL', key)
     local lease_ms = tonumber(rec.lease_ms) or 0
-    local at = now - lease_ms
-    if pttl >= 0 then at = now + pttl - (tonumber(rec.claim_px) or 0) end
+    local expires = redis.call('PEXPIRETIME', key)
+    local at = now_ms() - lease_ms
+    if expires >= 0 then at = expires - (tonumber(rec.claim_px) or 0) end
     rec.first_seen_at, rec.lease_expires_at = at, at + lease_ms
     rec.lease_ms, rec.claim_px = nil, nil
     raw = cjson.encode(rec)
@@ -81,10 +83,10 @@ local function load(key, raw)
   return raw, rec
 end
 -- when the key expires, in ms since the epoch, or -1 when it does not
-local function expiry(key, now)
-  local pttl = redis.call('PTTL', key)
-  if pttl < 0 then return -1 end
-  return now + pttl
+local function expiry(key)
+  local expires = redis.call('PEXPIRETIME', key)
+  if expires < 0 then return -1 end
+  return expires
 end
 local function opt(s) if s == '' then return nil end return s end
 -- an integer as JSON text (never `1e+15` or `3.0`)
@@ -105,7 +107,7 @@ local got = redis.pcall('GET', key)
 -- only place this text can appear unescaped) and no fingerprint to compare:
 -- answer without decoding. The record is parsed and checked by the client.
 if not fp and type(got) == 'string' and string.find(got, '"status":"COMPLETED"', 1, true) then
-  return {'duplicate', got, expiry(key, now_ms())}
+  return {'duplicate', got, expiry(key)}
 end
 local now = now_ms()
 local attempts, first_seen, taken_over = 0, now, 0
@@ -114,13 +116,13 @@ if got then
   if rec == false then return {'corrupt', raw} end
   local theirs = val(rec.fingerprint)
   if fp and type(theirs) == 'string' and theirs ~= fp then return {'mismatch'} end
-  if rec.status == 'COMPLETED' then return {'duplicate', raw, expiry(key, now)} end
+  if rec.status == 'COMPLETED' then return {'duplicate', raw, expiry(key)} end
   if rec.status == 'PROCESSING' then
     if rec.lease_token == token then
       return {'acquired', tonumber(rec.attempts) or 1, tonumber(rec.lease_expires_at) or now, 0}
     end
     if type(rec.lease_expires_at) == 'number' and rec.lease_expires_at > now then
-      return {'in_progress', raw, expiry(key, now)}
+      return {'in_progress', raw, expiry(key)}
     end
     taken_over = 1
   end
@@ -222,7 +224,7 @@ const READ: &str = r#"
 local raw, rec = load(KEYS[1])
 if rec == false then return {'corrupt', raw} end
 if not rec then return {'absent'} end
-return {'found', raw, expiry(KEYS[1], now_ms())}
+return {'found', raw, expiry(KEYS[1])}
 "#;
 
 /// The read script's whole text.
@@ -652,7 +654,7 @@ impl IdempotencyStore for RedisStore {
                         });
                     }
                     // Records written before `ttl_ms` existed get their
-                    // expiry from the script (PTTL).
+                    // expiry from the script (PEXPIRETIME).
                     if let Some(expires_at) = completed_expiry(raw, &record) {
                         record.expires_at = Some(expires_at);
                         return Ok(ClaimOutcome::Duplicate(record));
