@@ -72,7 +72,7 @@
 //!
 //! Redis counts the commands a Lua script calls (`redis.call('GET', ..)`) in
 //! `INFO commandstats` exactly like client commands (`cmdstat_get`,
-//! `cmdstat_set`, `cmdstat_time`, `cmdstat_pttl` grow with every `EVALSHA`),
+//! `cmdstat_set`, `cmdstat_time`, `cmdstat_pexpiretime` grow with every `EVALSHA`),
 //! and in `total_commands_processed` too; the benchmark verifies this at the
 //! start on the running server. So the count of client commands is
 //! `cmdstat_evalsha + cmdstat_eval + cmdstat_script|* + cmdstat_fcall`

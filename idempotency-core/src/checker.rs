@@ -230,13 +230,17 @@ impl std::fmt::Debug for IdempotencyChecker {
 /// process, plus a counter. Unique across processes (the odds of two
 /// processes sharing a seed are 2^-128), and no system call per claim.
 fn new_token() -> String {
+    use std::fmt::Write as _;
     use std::sync::OnceLock;
     use std::sync::atomic::AtomicU64;
     static SEED: OnceLock<(u64, u64)> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let (high, low) = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair());
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{high:016x}{:016x}", low.wrapping_add(n))
+    let mut token = String::with_capacity(32);
+    // Writing to a String cannot fail.
+    let _ = write!(token, "{high:016x}{:016x}", low.wrapping_add(n));
+    token
 }
 
 /// Where a claim (after the in-progress policy) left a request.
@@ -1166,15 +1170,16 @@ impl IdempotencyGuard {
     }
 
     /// Renews the lease every third of the lease until dropped (sooner after
-    /// a failed renewal). Never returns.
-    fn heartbeat(&self) -> impl Future<Output = Infallible> + use<> {
-        let checker = self.checker.clone();
+    /// a failed renewal). Never returns. The lease is copied only when a
+    /// renewal replaces it, so a short handler costs no copy.
+    fn heartbeat(&self) -> impl Future<Output = Infallible> + '_ {
+        let checker = &self.checker;
         let lease_duration = self.durations.lease;
-        let lease = self.lease().cloned();
         async move {
-            let Some(mut lease) = lease else {
+            let Some(lease) = self.lease() else {
                 return std::future::pending().await;
             };
+            let mut lease = std::borrow::Cow::Borrowed(lease);
             let every = (lease_duration / 3).max(Duration::from_millis(1));
             let mut pause = every;
             loop {
@@ -1190,7 +1195,7 @@ impl IdempotencyGuard {
                 checker.observe(&renewed);
                 match renewed {
                     Ok(renewed) => {
-                        lease = renewed;
+                        lease = std::borrow::Cow::Owned(renewed);
                         pause = every;
                     }
                     Err(IdempotencyError::LeaseLost { .. }) => {

@@ -97,10 +97,10 @@ pub(crate) fn stored_key(key: &str, config: &IdempotencyConfig) -> Result<Stored
     } else {
         key.to_owned()
     };
-    Ok(StoredKey {
-        storage: format!("{}{}", config.key_prefix, recorded),
-        recorded,
-    })
+    let mut storage = String::with_capacity(config.key_prefix.len() + recorded.len());
+    storage.push_str(&config.key_prefix);
+    storage.push_str(&recorded);
+    Ok(StoredKey { storage, recorded })
 }
 
 #[cfg(test)]

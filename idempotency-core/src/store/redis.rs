@@ -182,7 +182,7 @@ if target == 'COMPLETED' then
         .. string.format('%s%03d', t[1], math.floor(tonumber(t[2]) / 1000))
         .. attempts .. ',"ttl_ms":' .. ARGV[2] .. ',"result":' .. ARGV[4] .. '}',
         'PX', tonumber(ARGV[2]))
-      return {'ok'}
+      return redis.status_reply('OK')
     end
   end
 end
@@ -196,7 +196,7 @@ if not rec then return {'lost'} end
 local held = rec.lease_token == token
 if rec.status ~= 'PROCESSING' or not held then
   if rec.status == target and (held or (ARGV[5] == '1' and val(rec.lease_token) == nil)) then
-    return {'ok'}
+    return redis.status_reply('OK')
   end
   return {'lost'}
 end
@@ -216,7 +216,7 @@ else
   doc = cjson.encode(rec)
 end
 redis.call('SET', KEYS[1], doc, 'PX', tonumber(ARGV[2]))
-return {'ok'}
+return redis.status_reply('OK')
 "#;
 
 /// KEYS[1] key: the record and when it expires.
@@ -230,6 +230,30 @@ return {'found', raw, expiry(KEYS[1])}
 /// The read script's whole text.
 fn read_script() -> String {
     format!("{PRELUDE}{READ}")
+}
+
+/// `EVALSHA <script> 1 <key>`, for the caller to add the script's arguments:
+/// built directly, since `ScriptInvocation` copies every argument twice.
+fn evalsha(script: &Script, key: &str) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(8, 128 + key.len());
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(1).arg(key);
+    cmd
+}
+
+/// Runs an [`evalsha`] command; when the server does not have the script
+/// (a restart or a `SCRIPT FLUSH`), loads it and sends the command once more.
+async fn eval<T: redis::FromRedisValue>(
+    conn: &mut Conn,
+    script: &Script,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        result => result,
+    }
 }
 
 #[derive(Debug)]
@@ -467,6 +491,19 @@ impl Reply {
     }
 }
 
+/// Appends `value` as a JSON string. Text that needs no escaping (keys,
+/// ids, tokens, hex fingerprints almost always) is copied as it is.
+fn push_json_str(out: &mut String, value: &str) -> Result<()> {
+    if value.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(&serde_json::to_string(value)?);
+    } else {
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+    }
+    Ok(())
+}
+
 /// The claim's descriptive fields as JSON object members, each followed by a
 /// comma; absent and empty fields are left out.
 fn members(request: &ClaimRequest<'_>) -> Result<String> {
@@ -484,7 +521,7 @@ fn members(request: &ClaimRequest<'_>) -> Result<String> {
             out.push('"');
             out.push_str(name);
             out.push_str("\":");
-            out.push_str(&serde_json::to_string(value)?);
+            push_json_str(&mut out, value)?;
             out.push(',');
         }
     }
@@ -501,7 +538,7 @@ fn fast_claim(request: &ClaimRequest<'_>, px: u64) -> Result<String> {
     doc.push('{');
     doc.push_str(&members(request)?);
     doc.push_str("\"status\":\"PROCESSING\",\"attempts\":1,\"lease_token\":");
-    doc.push_str(&serde_json::to_string(request.token)?);
+    push_json_str(&mut doc, request.token)?;
     // Writing to a String cannot fail.
     let _ = write!(
         doc,
@@ -510,7 +547,7 @@ fn fast_claim(request: &ClaimRequest<'_>, px: u64) -> Result<String> {
     );
     if let Some(fingerprint) = request.fingerprint.filter(|f| !f.is_empty()) {
         doc.push_str(",\"fingerprint\":");
-        doc.push_str(&serde_json::to_string(fingerprint)?);
+        push_json_str(&mut doc, fingerprint)?;
     }
     doc.push('}');
     Ok(doc)
@@ -672,12 +709,12 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
-        let mut invocation = self.scripts.renew.key(&lease.key);
-        invocation.arg(&lease.token).arg(millis(lease_duration));
+        let mut cmd = evalsha(&self.scripts.renew, &lease.key);
+        cmd.arg(&lease.token).arg(millis(lease_duration));
         let value: Value = self
             .run(&lease.key, |mut conn, _| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut conn).await }
+                let cmd = &cmd;
+                async move { eval(&mut conn, &self.scripts.renew, cmd).await }
             })
             .await?;
         let reply = Reply::parse(&lease.key, value)?;
@@ -707,11 +744,11 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
-        let invocation = self.scripts.read.key(key);
+        let cmd = evalsha(&self.scripts.read, key);
         let value: Value = self
             .run(key, |mut conn, _| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut conn).await }
+                let cmd = &cmd;
+                async move { eval(&mut conn, &self.scripts.read, cmd).await }
             })
             .await?;
         let reply = Reply::parse(key, value)?;
@@ -751,17 +788,16 @@ impl IdempotencyStore for RedisStore {
 impl RedisStore {
     /// The claim script: every case, decided atomically in Redis.
     async fn claim_script(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
-        let mut invocation = self.scripts.claim.key(request.key);
-        invocation
-            .arg(request.token)
+        let mut cmd = evalsha(&self.scripts.claim, request.key);
+        cmd.arg(request.token)
             .arg(millis(request.lease))
             .arg(millis(request.ttl))
             .arg(request.fingerprint.unwrap_or(""))
             .arg(members(request)?);
         let value: Value = self
             .run(request.key, |mut conn, _| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut conn).await }
+                let cmd = &cmd;
+                async move { eval(&mut conn, &self.scripts.claim, cmd).await }
             })
             .await?;
         let reply = Reply::parse(request.key, value)?;
@@ -791,21 +827,44 @@ impl RedisStore {
     ) -> Result<()> {
         let value: Value = self
             .run(&lease.key, |mut conn, retried| {
-                let mut invocation = self.scripts.finish.key(&lease.key);
-                invocation
-                    .arg(&lease.token)
+                let mut cmd = evalsha(&self.scripts.finish, &lease.key);
+                cmd.arg(&lease.token)
                     .arg(millis(ttl))
                     .arg(status)
                     .arg(payload)
                     .arg(if retried { "1" } else { "" });
-                async move { invocation.invoke_async(&mut conn).await }
+                async move { eval(&mut conn, &self.scripts.finish, &cmd).await }
             })
             .await?;
-        match Reply::parse(&lease.key, value)?.tag.as_str() {
-            "ok" => Ok(()),
-            _ => Err(IdempotencyError::LeaseLost {
-                key: lease.key.clone(),
-            }),
+        // `OK` (a status reply), or `{'lost'}` or `{'corrupt', reason}`.
+        if value == Value::Okay {
+            return Ok(());
+        }
+        Reply::parse(&lease.key, value)?;
+        Err(IdempotencyError::LeaseLost {
+            key: lease.key.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_json_str;
+
+    #[test]
+    fn json_strings_are_written_as_serde_json_writes_them() {
+        for text in [
+            "",
+            "order-42",
+            "a\"quote",
+            "back\\slash",
+            "new\nline\t\u{1}",
+            "ünï€ode/slash\u{7f}",
+            r#""status":"COMPLETED""#,
+        ] {
+            let mut out = String::from("x");
+            push_json_str(&mut out, text).expect("a string");
+            assert_eq!(out, format!("x{}", serde_json::to_string(text).unwrap()));
         }
     }
 }
