@@ -864,7 +864,10 @@ mod tests {
         ] {
             let mut out = String::from("x");
             push_json_str(&mut out, text).expect("a string");
-            assert_eq!(out, format!("x{}", serde_json::to_string(text).unwrap()));
+            assert_eq!(
+                out,
+                format!("x{}", serde_json::to_string(text).expect("serializable"))
+            );
         }
     }
 }
