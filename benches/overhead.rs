@@ -841,6 +841,19 @@ struct RecordMemory {
     key_len: usize,
 }
 
+impl RecordMemory {
+    /// What the [`MEMORY_RECORDS`] records just written cost: `MEMORY USAGE`
+    /// sampled over `keys`, and the `used_memory` growth since `before`.
+    async fn of(bench: &Bench, before: i64, keys: &[String]) -> Self {
+        let after = bench.used_memory().await;
+        Self {
+            usage: sample_usage(bench, keys).await,
+            delta: (after - before) as f64 / MEMORY_RECORDS as f64,
+            key_len: keys.first().map_or(0, String::len),
+        }
+    }
+}
+
 async fn sample_usage(bench: &Bench, keys: &[String]) -> f64 {
     let step = (keys.len() / MEMORY_SAMPLE).max(1);
     let mut total = 0i64;
@@ -882,12 +895,7 @@ async fn memory_ours(bench: &Bench, hash_keys: bool) -> RecordMemory {
             keys.push(key);
         }
     }
-    let after = bench.used_memory().await;
-    RecordMemory {
-        usage: sample_usage(bench, &keys).await,
-        delta: (after - before) as f64 / MEMORY_RECORDS as f64,
-        key_len: keys.first().map_or(0, String::len),
-    }
+    RecordMemory::of(bench, before, &keys).await
 }
 
 /// 10,000 plain `SET key <100-byte value> PX ttl` under keys of the same
@@ -917,12 +925,7 @@ async fn memory_reference(bench: &Bench, hashed: bool) -> RecordMemory {
         ok(set);
         keys.push(key);
     }
-    let after = bench.used_memory().await;
-    RecordMemory {
-        usage: sample_usage(bench, &keys).await,
-        delta: (after - before) as f64 / MEMORY_RECORDS as f64,
-        key_len: keys.first().map_or(0, String::len),
-    }
+    RecordMemory::of(bench, before, &keys).await
 }
 
 // ---------------------------------------------------------------------------
