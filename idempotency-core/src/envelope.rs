@@ -4,16 +4,23 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::error::{IdempotencyError, InvalidKeyReason};
+
 /// An event as it travels between services: identity, type, time and payload.
 ///
 /// The *effective key* that makes a handler idempotent is `idempotency_key`
-/// when set, else `event_id`. Publishers that retry should reuse the same
-/// `event_id` (or set the same `idempotency_key`) for every copy.
+/// when set, else `event_id` (see [`require_key`](Self::require_key), the
+/// one rule every entry point applies). Publishers that retry should reuse
+/// the same `event_id` (or set the same `idempotency_key`) for every copy.
 ///
-/// JSON without `idempotency_key`, `source` or `correlation_id` parses; a
-/// missing `event_id` gets a fresh UUID v4 and a missing `occurred_at` gets
-/// the time of parsing, so such an event only deduplicates by its
-/// `idempotency_key`.
+/// JSON without `idempotency_key`, `source` or `correlation_id` parses, and
+/// so does JSON without `event_id` (it is then empty) and without
+/// `occurred_at` (the time of parsing). An envelope read from the wire never
+/// gets an invented id: one with neither an `idempotency_key` nor an
+/// `event_id` has no key, and every entry point rejects it with
+/// [`MissingKey`](crate::IdempotencyError::MissingKey) instead of running
+/// the handler for each copy. [`EventEnvelope::new`] does give a fresh
+/// UUID v4 `event_id` to events built in Rust.
 ///
 /// ```
 /// use idempotency_core::EventEnvelope;
@@ -25,8 +32,10 @@ use uuid::Uuid;
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope<P = serde_json::Value> {
-    /// Unique id of the event (a UUID v4 string by default).
-    #[serde(default = "new_event_id")]
+    /// Unique id of the event. [`EventEnvelope::new`] sets a UUID v4; it is
+    /// empty when the JSON the envelope was read from had none (and is then
+    /// left out when the envelope is written again).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub event_id: String,
     /// What happened, e.g. `"field.created"`.
     pub event_type: String,
@@ -93,9 +102,41 @@ impl<P> EventEnvelope<P> {
         self
     }
 
-    /// The key that makes this event idempotent: `idempotency_key`, else `event_id`.
+    /// The key that makes this event idempotent: `idempotency_key`, else
+    /// `event_id`. Empty when the envelope has neither; entry points use
+    /// [`require_key`](Self::require_key), which rejects that.
     pub fn effective_key(&self) -> &str {
         self.idempotency_key.as_deref().unwrap_or(&self.event_id)
+    }
+
+    /// The effective key, by the one rule every entry point applies (the
+    /// checker, the `#[idempotent]` attribute, NATS, the dedup relay, HTTP):
+    ///
+    /// - an explicit `idempotency_key` is the key, and an empty one is
+    ///   [`InvalidKey`](IdempotencyError::InvalidKey) (it never falls back
+    ///   to `event_id`: the producer meant to set a key and did not);
+    /// - else a non-empty `event_id` is the key;
+    /// - else the envelope has no key: [`MissingKey`](IdempotencyError::MissingKey).
+    ///
+    /// Length and character rules are checked by the checker, against its
+    /// configuration.
+    ///
+    /// ```
+    /// use idempotency_core::{EventEnvelope, IdempotencyError};
+    ///
+    /// let keyless: EventEnvelope = serde_json::from_str(r#"{"event_type":"t","payload":{}}"#)?;
+    /// assert!(matches!(keyless.require_key(), Err(IdempotencyError::MissingKey)));
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
+    pub fn require_key(&self) -> Result<&str, IdempotencyError> {
+        match self.idempotency_key.as_deref() {
+            Some("") => Err(IdempotencyError::InvalidKey {
+                reason: InvalidKeyReason::Empty,
+            }),
+            Some(key) => Ok(key),
+            None if self.event_id.is_empty() => Err(IdempotencyError::MissingKey),
+            None => Ok(&self.event_id),
+        }
     }
 }
 
@@ -125,6 +166,33 @@ mod tests {
         .expect("parses");
         assert_eq!(e.idempotency_key, None);
         assert_eq!(e.effective_key(), "e");
+    }
+
+    #[test]
+    fn json_without_event_id_gets_no_invented_id() {
+        let json = r#"{"event_type":"t","occurred_at":"2026-01-01T00:00:00Z","payload":{"a":1}}"#;
+        let first: EventEnvelope = serde_json::from_str(json).expect("parses");
+        let second: EventEnvelope = serde_json::from_str(json).expect("parses");
+        assert_eq!(first.event_id, "");
+        assert_eq!(first, second, "two copies of one JSON are one event");
+        assert!(matches!(first.require_key(), Err(IdempotencyError::MissingKey)));
+        let written = serde_json::to_string(&first).expect("serializes");
+        assert!(!written.contains("event_id"), "{written}");
+    }
+
+    #[test]
+    fn require_key_applies_one_rule() {
+        let e = EventEnvelope::new("t", ()).with_event_id("e1");
+        assert_eq!(e.require_key().expect("event id"), "e1");
+        let e = e.with_idempotency_key("k1");
+        assert_eq!(e.require_key().expect("explicit key"), "k1");
+        let e = e.with_idempotency_key("");
+        assert!(matches!(
+            e.require_key(),
+            Err(IdempotencyError::InvalidKey {
+                reason: InvalidKeyReason::Empty
+            })
+        ));
     }
 
     #[test]

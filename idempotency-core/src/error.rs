@@ -38,6 +38,27 @@ impl std::fmt::Display for InvalidKeyReason {
     }
 }
 
+/// Why a store that answered refused an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreRefusal {
+    /// The store is out of memory and refuses writes (Redis `OOM` under
+    /// `maxmemory` with `noeviction`). Reads still work.
+    OutOfMemory,
+    /// The store's user lacks a permission the operation needs (Redis
+    /// `NOPERM` under an ACL user).
+    PermissionDenied,
+}
+
+impl std::fmt::Display for StoreRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::OutOfMemory => f.write_str("it is out of memory and refuses writes"),
+            Self::PermissionDenied => f.write_str("its user lacks a permission"),
+        }
+    }
+}
+
 /// Everything that can go wrong when making a handler idempotent.
 ///
 /// Handlers return their own error type `E`; the checker asks for
@@ -116,6 +137,34 @@ pub enum IdempotencyError {
         source: BoxError,
     },
 
+    /// The store answered but refused the operation (out of memory, or a
+    /// missing ACL permission). Not an outage: it does not count towards
+    /// the circuit breaker and never triggers fail-open, and retrying the
+    /// same call only helps once an operator has acted. The handler did not
+    /// run.
+    #[error("the {store} store refused the operation: {reason}")]
+    StoreRefused {
+        /// Which store (`"redis"`, `"memory"`, ...).
+        store: &'static str,
+        /// Why it refused.
+        reason: StoreRefusal,
+        /// The store's own error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The key was completed, but its first attempt's result could not be
+    /// stored (it did not serialize to JSON, or nested too deeply), so there
+    /// is nothing to replay. The handler does not run again: its side
+    /// effects already happened once.
+    #[error("event `{key}` was already processed, but its result was not stored: {reason}")]
+    ResultNotStored {
+        /// The storage key.
+        key: String,
+        /// Why the first attempt's result was not stored.
+        reason: String,
+    },
+
     /// The value stored under a key is not a record this framework wrote.
     #[error("the record at `{key}` is corrupt")]
     CorruptRecord {
@@ -152,6 +201,20 @@ impl IdempotencyError {
         }
     }
 
+    /// A `StoreRefused` error for `store`, refused for `reason`, with the
+    /// store's own error as `source`.
+    pub fn store_refused(
+        store: &'static str,
+        reason: StoreRefusal,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self::StoreRefused {
+            store,
+            reason,
+            source: source.into(),
+        }
+    }
+
     /// A `CorruptRecord` error for `key` caused by `source`.
     pub fn corrupt(key: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Self::CorruptRecord {
@@ -176,6 +239,9 @@ impl IdempotencyError {
                 "the lease was lost to another attempt; nothing was written".to_owned()
             }
             Self::CorruptRecord { .. } => "a stored record is corrupt".to_owned(),
+            Self::ResultNotStored { reason, .. } => {
+                format!("the event was already processed, but its result was not stored: {reason}")
+            }
             other => other.to_string(),
         }
     }
@@ -222,6 +288,10 @@ mod tests {
             IdempotencyError::FingerprintMismatch { key: key.into() },
             IdempotencyError::LeaseLost { key: key.into() },
             IdempotencyError::corrupt(key, "bad"),
+            IdempotencyError::ResultNotStored {
+                key: key.into(),
+                reason: "x".into(),
+            },
         ] {
             assert!(error.to_string().contains(key));
             assert!(!error.redacted().contains(key), "{}", error.redacted());

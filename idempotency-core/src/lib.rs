@@ -65,7 +65,7 @@ pub use config::{
 };
 pub use dedup::{Deduplicator, KeyExtractor, KeyFn};
 pub use envelope::EventEnvelope;
-pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result};
+pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result, StoreRefusal};
 pub use global::{default_checker, set_default_checker};
 pub use key::{canonical_json, fingerprint, sha256_hex};
 pub use record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
