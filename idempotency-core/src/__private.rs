@@ -112,7 +112,10 @@ pub fn prepare<'c, 'e, P: Serialize>(
         } else {
             None
         };
-        let key = key.map_or_else(|| Cow::Borrowed(envelope.effective_key()), Cow::Owned);
+        let key = match key {
+            Some(key) => Cow::Owned(key),
+            None => Cow::Borrowed(envelope.require_key()?),
+        };
         let text = Text::Borrowed {
             key,
             event_id: &envelope.event_id,

@@ -110,13 +110,15 @@ impl<'a> KeyedRequest<'a> {
         }
     }
 
-    /// A request for an envelope's effective key, with its event id and type.
-    /// The payload is fingerprinted when `fingerprint_payload` is true.
+    /// A request for an envelope's key (by [`EventEnvelope::require_key`]:
+    /// [`MissingKey`](IdempotencyError::MissingKey) for an envelope with
+    /// neither an `idempotency_key` nor an `event_id`), with its event id and
+    /// type. The payload is fingerprinted when `fingerprint_payload` is true.
     pub fn from_envelope<P: Serialize>(
         envelope: &'a EventEnvelope<P>,
         fingerprint_payload: bool,
     ) -> Result<Self> {
-        let request = Self::new(envelope.effective_key())
+        let request = Self::new(envelope.require_key()?)
             .event_id(&envelope.event_id)
             .event_type(&envelope.event_type);
         if fingerprint_payload {
@@ -126,9 +128,9 @@ impl<'a> KeyedRequest<'a> {
         }
     }
 
-    /// Records this event id.
+    /// Records this event id (an empty one records none).
     pub fn event_id(mut self, event_id: &'a str) -> Self {
-        self.event_id = Some(event_id);
+        self.event_id = (!event_id.is_empty()).then_some(event_id);
         self
     }
 

@@ -82,7 +82,13 @@ pub struct IdempotencyRecord {
     /// Where the key is in its life.
     pub status: ProcessingStatus,
     /// The handler's result as JSON (only when `COMPLETED`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `Some(Value::Null)` when the handler's result was JSON `null` (a
+    /// unit `()`, a `None`); `None` when no result was stored.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub result: Option<serde_json::Value>,
     /// The handler's error text (only when `FAILED`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +133,15 @@ pub struct IdempotencyRecord {
 
 fn first_attempt() -> u32 {
     1
+}
+
+/// A field that is present is `Some`, even when it is `null` (serde's
+/// default for `Option` reads `null` as `None`); an absent field is `None`
+/// through `#[serde(default)]`.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(deserializer).map(Some)
 }
 
 impl IdempotencyRecord {
@@ -302,6 +317,19 @@ pub(crate) fn decide_finish(
 mod tests {
     use super::*;
     use chrono::TimeDelta;
+
+    #[test]
+    fn a_null_result_reads_back_as_a_stored_null_and_an_absent_one_as_none() {
+        let null: IdempotencyRecord =
+            serde_json::from_str(r#"{"status":"COMPLETED","completed_at":1,"result":null}"#)
+                .expect("parses");
+        assert_eq!(null.result, Some(serde_json::Value::Null));
+        let absent: IdempotencyRecord =
+            serde_json::from_str(r#"{"status":"COMPLETED","completed_at":1}"#).expect("parses");
+        assert_eq!(absent.result, None);
+        let written = serde_json::to_string(&null).expect("serializes");
+        assert!(written.contains(r#""result":null"#), "{written}");
+    }
 
     impl IdempotencyRecord {
         /// Turns the record into its `COMPLETED` form with `result` at `now`.
