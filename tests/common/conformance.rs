@@ -19,6 +19,7 @@ macro_rules! for_each_rule {
             absent_key_is_acquired_as_attempt_one,
             live_lease_is_in_progress,
             completed_is_duplicate_with_exact_result,
+            a_null_result_is_stored_as_null,
             failed_is_reclaimed_with_next_attempt,
             expired_lease_is_taken_over_and_stale_holder_cannot_write,
             renew_keeps_the_lease_alive,
@@ -115,6 +116,25 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
                 left > chrono::TimeDelta::seconds(50) && left <= chrono::TimeDelta::seconds(61),
                 "expires in {left}"
             );
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+}
+
+/// A handler whose result is JSON `null` (a unit, a `None`) has a stored
+/// result: reads and duplicates see `Some(Null)`, on every store alike
+/// (`None` means no result was stored).
+pub async fn a_null_result_is_stored_as_null(store: &dyn IdempotencyStore) {
+    let lease = acquire(store, &request("c:null", "t1")).await;
+    store
+        .complete(&lease, &serde_json::Value::Null, LONG)
+        .await
+        .expect("complete");
+    let record = store.get("c:null").await.expect("get").expect("record");
+    assert_eq!(record.result, Some(serde_json::Value::Null));
+    match store.claim(&request("c:null", "t2")).await.expect("claim") {
+        ClaimOutcome::Duplicate(record) => {
+            assert_eq!(record.result, Some(serde_json::Value::Null));
         }
         other => panic!("expected Duplicate, got {other:?}"),
     }
@@ -498,14 +518,15 @@ pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn Idemp
     store.mark(&["m:done"], LONG).await.expect("mark");
     let record = store.get("m:done").await.expect("get").expect("record");
     assert_eq!(record.status, ProcessingStatus::Completed);
-    assert_eq!(record.result.unwrap_or_default(), serde_json::Value::Null);
+    // A mark stores a null result: a claim of it replays `null`.
+    assert_eq!(record.result, Some(serde_json::Value::Null));
     assert_eq!(record.attempts, 1);
     assert!(record.completed_at.is_some());
     assert_eq!(record.lease_expires_at, None);
     match store.claim(&request("m:done", "t1")).await.expect("claim") {
         ClaimOutcome::Duplicate(record) => {
             assert_eq!(record.status, ProcessingStatus::Completed);
-            assert_eq!(record.result.unwrap_or_default(), serde_json::Value::Null);
+            assert_eq!(record.result, Some(serde_json::Value::Null));
         }
         other => panic!("expected Duplicate, got {other:?}"),
     }
