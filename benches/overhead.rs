@@ -1009,7 +1009,7 @@ async fn memory_loop(
                 };
                 match store.claim(&request).await {
                     Ok(ClaimOutcome::Acquired(lease)) => {
-                        ok(store.complete(&lease, black_box(&result), ttl).await);
+                        ok(store.complete(&lease, Some(black_box(&result)), ttl).await);
                     }
                     Ok(other) => problem(&ANOMALIES, format_args!("memory claim: {other:?}")),
                     Err(e) => problem(&ERRORS, e),

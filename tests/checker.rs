@@ -687,28 +687,38 @@ async fn out_of_range_durations_are_config_errors(kind: Kind) {
 }
 
 /// A handler whose side effects happened but whose result cannot be stored
-/// must not run again on redelivery.
-async fn unstorable_result_never_runs_twice(kind: Kind) {
+/// must not run again on redelivery, and a redelivery must never get a
+/// value that was not the first result (the result type here reads `null`
+/// as `None`, which is what duplicates used to be handed): it gets
+/// `ResultNotStored`.
+async fn unstorable_result_never_runs_twice_nor_replays_a_made_up_value(kind: Kind) {
     let env = env(kind, config().build().expect("config")).await;
     let runs = AtomicUsize::new(0);
     let deep = || (0..150).fold(json!(1), |inner, _| json!([inner]));
     for key in ["unserializable", "too-deep"] {
-        for _ in 0..3 {
+        for delivery in 0..3 {
             let outcome = env
                 .checker
                 .process(&event(key), |_| async {
                     runs.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, IdempotencyError>(if key == "too-deep" {
+                    Ok::<_, IdempotencyError>(Some(if key == "too-deep" {
                         Unstorable::Deep(deep())
                     } else {
                         Unstorable::Map(std::collections::HashMap::from([((1u8, 2u8), 3u8)]))
-                    })
+                    }))
                 })
                 .await;
-            assert!(
-                matches!(outcome, Err(IdempotencyError::Serialization(_))),
-                "{outcome:?}"
-            );
+            if delivery == 0 {
+                assert!(
+                    matches!(outcome, Err(IdempotencyError::Serialization(_))),
+                    "{outcome:?}"
+                );
+            } else {
+                assert!(
+                    matches!(outcome, Err(IdempotencyError::ResultNotStored { .. })),
+                    "{outcome:?}"
+                );
+            }
         }
         let record = env
             .checker
@@ -717,6 +727,13 @@ async fn unstorable_result_never_runs_twice(kind: Kind) {
             .expect("get")
             .expect("record");
         assert_eq!(record.status, ProcessingStatus::Completed);
+        assert_eq!(record.result, None, "no result was stored");
+        let guard = env.checker.guard(&event(key)).await.expect("guard");
+        assert!(guard.is_duplicate());
+        assert!(matches!(
+            guard.cached_result::<Option<u8>>(),
+            Err(IdempotencyError::ResultNotStored { .. })
+        ));
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2, "each side effect ran once");
 }
@@ -903,7 +920,11 @@ async fn local_cache_honours_record_ttl_and_status(kind: Kind) {
         Err(IdempotencyError::InProgress { .. })
     ));
     env.store
-        .complete(&lease, &json!("done elsewhere"), Duration::from_secs(60))
+        .complete(
+            &lease,
+            Some(&json!("done elsewhere")),
+            Duration::from_secs(60),
+        )
         .await
         .expect("complete");
     let before = calls(&env);
@@ -953,7 +974,7 @@ per_store!(
     stats_count_what_happened,
     cancelled_call_is_failed_and_retried,
     out_of_range_durations_are_config_errors,
-    unstorable_result_never_runs_twice,
+    unstorable_result_never_runs_twice_nor_replays_a_made_up_value,
     claim_with_lost_reply_is_released,
     local_cache_answers_hot_duplicates_without_the_store,
     local_cache_honours_record_ttl_and_status,

@@ -441,7 +441,9 @@ impl IdempotencyChecker {
                     Ok(permit) => {
                         let store = &checker.inner.store;
                         let released = match &result {
-                            Some(result) => store.complete(&lease, result, durations.ttl).await,
+                            Some(result) => {
+                                store.complete(&lease, Some(result), durations.ttl).await
+                            }
                             None => {
                                 store
                                     .fail(
@@ -547,8 +549,9 @@ impl IdempotencyChecker {
         lease: &Lease,
         result: &T,
     ) -> Result<()> {
-        let value = serde_json::to_value(result)?;
-        self.complete(lease, &value, self.inner.config.ttl).await
+        let value = storable(result)?;
+        self.complete(lease, Some(&value), self.inner.config.ttl)
+            .await
     }
 
     /// Records a failure for a lease from [`mark_processing`](Self::mark_processing),
@@ -557,19 +560,14 @@ impl IdempotencyChecker {
         self.fail(lease, error, self.inner.config.ttl).await
     }
 
+    /// Completes `lease` with `value` (`None`: the result could not be
+    /// stored), which the caller made by [`storable`].
     async fn complete(
         &self,
         lease: &Lease,
-        value: &serde_json::Value,
+        value: Option<&serde_json::Value>,
         ttl: Duration,
     ) -> Result<()> {
-        if json_depth(value) > MAX_RESULT_DEPTH {
-            return Err(IdempotencyError::Serialization(serde::ser::Error::custom(
-                format!(
-                    "the result nests deeper than {MAX_RESULT_DEPTH} levels and could not be replayed"
-                ),
-            )));
-        }
         let started = Instant::now();
         let result = self
             .inner
@@ -849,7 +847,7 @@ impl IdempotencyChecker {
         handler_latency(started);
         match outcome {
             Ok(Ok(value)) => match storable(&value) {
-                Ok(json) => match guard.finish_completed(&json).await {
+                Ok(json) => match guard.finish_completed(Some(&json)).await {
                     Ok(()) => {
                         self.remember(&key, &request, attempt, json, durations.ttl);
                         Ok(Processed::Executed(value))
@@ -868,11 +866,10 @@ impl IdempotencyChecker {
                     Err(e) => Err(E::from(e)),
                 },
                 Err(e) => {
-                    // The side effects happened: record the key as done (with
-                    // no replayable result) rather than failed, so it never
-                    // runs again; duplicates get a decoding error.
-                    if let Err(store_error) = guard.finish_completed(&serde_json::Value::Null).await
-                    {
+                    // The side effects happened: record the key as done with
+                    // no result rather than failed, so it never runs again;
+                    // duplicates get `ResultNotStored`, never a made-up value.
+                    if let Err(store_error) = guard.finish_completed(None).await {
                         tracing::warn!(error = %store_error.redacted(), "could not record the completed attempt");
                     }
                     Err(E::from(IdempotencyError::Serialization(e)))
@@ -979,7 +976,9 @@ fn json_depth(value: &serde_json::Value) -> usize {
 }
 
 /// A handler's result as the JSON to store, if it can be stored and replayed.
-fn storable<T: Serialize>(value: &T) -> std::result::Result<serde_json::Value, serde_json::Error> {
+fn storable<T: Serialize + ?Sized>(
+    value: &T,
+) -> std::result::Result<serde_json::Value, serde_json::Error> {
     let json = serde_json::to_value(value)?;
     if json_depth(&json) > MAX_RESULT_DEPTH {
         return Err(serde::ser::Error::custom(format!(
@@ -987,6 +986,20 @@ fn storable<T: Serialize>(value: &T) -> std::result::Result<serde_json::Value, s
         )));
     }
     Ok(json)
+}
+
+/// The first attempt's result, or [`IdempotencyError::ResultNotStored`]
+/// when the record holds none (the result could not be stored).
+fn stored_result(key: &str, record: &IdempotencyRecord) -> Result<serde_json::Value> {
+    record
+        .result
+        .clone()
+        .ok_or_else(|| IdempotencyError::ResultNotStored {
+            key: key.to_owned(),
+            reason: "the first attempt's result could not be serialized to JSON, \
+                     or nested deeper than the limit"
+                .to_owned(),
+        })
 }
 
 fn replay<T: DeserializeOwned>(
@@ -1000,7 +1013,7 @@ fn replay<T: DeserializeOwned>(
             cached_result: record.result.clone(),
         }),
         DuplicatePolicy::Replay => {
-            let value = record.result.clone().unwrap_or(serde_json::Value::Null);
+            let value = stored_result(&key, record)?;
             Ok(Processed::Replayed(serde_json::from_value(value)?))
         }
     }
@@ -1089,7 +1102,7 @@ impl IdempotencyGuard {
     pub fn cached_result<T: DeserializeOwned>(&self) -> Result<Option<T>> {
         match &self.state {
             GuardState::Duplicate(record) => {
-                let value = record.result.clone().unwrap_or(serde_json::Value::Null);
+                let value = stored_result(&record.idempotency_key, record)?;
                 Ok(Some(serde_json::from_value(value)?))
             }
             _ => Ok(None),
@@ -1144,8 +1157,8 @@ impl IdempotencyGuard {
     /// [`IdempotencyError::LeaseLost`] if this caller does not hold the key
     /// (anymore).
     pub async fn complete<T: Serialize + ?Sized>(mut self, result: &T) -> Result<()> {
-        let value = serde_json::to_value(result)?;
-        self.finish_completed(&value).await
+        let value = storable(result)?;
+        self.finish_completed(Some(&value)).await
     }
 
     /// Records the attempt as `FAILED` with `error`, so the next delivery retries.
@@ -1153,7 +1166,7 @@ impl IdempotencyGuard {
         self.finish_failed(error).await
     }
 
-    async fn finish_completed(&mut self, value: &serde_json::Value) -> Result<()> {
+    async fn finish_completed(&mut self, value: Option<&serde_json::Value>) -> Result<()> {
         let result = self
             .checker
             .complete(self.held()?, value, self.durations.ttl)

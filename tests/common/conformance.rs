@@ -95,7 +95,7 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
     let result = json!({"id": 9_007_199_254_740_993_u64, "neg": -12, "f": 0.1,
                         "nested": {"list": [1, "two", null, true]}, "text": "é\"\\\n"});
     store
-        .complete(&lease, &result, LONG)
+        .complete(&lease, Some(&result), LONG)
         .await
         .expect("complete");
     match store.claim(&request("c:done", "t2")).await.expect("claim") {
@@ -127,7 +127,7 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
 pub async fn a_null_result_is_stored_as_null(store: &dyn IdempotencyStore) {
     let lease = acquire(store, &request("c:null", "t1")).await;
     store
-        .complete(&lease, &serde_json::Value::Null, LONG)
+        .complete(&lease, Some(&serde_json::Value::Null), LONG)
         .await
         .expect("complete");
     let record = store.get("c:null").await.expect("get").expect("record");
@@ -162,7 +162,7 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
     );
     assert_eq!(record.error, None);
     store
-        .complete(&second, &json!("ok"), LONG)
+        .complete(&second, Some(&json!("ok")), LONG)
         .await
         .expect("complete");
     let record = store.get("c:failed").await.expect("get").expect("record");
@@ -185,7 +185,7 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
     assert!(!old.taken_over, "a first claim takes nothing over");
 
     for stale in [
-        store.complete(&old, &json!("stale"), LONG).await,
+        store.complete(&old, Some(&json!("stale")), LONG).await,
         store.fail(&old, "stale", LONG).await,
         store.renew(&old, LONG).await.map(|_| ()),
     ] {
@@ -195,7 +195,7 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
         );
     }
     store
-        .complete(&new, &json!("fresh"), LONG)
+        .complete(&new, Some(&json!("fresh")), LONG)
         .await
         .expect("complete");
     let record = store.get("c:takeover").await.expect("get").expect("record");
@@ -222,7 +222,7 @@ pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
         ));
     }
     store
-        .complete(&lease, &json!(1), LONG)
+        .complete(&lease, Some(&json!(1)), LONG)
         .await
         .expect("complete after renewals");
 }
@@ -240,11 +240,11 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
     // whose reply was lost is recognised inside the store.)
     let lease = acquire(store, &request("c:twice", "t1")).await;
     store
-        .complete(&lease, &json!(1), LONG)
+        .complete(&lease, Some(&json!(1)), LONG)
         .await
         .expect("complete");
     for again in [
-        store.complete(&lease, &json!(2), LONG).await,
+        store.complete(&lease, Some(&json!(2)), LONG).await,
         store.fail(&lease, "late", LONG).await,
     ] {
         assert!(
@@ -265,7 +265,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
         .await
         .expect("repeated fail succeeds");
     assert!(matches!(
-        store.complete(&lease, &json!(1), LONG).await,
+        store.complete(&lease, Some(&json!(1)), LONG).await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
     let record = store
@@ -287,7 +287,7 @@ pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
         expires_at: chrono::Utc::now(),
     };
     assert!(matches!(
-        store.complete(&forged, &json!(1), LONG).await,
+        store.complete(&forged, Some(&json!(1)), LONG).await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
     assert!(store.get("c:forged").await.expect("get").is_none());
@@ -314,7 +314,7 @@ pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
     same.fingerprint = Some("aaa");
     let lease = acquire(store, &same).await;
     store
-        .complete(&lease, &json!(1), LONG)
+        .complete(&lease, Some(&json!(1)), LONG)
         .await
         .expect("complete");
     let record = store.get("c:fp").await.expect("get").expect("record");
@@ -335,7 +335,7 @@ pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
     req.lease = Duration::from_millis(100);
     let lease = acquire(store, &req).await;
     store
-        .complete(&lease, &json!(1), Duration::from_millis(200))
+        .complete(&lease, Some(&json!(1)), Duration::from_millis(200))
         .await
         .expect("complete");
     assert!(store.get("c:ttl").await.expect("get").is_some());
@@ -367,7 +367,7 @@ pub async fn get_and_delete(store: &dyn IdempotencyStore) {
     assert!(!store.delete("c:gd").await.expect("delete"));
     let lease = acquire(store, &request("c:gd", "t1")).await;
     store
-        .complete(&lease, &json!(1), LONG)
+        .complete(&lease, Some(&json!(1)), LONG)
         .await
         .expect("complete");
     assert!(store.delete("c:gd").await.expect("delete"));
@@ -494,7 +494,7 @@ pub async fn contains_reads_without_marking(store: &dyn IdempotencyStore) {
     let record = store.get("m:held").await.expect("get").expect("record");
     assert_eq!(record.status, ProcessingStatus::Processing);
     store
-        .complete(&lease, &json!("done"), LONG)
+        .complete(&lease, Some(&json!("done")), LONG)
         .await
         .expect("the holder still completes");
 }

@@ -704,7 +704,7 @@ impl idempotency::IdempotencyStore for Instrumented {
     async fn complete(
         &self,
         lease: &idempotency::Lease,
-        result: &serde_json::Value,
+        result: Option<&serde_json::Value>,
         ttl: Duration,
     ) -> idempotency::Result<()> {
         self.count();

@@ -80,7 +80,8 @@ enum State {
     },
     Completed {
         completed_at: DateTime<Utc>,
-        result: serde_json::Value,
+        /// `None` when the handler's result could not be stored.
+        result: Option<serde_json::Value>,
     },
 }
 
@@ -283,7 +284,7 @@ impl Slot {
                 result,
             } => {
                 record.completed_at = Some(*completed_at);
-                record.result = Some(result.clone());
+                record.result.clone_from(result);
             }
         }
         record
@@ -399,7 +400,7 @@ impl IdempotencyStore for MemoryStore {
     async fn complete(
         &self,
         lease: &Lease,
-        result: &serde_json::Value,
+        result: Option<&serde_json::Value>,
         ttl: Duration,
     ) -> Result<()> {
         let now = Utc::now();
@@ -409,7 +410,7 @@ impl IdempotencyStore for MemoryStore {
                 slot.trim_to_completed();
                 slot.state = State::Completed {
                     completed_at: now,
-                    result: result.clone(),
+                    result: result.cloned(),
                 };
                 slot.expires_at = after(now, ttl);
             })
@@ -467,7 +468,7 @@ impl IdempotencyStore for MemoryStore {
                     expires_at,
                     State::Completed {
                         completed_at: now,
-                        result: serde_json::Value::Null,
+                        result: Some(serde_json::Value::Null),
                     },
                 );
                 match shard.slots.entry(hash, |s| s.is(key), |s| s.hash) {

@@ -89,10 +89,17 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease>;
 
     /// Marks the key `COMPLETED` with `result`; the record then lives `ttl`.
+    ///
+    /// `None` records the key as done with no result: the handler ran but its
+    /// result could not be stored. Reads then return the record with
+    /// `result: None`, which the checker answers to duplicates with
+    /// [`ResultNotStored`](crate::IdempotencyError::ResultNotStored), and
+    /// never as a replayed value. A JSON `null` result is `Some(&Value::Null)`
+    /// and reads back as `Some(Value::Null)`.
     async fn complete(
         &self,
         lease: &Lease,
-        result: &serde_json::Value,
+        result: Option<&serde_json::Value>,
         ttl: Duration,
     ) -> Result<()>;
 

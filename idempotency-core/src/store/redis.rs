@@ -162,6 +162,11 @@ return {'ok', rec.lease_expires_at}
 /// retry.
 const FINISH_HOT: &str = r#"
 local token, target = ARGV[1], ARGV[3]
+-- An empty result payload completes without a result (it could not be stored).
+local function result_field(json)
+  if json == '' then return '' end
+  return ',"result":' .. json
+end
 -- The hot path, ahead of the prelude so that a call taking it does not pay
 -- for defining the helpers: completing a PROCESSING record we hold, with no
 -- fingerprint, is decided by finding our token and the status in the text
@@ -180,7 +185,7 @@ if target == 'COMPLETED' then
       local t = redis.call('TIME')
       redis.call('SET', KEYS[1], '{"status":"COMPLETED","completed_at":'
         .. string.format('%s%03d', t[1], math.floor(tonumber(t[2]) / 1000))
-        .. attempts .. ',"ttl_ms":' .. ARGV[2] .. ',"result":' .. ARGV[4] .. '}',
+        .. attempts .. ',"ttl_ms":' .. ARGV[2] .. result_field(ARGV[4]) .. '}',
         'PX', tonumber(ARGV[2]))
       return redis.status_reply('OK')
     end
@@ -207,7 +212,7 @@ if target == 'COMPLETED' then
     ttl_ms = tonumber(ARGV[2]), fingerprint = val(rec.fingerprint) })
   -- The result is spliced in verbatim (as the last field), so Lua never
   -- re-encodes, and never rounds, the handler's numbers.
-  doc = string.sub(doc, 1, -2) .. ',"result":' .. ARGV[4] .. '}'
+  doc = string.sub(doc, 1, -2) .. result_field(ARGV[4]) .. '}'
 else
   rec.status = 'FAILED'
   rec.error = ARGV[4]
@@ -732,10 +737,14 @@ impl IdempotencyStore for RedisStore {
     async fn complete(
         &self,
         lease: &Lease,
-        result: &serde_json::Value,
+        result: Option<&serde_json::Value>,
         ttl: Duration,
     ) -> Result<()> {
-        let result = serde_json::to_string(result)?;
+        // An empty payload completes the record without a `result` field.
+        let result = match result {
+            Some(result) => serde_json::to_string(result)?,
+            None => String::new(),
+        };
         self.finish(lease, ttl, "COMPLETED", &result).await
     }
 
