@@ -795,6 +795,80 @@ async fn claim_with_lost_reply_is_released(kind: Kind) {
     assert_eq!(retried, Processed::Executed(2));
 }
 
+/// A claim whose reply was lost just before an outage, longer than the
+/// breaker's cool-down, is released once the store is back, well before its
+/// lease runs out: the release keeps trying through the outage and the open
+/// breaker.
+async fn claim_lost_before_an_outage_is_released_when_the_store_returns(kind: Kind) {
+    let env = env(
+        kind,
+        config()
+            .in_progress_timeout("60s")
+            .circuit_breaker(2, "100ms")
+            .build()
+            .expect("config"),
+    )
+    .await;
+    env.instrumented
+        .lose_claim_replies
+        .store(true, Ordering::SeqCst);
+    env.instrumented
+        .outage_after_lost_claim
+        .store(true, Ordering::SeqCst);
+    let lost = env
+        .checker
+        .process(&event("lost-then-down"), |_| async {
+            Ok::<_, IdempotencyError>(1)
+        })
+        .await;
+    assert!(
+        matches!(lost, Err(IdempotencyError::StoreUnavailable { .. })),
+        "{lost:?}"
+    );
+    env.instrumented
+        .lose_claim_replies
+        .store(false, Ordering::SeqCst);
+    // The outage outlasts several cool-downs of the breaker.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let orphan = env
+        .store
+        .get(&env.checker.storage_key("lost-then-down").expect("key"))
+        .await
+        .expect("get")
+        .expect("the claim landed");
+    assert_eq!(
+        orphan.status,
+        ProcessingStatus::Processing,
+        "not released while down"
+    );
+    env.instrumented.down.store(false, Ordering::SeqCst);
+    let back = std::time::Instant::now();
+    loop {
+        let record = env
+            .store
+            .get(&env.checker.storage_key("lost-then-down").expect("key"))
+            .await
+            .expect("get")
+            .expect("record");
+        if record.status == ProcessingStatus::Failed {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "the orphaned claim was not released within 20 s of the store's return (lease: 60 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let retried = env
+        .checker
+        .process(&event("lost-then-down"), |lease| async move {
+            Ok::<_, IdempotencyError>(lease.attempt)
+        })
+        .await
+        .expect("retry runs without waiting out the lease");
+    assert_eq!(retried, Processed::Executed(2));
+}
+
 fn calls(env: &Env) -> usize {
     env.instrumented.calls.load(Ordering::SeqCst)
 }
@@ -976,6 +1050,7 @@ per_store!(
     out_of_range_durations_are_config_errors,
     unstorable_result_never_runs_twice_nor_replays_a_made_up_value,
     claim_with_lost_reply_is_released,
+    claim_lost_before_an_outage_is_released_when_the_store_returns,
     local_cache_answers_hot_duplicates_without_the_store,
     local_cache_honours_record_ttl_and_status,
 );

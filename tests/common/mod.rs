@@ -654,6 +654,12 @@ pub struct Instrumented {
     /// How many coming `complete` calls fail with `StoreUnavailable`
     /// without reaching the store.
     pub refuse_completes: std::sync::atomic::AtomicUsize,
+    /// While set, every call fails with `StoreUnavailable` without reaching
+    /// the store: an outage.
+    pub down: std::sync::atomic::AtomicBool,
+    /// When set, a claim whose reply is lost also starts an outage
+    /// ([`down`](Self::down)), as when the store dies right after applying it.
+    pub outage_after_lost_claim: std::sync::atomic::AtomicBool,
 }
 
 impl Instrumented {
@@ -663,11 +669,24 @@ impl Instrumented {
             calls: Default::default(),
             lose_claim_replies: Default::default(),
             refuse_completes: Default::default(),
+            down: Default::default(),
+            outage_after_lost_claim: Default::default(),
         }
     }
 
     fn count(&self) {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `Err(StoreUnavailable)` while [`down`](Self::down) is set.
+    fn up(&self) -> idempotency::Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(idempotency::IdempotencyError::store_unavailable(
+                "instrumented",
+                "the store is down",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -681,11 +700,18 @@ impl idempotency::IdempotencyStore for Instrumented {
         request: &idempotency::ClaimRequest<'_>,
     ) -> idempotency::Result<idempotency::ClaimOutcome> {
         self.count();
+        self.up()?;
         let outcome = self.inner.claim(request).await?;
         if self
             .lose_claim_replies
             .load(std::sync::atomic::Ordering::SeqCst)
         {
+            if self
+                .outage_after_lost_claim
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             return Err(idempotency::IdempotencyError::store_unavailable(
                 "instrumented",
                 "the reply was lost after the claim was applied",
@@ -699,6 +725,7 @@ impl idempotency::IdempotencyStore for Instrumented {
         d: Duration,
     ) -> idempotency::Result<idempotency::Lease> {
         self.count();
+        self.up()?;
         self.inner.renew(lease, d).await
     }
     async fn complete(
@@ -708,6 +735,7 @@ impl idempotency::IdempotencyStore for Instrumented {
         ttl: Duration,
     ) -> idempotency::Result<()> {
         self.count();
+        self.up()?;
         let refused = self.refuse_completes.fetch_update(
             std::sync::atomic::Ordering::SeqCst,
             std::sync::atomic::Ordering::SeqCst,
@@ -728,26 +756,32 @@ impl idempotency::IdempotencyStore for Instrumented {
         ttl: Duration,
     ) -> idempotency::Result<()> {
         self.count();
+        self.up()?;
         self.inner.fail(lease, error, ttl).await
     }
     async fn get(&self, key: &str) -> idempotency::Result<Option<idempotency::IdempotencyRecord>> {
         self.count();
+        self.up()?;
         self.inner.get(key).await
     }
     async fn delete(&self, key: &str) -> idempotency::Result<bool> {
         self.count();
+        self.up()?;
         self.inner.delete(key).await
     }
     async fn health(&self) -> idempotency::Result<()> {
         self.count();
+        self.up()?;
         self.inner.health().await
     }
     async fn mark(&self, keys: &[&str], ttl: Duration) -> idempotency::Result<Vec<bool>> {
         self.count();
+        self.up()?;
         self.inner.mark(keys, ttl).await
     }
     async fn contains(&self, keys: &[&str]) -> idempotency::Result<Vec<bool>> {
         self.count();
+        self.up()?;
         self.inner.contains(keys).await
     }
 }
