@@ -869,6 +869,46 @@ async fn claim_lost_before_an_outage_is_released_when_the_store_returns(kind: Ki
     assert_eq!(retried, Processed::Executed(2));
 }
 
+/// Two copies of one JSON envelope with neither an `idempotency_key` nor an
+/// `event_id` (as a Python producer sends them) are one event: no invented
+/// id makes them look like two. Both are rejected with `MissingKey` and the
+/// handler never runs; an explicit empty key is `InvalidKey`, with no
+/// fallback to the event id. No store is asked.
+async fn keyless_envelopes_from_the_wire_are_rejected_not_run(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let runs = AtomicUsize::new(0);
+    let keyless = r#"{"event_type":"order.placed","payload":{"order":42}}"#;
+    let empty_key = r#"{"event_id":"evt-1","idempotency_key":"","event_type":"t","payload":{}}"#;
+    for (json, missing) in [(keyless, true), (keyless, true), (empty_key, false)] {
+        let envelope: EventEnvelope = serde_json::from_str(json).expect("parses");
+        let outcome = env
+            .checker
+            .process(&envelope, |_| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, IdempotencyError>(())
+            })
+            .await;
+        if missing {
+            assert!(
+                matches!(outcome, Err(IdempotencyError::MissingKey)),
+                "{outcome:?}"
+            );
+        } else {
+            assert!(
+                matches!(
+                    outcome,
+                    Err(IdempotencyError::InvalidKey {
+                        reason: InvalidKeyReason::Empty
+                    })
+                ),
+                "{outcome:?}"
+            );
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(calls(&env), 0, "no store was asked");
+}
+
 fn calls(env: &Env) -> usize {
     env.instrumented.calls.load(Ordering::SeqCst)
 }
@@ -1051,6 +1091,7 @@ per_store!(
     unstorable_result_never_runs_twice_nor_replays_a_made_up_value,
     claim_with_lost_reply_is_released,
     claim_lost_before_an_outage_is_released_when_the_store_returns,
+    keyless_envelopes_from_the_wire_are_rejected_not_run,
     local_cache_answers_hot_duplicates_without_the_store,
     local_cache_honours_record_ttl_and_status,
 );

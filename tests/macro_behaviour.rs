@@ -307,3 +307,37 @@ async fn a_borrowed_envelope_is_recorded_and_replayed_like_an_owned_one() {
     );
     assert_eq!(runs.snapshot().values().sum::<usize>(), 4);
 }
+
+/// `#[idempotent]` applies the envelope's one key rule: an envelope read
+/// from JSON with neither an `idempotency_key` nor an `event_id` is
+/// `MissingKey` every time, and the handler never runs.
+#[tokio::test]
+async fn a_keyless_envelope_is_missing_key_through_the_attribute() {
+    let server = RedisServer::start();
+    let checker =
+        IdempotencyChecker::new(RedisStore::connect(&server.url()).await.expect("connect"));
+    let runs = Runs::default();
+    let keyless: EventEnvelope<Job> = serde_json::from_str(
+        r#"{"event_type":"job.requested","payload":{"id":"k","action":"Succeed"}}"#,
+    )
+    .expect("parses");
+    for _ in 0..2 {
+        let by_value = via_macro(&checker, &runs, keyless.clone()).await;
+        assert!(
+            matches!(
+                by_value,
+                Err(AppError::Idempotency(IdempotencyError::MissingKey))
+            ),
+            "{by_value:?}"
+        );
+        let borrowed = via_macro_borrowed(&checker, &runs, &keyless).await;
+        assert!(
+            matches!(
+                borrowed,
+                Err(AppError::Idempotency(IdempotencyError::MissingKey))
+            ),
+            "{borrowed:?}"
+        );
+    }
+    assert_eq!(runs.snapshot().values().sum::<usize>(), 0);
+}
