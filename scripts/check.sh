@@ -4,9 +4,12 @@
 # 1. Installs redis-server, nats-server (and openssl, for the TLS tests'
 #    throwaway CA) from Debian's packages when they are missing (the tests start their own servers on free loopback ports and stop
 #    them; nothing here starts a long-lived service).
-# 2. cargo fmt --check, clippy with -D warnings, every test (unit, integration
+# 2. Makes the Python venv target/pyenv (scripts/pyenv.sh: python3 -m venv and
+#    examples/python/requirements.txt, only when missing).
+# 3. cargo fmt --check, clippy with -D warnings, every test (unit, integration
 #    against real servers, doctests including the guide), docs with -D warnings,
-#    and a build of every example.
+#    a build of every example, and the Python producer tests (tests/python,
+#    pytest) against the built examples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +32,10 @@ export PATH="$PATH:/usr/sbin"
 echo "==> $(redis-server --version | cut -d' ' -f1-3)"
 echo "==> nats-server $(nats-server --version 2>&1 | head -n1)"
 
+echo "==> Python venv (target/pyenv)"
+bash scripts/pyenv.sh
+echo "==> $(target/pyenv/bin/python --version)"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -47,6 +54,30 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 
 echo "==> examples build"
 cargo build --workspace --examples --all-features
+
+echo "==> pytest tests/python (the Python producer against the examples)"
+pytest_log="$(mktemp)"
+trap 'rm -f "$test_log" "$pytest_log"' EXIT
+pytest_status=0
+PYTHONDONTWRITEBYTECODE=1 target/pyenv/bin/python -m pytest -p no:cacheprovider -q -rfE tests/python \
+  2>&1 | tee "$pytest_log" || pytest_status=$?
+# pytest's last line sums up, e.g. "1 failed, 7 passed in 2.31s", "1 error in
+# 0.05s" or "no tests ran in 0.01s"; failures and errors count as failed.
+py_summary=$(grep -E '^=* ?([0-9]+ [a-z]+(, )?)+ in [0-9.]+s' "$pytest_log" | tail -n1 || true)
+py_count() { awk -v what="$1" '{for (i = 2; i <= NF; i++) if ($i ~ "^(" what ")") s += $(i - 1)} END {print s + 0}' <<<"$py_summary"; }
+py_passed=$(py_count 'passed')
+py_failed=$(py_count 'failed|error')
+passed=$((passed + py_passed))
+failed=$((failed + py_failed))
+if [ "$pytest_status" -eq 5 ]; then
+  echo "pytest collected no tests in tests/python" >&2
+  failed=$((failed + 1))
+fi
+if [ "$pytest_status" -ne 0 ]; then
+  echo "tests: ${passed} passed, ${failed} failed"
+  echo "==> pytest failed (exit ${pytest_status})" >&2
+  exit 1
+fi
 
 echo "==> all checks passed"
 echo "tests: ${passed} passed, ${failed} failed"
