@@ -380,7 +380,9 @@ impl IdempotencyChecker {
 
     fn count_store_error<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(
-            IdempotencyError::StoreUnavailable { .. } | IdempotencyError::CorruptRecord { .. },
+            IdempotencyError::StoreUnavailable { .. }
+            | IdempotencyError::StoreRefused { .. }
+            | IdempotencyError::CorruptRecord { .. },
         ) = &result
         {
             bump(&self.inner.counters.store_errors);

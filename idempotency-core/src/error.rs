@@ -139,9 +139,10 @@ pub enum IdempotencyError {
 
     /// The store answered but refused the operation (out of memory, or a
     /// missing ACL permission). Not an outage: it does not count towards
-    /// the circuit breaker and never triggers fail-open, and retrying the
-    /// same call only helps once an operator has acted. The handler did not
-    /// run.
+    /// the circuit breaker and never triggers fail-open. It is
+    /// [retryable](Self::is_retryable): memory frees up as records expire,
+    /// and an operator can grant a permission. When a claim is refused the
+    /// handler does not run.
     #[error("the {store} store refused the operation: {reason}")]
     StoreRefused {
         /// Which store (`"redis"`, `"memory"`, ...).
@@ -256,12 +257,14 @@ impl IdempotencyError {
         )
     }
 
-    /// Whether retrying the same call later may succeed (store outages and
-    /// keys held by another attempt).
+    /// Whether retrying the same call later may succeed: store outages,
+    /// writes the store refused (memory frees up as records expire; an
+    /// operator can grant a permission), and keys held by another attempt.
+    /// Transports redeliver these later rather than drop the event.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::InProgress { .. } | Self::StoreUnavailable { .. }
+            Self::InProgress { .. } | Self::StoreUnavailable { .. } | Self::StoreRefused { .. }
         )
     }
 }
