@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -10,14 +10,22 @@ use crate::checker::IdempotencyChecker;
 use crate::config::IdempotencyConfig;
 use crate::envelope::EventEnvelope;
 use crate::error::{IdempotencyError, Result};
-use crate::key::{canonical_json, fingerprint, stored_key};
+use crate::key::{canonical_json, fingerprint, sha256_hex, stored_key};
 use crate::stats::store_latency;
 use crate::store::IdempotencyStore;
 
-/// How a [`Deduplicator`] names an event.
+/// How a [`Deduplicator`] or the NATS dedup relay names an event: the one
+/// place where keys are derived from events.
+///
+/// [`IdempotencyKey`](Self::IdempotencyKey) and [`EventId`](Self::EventId)
+/// take the key the producer gave. The others *derive* a key from the
+/// content, and a derived key longer than
+/// [`MAX_DERIVED_KEY_LEN`](Self::MAX_DERIVED_KEY_LEN) characters is replaced
+/// by its SHA-256 (64 lower-case hex digits), so any content gives a key
+/// that passes validation (keep `max_key_len` at 64 or more).
 ///
 /// ```
-/// use idempotency_core::{EventEnvelope, KeyExtractor};
+/// use idempotency_core::{EventEnvelope, KeyExtractor, sha256_hex};
 /// use serde_json::json;
 ///
 /// let event = EventEnvelope::new("page.viewed", json!({"user": "u-7", "page": {"id": 42}}))
@@ -30,16 +38,25 @@ use crate::store::IdempotencyStore;
 /// assert_eq!(KeyExtractor::ContentHash.key_of(&event)?.len(), 64);
 /// let custom = KeyExtractor::custom(|e| Ok(format!("{}:{}", e.event_type, e.payload["user"])));
 /// assert_eq!(custom.key_of(&event)?, r#"page.viewed:"u-7""#);
+///
+/// // A long derived key is hashed.
+/// let long = EventEnvelope::new("t", json!({"user": "u".repeat(300)}));
+/// let key = KeyExtractor::fields(["user"]).key_of(&long)?;
+/// assert_eq!(key, sha256_hex(format!(r#"["{}"]"#, "u".repeat(300)).as_bytes()));
 /// # Ok::<(), idempotency_core::IdempotencyError>(())
 /// ```
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum KeyExtractor {
-    /// The envelope's effective key: `idempotency_key`, else `event_id`
-    /// (the default, and the key the checker uses).
+    /// The envelope's key by [`EventEnvelope::require_key`]: its
+    /// `idempotency_key`, else its `event_id` (the default, and the key the
+    /// checker uses). An empty `idempotency_key` is
+    /// [`InvalidKey`](IdempotencyError::InvalidKey) and an envelope with
+    /// neither is [`MissingKey`](IdempotencyError::MissingKey).
     #[default]
     IdempotencyKey,
-    /// The envelope's `event_id`, whatever its `idempotency_key`.
+    /// The envelope's `event_id`, whatever its `idempotency_key`; an empty
+    /// one is [`MissingKey`](IdempotencyError::MissingKey).
     EventId,
     /// The SHA-256 hex of the payload's canonical JSON (object keys sorted
     /// at every level; [`fingerprint`](crate::fingerprint)), for events that
@@ -50,10 +67,12 @@ pub enum KeyExtractor {
     /// name, or a JSON pointer when it starts with `/` (`"/user/id"`). The
     /// key is the canonical JSON array of the values, e.g.
     /// `["2026-01-01T00:00:00Z","u-7",42]`: unambiguous whatever the values
-    /// contain, and `42` differs from `"42"`. A missing or null field is an
-    /// [`IdempotencyError::MissingKeyField`].
+    /// contain, and `42` differs from `"42"`; hashed when longer than
+    /// [`MAX_DERIVED_KEY_LEN`](Self::MAX_DERIVED_KEY_LEN). A missing or null
+    /// field is an [`IdempotencyError::MissingKeyField`].
     Fields(Vec<String>),
-    /// Any function of the envelope (its payload as JSON).
+    /// Any function of the envelope (its payload as JSON); its key is
+    /// hashed when longer than [`MAX_DERIVED_KEY_LEN`](Self::MAX_DERIVED_KEY_LEN).
     Custom(KeyFn),
 }
 
@@ -72,7 +91,21 @@ impl std::fmt::Debug for KeyExtractor {
     }
 }
 
+/// The keys an envelope's producer gave, read from any JSON object.
+#[derive(Deserialize)]
+struct ProducerKeys {
+    #[serde(default)]
+    event_id: String,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
 impl KeyExtractor {
+    /// The longest derived key ([`Fields`](Self::Fields),
+    /// [`Custom`](Self::Custom)) used as it is, in characters; a longer one
+    /// is replaced by its SHA-256 hex, which is 64 characters too.
+    pub const MAX_DERIVED_KEY_LEN: usize = 64;
+
     /// [`KeyExtractor::Fields`] from field names or JSON pointers.
     pub fn fields<S: Into<String>>(fields: impl IntoIterator<Item = S>) -> Self {
         Self::Fields(fields.into_iter().map(Into::into).collect())
@@ -83,33 +116,16 @@ impl KeyExtractor {
         Self::Custom(Arc::new(f))
     }
 
-    /// The key of `envelope` (not yet validated, prefixed or hashed).
+    /// The key of `envelope` (not yet validated, prefixed or hashed by the
+    /// store's rules; a long derived key is already hashed).
     pub fn key_of<P: Serialize>(&self, envelope: &EventEnvelope<P>) -> Result<String> {
         match self {
-            Self::IdempotencyKey => Ok(envelope.effective_key().to_owned()),
+            Self::IdempotencyKey => envelope.require_key().map(str::to_owned),
+            Self::EventId if envelope.event_id.is_empty() => Err(IdempotencyError::MissingKey),
             Self::EventId => Ok(envelope.event_id.clone()),
             Self::ContentHash => fingerprint(&envelope.payload),
             Self::Fields(fields) => {
-                let payload = serde_json::to_value(&envelope.payload)?;
-                let values = fields
-                    .iter()
-                    .map(|field| {
-                        let value = if field.starts_with('/') {
-                            payload.pointer(field)
-                        } else {
-                            payload.get(field)
-                        };
-                        match value {
-                            None | Some(serde_json::Value::Null) => {
-                                Err(IdempotencyError::MissingKeyField {
-                                    field: field.clone(),
-                                })
-                            }
-                            Some(value) => Ok(value.clone()),
-                        }
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(canonical_json(&serde_json::Value::Array(values)))
+                fields_key(fields, &serde_json::to_value(&envelope.payload)?).map(bounded)
             }
             Self::Custom(f) => f(&EventEnvelope {
                 event_id: envelope.event_id.clone(),
@@ -119,8 +135,92 @@ impl KeyExtractor {
                 payload: serde_json::to_value(&envelope.payload)?,
                 source: envelope.source.clone(),
                 correlation_id: envelope.correlation_id.clone(),
-            }),
+            })
+            .map(bounded),
         }
+    }
+
+    /// The key of a JSON document that is the event itself rather than an
+    /// [`EventEnvelope`] around it, such as a raw message the dedup relay
+    /// reads from a producer that knows nothing of envelopes:
+    ///
+    /// - [`IdempotencyKey`](Self::IdempotencyKey) and
+    ///   [`EventId`](Self::EventId) read the document's `idempotency_key` and
+    ///   `event_id` fields by the same rule as [`key_of`](Self::key_of)
+    ///   (the document needs no other envelope field);
+    /// - [`Fields`](Self::Fields) and [`ContentHash`](Self::ContentHash) read
+    ///   the whole document, as they read an envelope's payload;
+    /// - [`Custom`](Self::Custom) gets an envelope whose payload is the whole
+    ///   document and whose other fields are empty (`occurred_at` the Unix
+    ///   epoch).
+    ///
+    /// ```
+    /// use idempotency_core::KeyExtractor;
+    /// use serde_json::json;
+    ///
+    /// let raw = json!({"distinct_id": "u-7", "token": "t", "event_id": "e1"});
+    /// assert_eq!(KeyExtractor::fields(["distinct_id", "token"]).key_of_document(&raw)?, r#"["u-7","t"]"#);
+    /// assert_eq!(KeyExtractor::IdempotencyKey.key_of_document(&raw)?, "e1");
+    /// # Ok::<(), idempotency_core::IdempotencyError>(())
+    /// ```
+    pub fn key_of_document(&self, document: &serde_json::Value) -> Result<String> {
+        match self {
+            Self::IdempotencyKey | Self::EventId => {
+                let keys = ProducerKeys::deserialize(document)?;
+                let envelope = EventEnvelope {
+                    event_id: keys.event_id,
+                    event_type: String::new(),
+                    idempotency_key: keys.idempotency_key,
+                    occurred_at: chrono::DateTime::default(),
+                    payload: (),
+                    source: None,
+                    correlation_id: None,
+                };
+                self.key_of(&envelope)
+            }
+            Self::ContentHash => Ok(sha256_hex(canonical_json(document).as_bytes())),
+            Self::Fields(fields) => fields_key(fields, document).map(bounded),
+            Self::Custom(f) => f(&EventEnvelope {
+                event_id: String::new(),
+                event_type: String::new(),
+                idempotency_key: None,
+                occurred_at: chrono::DateTime::default(),
+                payload: document.clone(),
+                source: None,
+                correlation_id: None,
+            })
+            .map(bounded),
+        }
+    }
+}
+
+/// The canonical JSON array of `fields` of `document`.
+fn fields_key(fields: &[String], document: &serde_json::Value) -> Result<String> {
+    let values = fields
+        .iter()
+        .map(|field| {
+            let value = if field.starts_with('/') {
+                document.pointer(field)
+            } else {
+                document.get(field)
+            };
+            match value {
+                None | Some(serde_json::Value::Null) => Err(IdempotencyError::MissingKeyField {
+                    field: field.clone(),
+                }),
+                Some(value) => Ok(value.clone()),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(canonical_json(&serde_json::Value::Array(values)))
+}
+
+/// A derived key as it is when short enough, else its SHA-256 hex.
+fn bounded(key: String) -> String {
+    if key.chars().count() > KeyExtractor::MAX_DERIVED_KEY_LEN {
+        sha256_hex(key.as_bytes())
+    } else {
+        key
     }
 }
 
@@ -397,6 +497,7 @@ impl IdempotencyChecker {
 mod tests {
     use super::*;
     use crate::MemoryStore;
+    use crate::key::validate_key;
     use serde_json::json;
 
     #[test]
@@ -458,6 +559,89 @@ mod tests {
         let custom =
             KeyExtractor::custom(|e| Ok(format!("{}/{}", e.event_type, e.payload["user"])));
         assert_eq!(custom.key_of(&typed).expect("key"), "click/9");
+    }
+
+    #[test]
+    fn long_derived_keys_are_hashed_and_short_ones_kept() {
+        let fields = KeyExtractor::fields(["user"]);
+        let at_limit = "u".repeat(KeyExtractor::MAX_DERIVED_KEY_LEN - 4);
+        let event = EventEnvelope::new("t", json!({ "user": at_limit }));
+        assert_eq!(
+            fields.key_of(&event).expect("key"),
+            format!(r#"["{at_limit}"]"#)
+        );
+        let long = "u".repeat(300);
+        let event = EventEnvelope::new("t", json!({ "user": long }));
+        let key = fields.key_of(&event).expect("key");
+        assert_eq!(key, sha256_hex(format!(r#"["{long}"]"#).as_bytes()));
+        assert!(validate_key(&key, &IdempotencyConfig::default()).is_ok());
+        let custom = KeyExtractor::custom(|e| Ok(e.payload["user"].to_string()));
+        assert_eq!(custom.key_of(&event).expect("key").len(), 64);
+        assert_eq!(
+            fields
+                .key_of_document(&json!({ "user": long }))
+                .expect("key"),
+            key,
+            "a document and an envelope payload give one key"
+        );
+    }
+
+    #[test]
+    fn documents_follow_the_envelope_key_rule() {
+        let key = |extractor: &KeyExtractor, document| extractor.key_of_document(&document);
+        let by_key = KeyExtractor::IdempotencyKey;
+        assert_eq!(
+            key(&by_key, json!({"event_id": "e", "idempotency_key": "k"})).expect("key"),
+            "k"
+        );
+        assert_eq!(key(&by_key, json!({"event_id": "e"})).expect("key"), "e");
+        assert!(matches!(
+            key(&by_key, json!({"event_id": "e", "idempotency_key": ""})),
+            Err(IdempotencyError::InvalidKey {
+                reason: crate::InvalidKeyReason::Empty
+            })
+        ));
+        for keyless in [json!({"event_type": "t"}), json!({"event_id": ""})] {
+            assert!(matches!(
+                key(&by_key, keyless.clone()),
+                Err(IdempotencyError::MissingKey)
+            ));
+            assert!(matches!(
+                key(&KeyExtractor::EventId, keyless),
+                Err(IdempotencyError::MissingKey)
+            ));
+        }
+        assert!(matches!(
+            key(&by_key, json!({"idempotency_key": 5})),
+            Err(IdempotencyError::Serialization(_))
+        ));
+        assert!(matches!(
+            key(&by_key, json!([1])),
+            Err(IdempotencyError::Serialization(_))
+        ));
+        assert_eq!(
+            key(&KeyExtractor::ContentHash, json!({"b": 1, "a": 2})).expect("key"),
+            key(&KeyExtractor::ContentHash, json!({"a": 2, "b": 1})).expect("key"),
+        );
+        let custom = KeyExtractor::custom(|e| Ok(format!("{}|{}", e.event_id, e.payload["n"])));
+        assert_eq!(key(&custom, json!({"n": 3})).expect("key"), "|3");
+    }
+
+    #[test]
+    fn envelopes_without_a_key_are_refused() {
+        let keyless: EventEnvelope =
+            serde_json::from_value(json!({"event_type": "t", "payload": {}})).expect("parses");
+        for extractor in [KeyExtractor::IdempotencyKey, KeyExtractor::EventId] {
+            assert!(matches!(
+                extractor.key_of(&keyless),
+                Err(IdempotencyError::MissingKey)
+            ));
+        }
+        let empty = keyless.clone().with_event_id("e").with_idempotency_key("");
+        assert!(matches!(
+            KeyExtractor::IdempotencyKey.key_of(&empty),
+            Err(IdempotencyError::InvalidKey { .. })
+        ));
     }
 
     #[tokio::test]
