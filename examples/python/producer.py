@@ -161,9 +161,10 @@ def post_webhook(
 ) -> httpx.Response:
     """POSTs `document` with `Idempotency-Key`, retrying with the same key.
 
-    A request that fails to connect or gets no answer, a 5xx, a 409 (another
-    attempt is running) or a 429 is retried after `Retry-After` (or a short
-    back-off): the key makes the retry safe. The last response is returned.
+    A request that fails to connect or gets no answer, a 5xx, or a 409
+    (another attempt is running) or 429 that carries `Retry-After` is retried
+    after `Retry-After` (or a short back-off): the key makes the retry safe.
+    Any other answer, and the last one, is returned.
     """
     key = effective_key(document)
     headers = {"Content-Type": "application/json"}
@@ -180,11 +181,12 @@ def post_webhook(
             if attempt == attempts:
                 raise
         else:
-            if response.status_code not in (409, 429) and response.status_code < 500:
-                return response
-            if attempt == attempts:
-                return response
             retry_after = response.headers.get("Retry-After", "")
+            retryable = response.status_code >= 500 or (
+                response.status_code in (409, 429) and retry_after != ""
+            )
+            if not retryable or attempt == attempts:
+                return response
             if retry_after.isdigit():
                 delay = float(retry_after)
         time.sleep(delay)
