@@ -1,5 +1,8 @@
 //! A dedup relay: raw analytics events in, each unique event out exactly once,
-//! keyed by `timestamp:distinct_id:token:event_name`.
+//! keyed by the fields `timestamp`, `distinct_id`, `token` and `event_name`
+//! (the key is the JSON array of their values, e.g.
+//! `[1700000000000,"user-7","phc_demo","page_view"]`, hashed with SHA-256
+//! when longer than 64 characters).
 //!
 //! Run with:
 //! ```text
@@ -10,17 +13,28 @@
 //! 1,000 events of which 300 are repeats, relays for 5 seconds and prints how
 //! many reached `UNIQUE`. An input is acked only after its output publish was
 //! acknowledged; if the publish fails the input is nak'd and retried later.
+//! One more event lacks `distinct_id`: it is terminated as poison and the
+//! reason is logged (`RUST_LOG` sets the log level, default `info`).
 //! `NATS_URL` defaults to `nats://127.0.0.1:4222`; the store is Redis when
 //! `REDIS_URL` is set, else in-process memory.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
-use idempotency::nats::{DedupRelay, KeyStrategy};
+use idempotency::nats::{DedupRelay, KeyExtractor};
 use idempotency::{IdempotencyChecker, IdempotencyConfig, MemoryStore, RedisStore};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Without a subscriber the framework's warnings ("terminating a poison
+    // message", "store unavailable", ...) go nowhere. `RUST_LOG` overrides
+    // the level, e.g. `RUST_LOG=idempotency=debug`.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
     let js = jetstream::new(async_nats::connect(&url).await?);
     let stream_config = |name: &str, subjects: &str| stream::Config {
@@ -62,6 +76,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             .await?
             .await?;
     }
+    // No distinct_id: no key can be built, so the relay terminates it.
+    let keyless = serde_json::json!({"timestamp": run * 1000, "token": "phc_demo", "event_name": "page_view"});
+    js.publish("raw.events", keyless.to_string().into())
+        .await?
+        .await?;
 
     let store_checker = |config| async move {
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(match std::env::var("REDIS_URL") {
@@ -78,18 +97,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             .build()?,
     )
     .await?;
-    let fields = ["timestamp", "distinct_id", "token", "event_name"]
-        .map(String::from)
-        .to_vec();
-    let stats = DedupRelay::new(
-        consumer,
-        js.clone(),
-        "unique.events",
-        KeyStrategy::Fields(fields),
-    )
-    .concurrency(32)
-    .run(checker.clone(), tokio::time::sleep(Duration::from_secs(5)))
-    .await?;
+    let fields = KeyExtractor::fields(["timestamp", "distinct_id", "token", "event_name"]);
+    let stats = DedupRelay::new(consumer, js.clone(), "unique.events", fields)
+        .concurrency(32)
+        .run(checker.clone(), tokio::time::sleep(Duration::from_secs(5)))
+        .await?;
     let relayed = unique.info().await?.state.messages - before;
     println!("relay: {stats:?}");
     println!("{relayed} unique events reached UNIQUE (expected 700)");

@@ -32,6 +32,15 @@ struct Order {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Without a subscriber the framework's warnings ("terminating a poison
+    // message", "store unavailable", ...) go nowhere. `RUST_LOG` overrides
+    // the level, e.g. `RUST_LOG=idempotency=debug`.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
     let js = jetstream::new(async_nats::connect(&url).await?);
     let orders = js

@@ -78,6 +78,15 @@ impl Notifier {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Without a subscriber the framework's warnings ("terminating a poison
+    // message", "store unavailable", ...) go nowhere. `RUST_LOG` overrides
+    // the level, e.g. `RUST_LOG=idempotency=debug`.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let checker = match std::env::var("REDIS_URL") {
         Ok(url) => IdempotencyChecker::new(RedisStore::connect(&url).await?),
         Err(_) => IdempotencyChecker::new(MemoryStore::new()),

@@ -64,6 +64,15 @@ fn describe(outcome: &Result<Processed<Receipt>, AppError>) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Without a subscriber the framework's warnings ("terminating a poison
+    // message", "store unavailable", ...) go nowhere. `RUST_LOG` overrides
+    // the level, e.g. `RUST_LOG=idempotency=debug`.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let config = IdempotencyConfig::builder()
         .ttl("24h")
         .in_progress_timeout("30s")

@@ -13,7 +13,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::PullConsumer, stream::Stream};
 use bytes::Bytes;
 use common::{NatsServer, RedisServer};
-use idempotency::nats::{DedupRelay, JetStreamWorker, KeyStrategy, Subscriber};
+use idempotency::nats::{DedupRelay, JetStreamWorker, KeyExtractor, Subscriber};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, ProcessingStatus,
     RedisStore, current_lease,
@@ -571,11 +571,7 @@ async fn relay_forwards_each_unique_event_once_even_when_the_output_is_missing()
     )
     .await;
     let (stop, shutdown) = shutdown_signal();
-    let strategy = KeyStrategy::Fields(
-        ["timestamp", "distinct_id", "token", "event_name"]
-            .map(String::from)
-            .to_vec(),
-    );
+    let strategy = KeyExtractor::fields(["timestamp", "distinct_id", "token", "event_name"]);
     let relay = tokio::spawn(
         DedupRelay::new(
             raw.get_consumer("relay").await.expect("consumer"),
@@ -725,4 +721,411 @@ async fn progress_acks_keep_a_slow_handler_from_being_redelivered() {
     // Three times the ack wait, and JetStream never redelivered it.
     assert_eq!((stats.acked, stats.busy), (1, 0), "{stats:?}");
     assert_eq!(watcher.info().await.expect("info").num_redelivered, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Edge cases found by real producers (issue 14, items 10-15).
+
+/// Every log line at `WARN` and above, from every test in this binary.
+fn captured_logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        struct Capture(&'static Mutex<Vec<u8>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("logs").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_ansi(false)
+            .with_writer(move || Capture(logs))
+            .init();
+        logs
+    })
+}
+
+/// The captured log lines that mention `needle`, at `level`.
+fn log_lines(level: &str, needle: &str) -> Vec<String> {
+    let logs = captured_logs().lock().expect("logs");
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|line| line.contains(level) && line.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Publishes one message with extra headers and its own `Nats-Msg-Id`.
+async fn publish_with(
+    js: &jetstream::Context,
+    subject: &str,
+    msg_id: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) {
+    let mut map = HeaderMap::new();
+    map.insert("Nats-Msg-Id", msg_id);
+    for (name, value) in headers {
+        map.insert(*name, *value);
+    }
+    js.publish_with_headers(subject.to_owned(), map, body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stream ack");
+}
+
+/// Runs a relay from a fresh `IN_<name>` stream (with `messages` published)
+/// to `OUT_<name>` until the input is drained; returns the relay's stats and
+/// the bodies that reached the output.
+async fn relay_until_drained(
+    name: &str,
+    strategy: KeyExtractor,
+    messages: Vec<(Vec<(&str, &str)>, Bytes)>,
+) -> (idempotency::nats::NatsStats, Vec<Value>) {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let input = stream(&js, &format!("IN_{name}"), &format!("in.{name}.>")).await;
+    let output = stream(&js, &format!("OUT_{name}"), &format!("out.{name}.>")).await;
+    let mut watcher = consumer(&input, "relay", Duration::from_secs(30)).await;
+    for (i, (headers, body)) in messages.iter().enumerate() {
+        publish_with(
+            &js,
+            &format!("in.{name}.x"),
+            &format!("m-{i}"),
+            headers,
+            body.clone(),
+        )
+        .await;
+    }
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let (stop, shutdown) = shutdown_signal();
+    let relay = tokio::spawn(
+        DedupRelay::new(
+            input.get_consumer("relay").await.expect("consumer"),
+            js.clone(),
+            format!("out.{name}.unique"),
+            strategy,
+        )
+        .run(checker, shutdown()),
+    );
+    eventually(Duration::from_secs(20), "input drained", async || {
+        drained(&mut watcher).await
+    })
+    .await;
+    stop.send(true).expect("stop");
+    let stats = relay.await.expect("task").expect("relay");
+    let mut bodies = Vec::new();
+    let reader = output
+        .create_consumer(jetstream::consumer::pull::Config::default())
+        .await
+        .expect("reader");
+    let batch = reader
+        .fetch()
+        .max_messages(100)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .expect("fetch");
+    futures_util::pin_mut!(batch);
+    while let Some(message) = futures_util::StreamExt::next(&mut batch).await {
+        let message = message.expect("message");
+        bodies.push(serde_json::from_slice(&message.payload).expect("json"));
+    }
+    (stats, sorted(bodies))
+}
+
+/// `values` in the order of their JSON text (relays run concurrently).
+fn sorted(mut values: Vec<Value>) -> Vec<Value> {
+    values.sort_by_key(Value::to_string);
+    values
+}
+
+fn body(value: Value) -> Bytes {
+    Bytes::from(value.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_keeps_distinct_events_whose_fields_contain_the_separator_or_differ_in_type() {
+    let events = [
+        json!({"distinct_id": "X:Y", "token": "Z"}),
+        json!({"distinct_id": "X", "token": "Y:Z"}),
+        json!({"distinct_id": 16, "token": "t"}),
+        json!({"distinct_id": "16", "token": "t"}),
+    ];
+    let mut messages: Vec<_> = events.iter().map(|e| (vec![], body(e.clone()))).collect();
+    // A real duplicate, with its own message id: dropped.
+    messages.push((vec![], body(events[0].clone())));
+    let (stats, relayed) = relay_until_drained(
+        "SEP",
+        KeyExtractor::fields(["distinct_id", "token"]),
+        messages,
+    )
+    .await;
+    assert_eq!((stats.acked, stats.poison), (5, 0), "{stats:?}");
+    assert_eq!(relayed, sorted(events.to_vec()), "each distinct event once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_hashes_derived_keys_longer_than_the_key_limit() {
+    let long = json!({"distinct_id": "u".repeat(300), "token": "t"});
+    let other = json!({"distinct_id": "v".repeat(300), "token": "t"});
+    let (stats, relayed) = relay_until_drained(
+        "LONG",
+        KeyExtractor::fields(["distinct_id", "token"]),
+        vec![
+            (vec![], body(long.clone())),
+            (vec![], body(long.clone())),
+            (vec![], body(other.clone())),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (stats.acked, stats.poison, stats.rejected),
+        (3, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(relayed, sorted(vec![long, other]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_reads_the_key_header_in_any_casing_and_never_falls_back_from_an_empty_key() {
+    let event = |id: &str| json!({"event_id": id, "event_type": "t", "payload": {}});
+    let empty_key =
+        json!({"event_id": "e3", "idempotency_key": "", "event_type": "t", "payload": {}});
+    let keyless = json!({"event_type": "t", "payload": {}});
+    let (stats, relayed) = relay_until_drained(
+        "HDR",
+        KeyExtractor::IdempotencyKey,
+        vec![
+            (vec![("idempotency-key", "k-1")], body(event("e1"))),
+            (vec![("IDEMPOTENCY-KEY", "k-1")], body(event("e2"))),
+            (vec![], body(empty_key)),
+            (vec![("Idempotency-Key", "")], body(event("e4"))),
+            (vec![], body(keyless.clone())),
+            (vec![], body(keyless)),
+        ],
+    )
+    .await;
+    assert_eq!(relayed.len(), 1, "one key, one event: {relayed:?}");
+    assert!(relayed[0]["event_id"] == "e1" || relayed[0]["event_id"] == "e2");
+    assert_eq!(
+        (stats.acked, stats.poison + stats.rejected),
+        (2, 4),
+        "{stats:?}"
+    );
+}
+
+/// Runs a worker over `bodies` (each with its headers) until the input is
+/// drained; returns its stats and the executions per effective key.
+async fn work_until_drained(
+    name: &str,
+    messages: Vec<(Vec<(&str, &str)>, Bytes)>,
+) -> (idempotency::nats::NatsStats, HashMap<String, usize>) {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let events = stream(&js, name, &format!("{}.>", name.to_lowercase())).await;
+    let mut watcher = consumer(&events, "worker", Duration::from_secs(30)).await;
+    for (i, (headers, body)) in messages.iter().enumerate() {
+        let subject = format!("{}.x", name.to_lowercase());
+        publish_with(&js, &subject, &format!("m-{i}"), headers, body.clone()).await;
+    }
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let executions = Arc::new(Executions::default());
+    let (stop, shutdown) = shutdown_signal();
+    let seen = Arc::clone(&executions);
+    let worker = tokio::spawn(
+        JetStreamWorker::new(events.get_consumer("worker").await.expect("consumer")).run(
+            checker,
+            move |envelope: EventEnvelope<Value>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.record(envelope.effective_key());
+                    Ok::<_, IdempotencyError>(())
+                }
+            },
+            shutdown(),
+        ),
+    );
+    eventually(Duration::from_secs(20), "input drained", async || {
+        drained(&mut watcher).await
+    })
+    .await;
+    stop.send(true).expect("stop");
+    let stats = worker.await.expect("task").expect("worker");
+    (stats, executions.snapshot())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reads_the_key_header_in_any_casing() {
+    let event = |id: &str| body(json!({"event_id": id, "event_type": "t", "payload": {}}));
+    let (stats, runs) = work_until_drained(
+        "CASING",
+        vec![
+            (vec![("idempotency-key", "k-1")], event("e1")),
+            (vec![("IDEMPOTENCY-KEY", "k-1")], event("e2")),
+            (vec![("Idempotency-Key", "")], event("e3")),
+        ],
+    )
+    .await;
+    assert_eq!(runs, HashMap::from([("k-1".to_owned(), 1)]), "{stats:?}");
+    assert_eq!((stats.acked, stats.poison), (2, 1), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_envelopes_are_terminated_as_poison_with_the_reason_logged() {
+    captured_logs();
+    let keyless = body(json!({"event_type": "keyless.seen", "payload": {"n": 1}}));
+    let (stats, runs) = work_until_drained(
+        "KEYLESS",
+        vec![(vec![], keyless.clone()), (vec![], keyless)],
+    )
+    .await;
+    assert!(runs.is_empty(), "the handler never ran: {runs:?}");
+    assert_eq!((stats.poison, stats.acked), (2, 0), "{stats:?}");
+    let logged = log_lines("WARN", "keyless.x");
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert!(
+        logged
+            .iter()
+            .all(|line| line.contains("no idempotency key and no event id")),
+        "{logged:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_answers_keyless_requests_as_invalid_without_running_the_handler() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (stop, shutdown) = shutdown_signal();
+    let handler_runs = Arc::clone(&runs);
+    let subscriber = tokio::spawn(Subscriber::new(client.clone(), "rpc.keyless").run(
+        checker,
+        move |_: EventEnvelope<Value>| {
+            let runs = Arc::clone(&handler_runs);
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, IdempotencyError>(())
+            }
+        },
+        shutdown(),
+    ));
+    client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let keyless = body(json!({"event_type": "t", "payload": {}}));
+    for _ in 0..2 {
+        let reply = client
+            .request("rpc.keyless", keyless.clone())
+            .await
+            .expect("reply");
+        let status = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Idempotency-Status"));
+        assert_eq!(status.map(|v| v.as_str()), Some("invalid"));
+        let error: Value = serde_json::from_slice(&reply.payload).expect("json");
+        assert!(
+            error["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no idempotency key")),
+            "{error}"
+        );
+    }
+    stop.send(true).expect("stop");
+    let stats = subscriber.await.expect("task").expect("subscriber");
+    assert_eq!((stats.invalid, stats.completed), (2, 0), "{stats:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+/// Starts a worker on a fresh consumer, waits until it handled a message,
+/// runs `delete` on the stream, and returns what `run()` returned (within 10 s).
+async fn run_until_deleted(
+    name: &str,
+    delete: impl AsyncFnOnce(&jetstream::Context, &Stream),
+) -> Result<idempotency::nats::NatsStats, idempotency::nats::WorkerError> {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let subject = name.to_lowercase();
+    let events = stream(&js, name, &format!("{subject}.>")).await;
+    consumer(&events, &subject, Duration::from_secs(30)).await;
+    publish_all(
+        &js,
+        vec![(
+            format!("{subject}.x"),
+            "g1".into(),
+            envelope_json("gone-1", 0),
+        )],
+    )
+    .await;
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
+    let worker = tokio::spawn(
+        JetStreamWorker::new(events.get_consumer(&subject).await.expect("consumer"))
+            .heartbeat(Duration::from_millis(500))
+            .run(
+                checker,
+                move |_: EventEnvelope<Value>| {
+                    let ran = ran_tx.clone();
+                    async move {
+                        let _ = ran.send(());
+                        Ok::<_, IdempotencyError>(())
+                    }
+                },
+                std::future::pending(),
+            ),
+    );
+    ran.recv().await.expect("the worker is pulling");
+    delete(&js, &events).await;
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("run() returns instead of hanging")
+        .expect("task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_returns_an_error_when_its_consumer_is_deleted() {
+    captured_logs();
+    let outcome = run_until_deleted("GONECONSUMER", async |_, events| {
+        events
+            .delete_consumer("goneconsumer")
+            .await
+            .expect("delete consumer");
+    })
+    .await;
+    let error = outcome.expect_err("run() reports the lost consumer");
+    assert!(
+        matches!(&error, idempotency::nats::WorkerError::ConsumerDeleted { consumer, stats, .. }
+            if consumer == "goneconsumer" && stats.acked == 1),
+        "{error:?}"
+    );
+    assert!(
+        !log_lines("ERROR", "goneconsumer").is_empty(),
+        "logged at ERROR"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_returns_an_error_when_its_stream_is_deleted() {
+    captured_logs();
+    let outcome = run_until_deleted("GONESTREAM", async |js, _| {
+        js.delete_stream("GONESTREAM").await.expect("delete stream");
+    })
+    .await;
+    let error = outcome.expect_err("run() reports the lost stream");
+    assert!(
+        matches!(&error, idempotency::nats::WorkerError::ConsumerDeleted { stream, .. }
+            if stream == "GONESTREAM"),
+        "{error:?}"
+    );
+    assert!(
+        !log_lines("ERROR", "GONESTREAM").is_empty(),
+        "logged at ERROR"
+    );
 }

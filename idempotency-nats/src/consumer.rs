@@ -1,11 +1,14 @@
 //! [`JetStreamWorker`]: a pull consumer run under the checker.
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::{MessagesError, MessagesErrorKind};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt;
 use idempotency_core::IdempotencyChecker;
@@ -33,6 +36,117 @@ pub struct NatsStats {
     /// lacks the relay's key fields).
     pub poison: u64,
 }
+
+/// Why a [`JetStreamWorker`] or a [`DedupRelay`](crate::DedupRelay)
+/// stopped before its shutdown signal. Messages in flight were finished
+/// first; `stats` says what was done until then.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The durable consumer no longer exists on the server: it was deleted
+    /// (by an operator, or by its `inactive_threshold`), or its whole stream
+    /// was. Nothing more can be pulled from it. The worker does not recreate
+    /// it (a consumer deleted on purpose should stay deleted, and a new one
+    /// may start from another position): recreate the consumer, or the
+    /// stream, and start a new worker; copies of events already handled are
+    /// replayed as duplicates by the checker.
+    ConsumerDeleted {
+        /// The stream the consumer belonged to.
+        stream: String,
+        /// The consumer's name.
+        consumer: String,
+        /// What the worker did before it stopped.
+        stats: NatsStats,
+    },
+    /// Pulling failed for good: the pull could not be started, or the
+    /// server ended it (a push consumer, a pull over the consumer's limits).
+    Pull {
+        /// The stream the consumer belongs to.
+        stream: String,
+        /// The consumer's name.
+        consumer: String,
+        /// What the worker did before it stopped.
+        stats: NatsStats,
+        /// The client's error.
+        source: async_nats::Error,
+    },
+}
+
+impl WorkerError {
+    /// What the worker did before it stopped.
+    pub fn stats(&self) -> NatsStats {
+        match self {
+            Self::ConsumerDeleted { stats, .. } | Self::Pull { stats, .. } => *stats,
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ConsumerDeleted {
+                stream, consumer, ..
+            } => write!(
+                f,
+                "the JetStream consumer `{consumer}` of stream `{stream}` no longer exists \
+                 (it or its stream was deleted)"
+            ),
+            Self::Pull {
+                stream,
+                consumer,
+                source,
+                ..
+            } => write!(
+                f,
+                "pulling from the JetStream consumer `{consumer}` of stream `{stream}` failed: {source}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for WorkerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Pull { source, .. } => Some(source.as_ref()),
+            Self::ConsumerDeleted { .. } => None,
+        }
+    }
+}
+
+/// Why a pull loop ended before its shutdown signal.
+#[derive(Debug)]
+pub(crate) enum Stopped {
+    Deleted,
+    Pull(async_nats::Error),
+}
+
+impl Stopped {
+    /// The public error, logged at `ERROR`.
+    pub(crate) fn into_error(self, consumer: &PullConsumer, stats: NatsStats) -> WorkerError {
+        let info = consumer.cached_info();
+        let (stream, consumer) = (info.stream_name.clone(), info.name.clone());
+        let error = match self {
+            Self::Deleted => WorkerError::ConsumerDeleted {
+                stream,
+                consumer,
+                stats,
+            },
+            Self::Pull(source) => WorkerError::Pull {
+                stream,
+                consumer,
+                stats,
+                source,
+            },
+        };
+        tracing::error!(%error, "the JetStream worker stopped");
+        error
+    }
+}
+
+/// The default [`JetStreamWorker::heartbeat`].
+pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// The shortest heartbeat asked of the server.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -152,13 +266,19 @@ pub(crate) async fn with_progress<F: Future>(
     }
 }
 
-/// The pull loop shared by the worker and the relay.
+/// The pull loop shared by the worker and the relay: pulls with an idle
+/// heartbeat, so a consumer or stream deleted under it is noticed (the
+/// server's `409 Consumer Deleted`, or two missed heartbeats and a consumer
+/// info request that finds nothing) and the loop stops with the reason
+/// instead of waiting forever. Other pull errors (the server restarting, a
+/// lost connection) are logged and pulling goes on.
 pub(crate) async fn drive<F, Fut>(
     consumer: &PullConsumer,
     concurrency: usize,
+    heartbeat: Duration,
     shutdown: impl Future<Output = ()>,
     per_message: F,
-) -> Result<(), async_nats::Error>
+) -> Result<(), Stopped>
 where
     F: Fn(Message) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -166,51 +286,105 @@ where
     let messages = consumer
         .stream()
         .max_messages_per_batch(concurrency.max(1))
+        .heartbeat(heartbeat.max(MIN_HEARTBEAT))
         .messages()
-        .await?;
-    bounded(messages, concurrency, shutdown, |next| match next {
-        Ok(message) => Some(per_message(message)),
-        Err(error) => {
-            tracing::warn!(%error, "pulling messages failed; retrying");
-            None
+        .await
+        .map_err(|e| Stopped::Pull(e.into()))?;
+    let shared = Arc::new(consumer.clone());
+    let checked = messages.then(move |next| {
+        let consumer = Arc::clone(&shared);
+        async move {
+            match next {
+                Ok(message) => Ok(message),
+                Err(error) => Err(check_pull_error(&consumer, error).await),
+            }
         }
-    })
+    });
+    bounded(
+        std::pin::pin!(checked),
+        concurrency,
+        shutdown,
+        |next| match next {
+            Ok(message) => ControlFlow::Continue(Some(per_message(message))),
+            Err(None) => ControlFlow::Continue(None),
+            Err(Some(stopped)) => ControlFlow::Break(stopped),
+        },
+    )
     .await
 }
 
+/// Whether a pull error ends the loop: `Some` reason when it does, `None`
+/// (logged) when pulling can go on.
+async fn check_pull_error(consumer: &PullConsumer, error: MessagesError) -> Option<Stopped> {
+    match error.kind() {
+        MessagesErrorKind::ConsumerDeleted => return Some(Stopped::Deleted),
+        MessagesErrorKind::PushBasedConsumer | MessagesErrorKind::RequestLimitExceeded => {
+            return Some(Stopped::Pull(error.into()));
+        }
+        _ => {}
+    }
+    // A missed heartbeat or a failed pull: the server may be restarting, or
+    // the consumer may be gone. Ask.
+    match consumer.get_info().await {
+        Err(info_error)
+            if matches!(
+                info_error.kind(),
+                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+            ) =>
+        {
+            Some(Stopped::Deleted)
+        }
+        _ => {
+            tracing::warn!(%error, "pulling messages failed; retrying");
+            None
+        }
+    }
+}
+
 /// Runs `per_item` for the items of `items` as tasks, at most `concurrency`
-/// at a time, until the stream ends or `shutdown` completes; then stops
-/// receiving (drops the stream: no more pulls, the subscription ends) and
-/// waits for the tasks in flight. Shared by every NATS integration.
-pub(crate) async fn bounded<S, F, Fut>(
+/// at a time, until the stream ends, `shutdown` completes or `per_item`
+/// breaks; then stops receiving (drops the stream: no more pulls, the
+/// subscription ends) and waits for the tasks in flight. Shared by every
+/// NATS integration; returns the reason `per_item` broke with.
+pub(crate) async fn bounded<S, F, Fut, E>(
     mut items: S,
     concurrency: usize,
     shutdown: impl Future<Output = ()>,
     per_item: F,
-) -> Result<(), async_nats::Error>
+) -> Result<(), E>
 where
     S: futures_util::Stream + Unpin,
-    F: Fn(S::Item) -> Option<Fut>,
+    F: Fn(S::Item) -> ControlFlow<E, Option<Fut>>,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
+    let mut outcome = Ok(());
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             () = &mut shutdown => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit?,
+            permit = Arc::clone(&permits).acquire_owned() => permit,
         };
+        // The semaphore is never closed.
+        let Ok(permit) = permit else { break };
         let next = tokio::select! {
             () = &mut shutdown => break,
             next = items.next() => next,
         };
         let Some(item) = next else { break };
-        if let Some(work) = per_item(item) {
-            tasks.spawn(async move {
-                work.await;
-                drop(permit);
-            });
+        match per_item(item) {
+            ControlFlow::Continue(Some(work)) => {
+                tasks.spawn(async move {
+                    work.await;
+                    drop(permit);
+                });
+            }
+            ControlFlow::Continue(None) => {}
+            ControlFlow::Break(reason) => {
+                outcome = Err(reason);
+                break;
+            }
         }
         while let Some(done) = tasks.try_join_next() {
             log_task_failure(done);
@@ -220,7 +394,7 @@ where
     while let Some(done) = tasks.join_next().await {
         log_task_failure(done);
     }
-    Ok(())
+    outcome
 }
 
 fn log_task_failure(done: Result<(), tokio::task::JoinError>) {
@@ -240,14 +414,22 @@ fn log_task_failure(done: Result<(), tokio::task::JoinError>) {
 /// - while a handler runs longer than half the consumer's ack wait, progress
 ///   acks keep the message from being redelivered.
 ///
+/// - a body that is not an envelope, or an envelope with no key (neither
+///   `idempotency_key` nor `event_id`, or an empty key), is terminated as
+///   poison with the reason logged;
+///
 /// `run` stops pulling when `shutdown` completes, lets in-flight messages
-/// finish, and returns what it did.
+/// finish, and returns what it did. If the consumer or its stream is deleted
+/// under it, `run` logs at `ERROR` and returns
+/// [`WorkerError::ConsumerDeleted`] within about two
+/// [`heartbeat`](Self::heartbeat)s.
 #[derive(Debug)]
 #[must_use]
 pub struct JetStreamWorker {
     consumer: PullConsumer,
     concurrency: usize,
     delays: Delays,
+    heartbeat: Duration,
 }
 
 impl JetStreamWorker {
@@ -257,7 +439,17 @@ impl JetStreamWorker {
             consumer,
             concurrency: 16,
             delays: Delays::default(),
+            heartbeat: DEFAULT_HEARTBEAT,
         }
+    }
+
+    /// How often the server signals an idle pull (default 5 s, at least
+    /// 100 ms, at most 15 s). Two missed heartbeats make the worker ask
+    /// whether its consumer still exists; a deleted consumer or stream ends
+    /// `run` with [`WorkerError::ConsumerDeleted`].
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// How many messages are handled at once (default 16).
@@ -286,7 +478,7 @@ impl JetStreamWorker {
         checker: IdempotencyChecker,
         handler: H,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<NatsStats, async_nats::Error>
+    ) -> Result<NatsStats, WorkerError>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
         H: EventHandler<P>,
@@ -303,7 +495,7 @@ impl JetStreamWorker {
         self,
         handler: H,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<NatsStats, async_nats::Error>
+    ) -> Result<NatsStats, WorkerError>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
         H: EventHandler<P>,
@@ -316,7 +508,7 @@ impl JetStreamWorker {
         self,
         runner: Arc<Runner<P, H>>,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<NatsStats, async_nats::Error>
+    ) -> Result<NatsStats, WorkerError>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
         H: EventHandler<P>,
@@ -324,19 +516,28 @@ impl JetStreamWorker {
         let counters = Arc::new(Counters::default());
         let progress_every = self.consumer.cached_info().config.ack_wait / 2;
         let delays = self.delays;
-        drive(&self.consumer, self.concurrency, shutdown, |message| {
-            let (runner, counters) = (Arc::clone(&runner), Arc::clone(&counters));
-            async move {
-                let envelope = match decode::<P>(&message.payload, message.headers.as_ref()) {
-                    Ok(envelope) => envelope,
-                    Err(reason) => return terminate_poison(&message, &reason, &counters).await,
-                };
-                let disposition =
-                    with_progress(&message, progress_every, runner.run(envelope)).await;
-                settle(&message, disposition, delays, &counters).await;
-            }
-        })
-        .await?;
-        Ok(counters.snapshot())
+        let pulled = drive(
+            &self.consumer,
+            self.concurrency,
+            self.heartbeat,
+            shutdown,
+            |message| {
+                let (runner, counters) = (Arc::clone(&runner), Arc::clone(&counters));
+                async move {
+                    let envelope = match decode::<P>(&message.payload, message.headers.as_ref()) {
+                        Ok(envelope) => envelope,
+                        Err(reason) => return terminate_poison(&message, &reason, &counters).await,
+                    };
+                    let disposition =
+                        with_progress(&message, progress_every, runner.run(envelope)).await;
+                    settle(&message, disposition, delays, &counters).await;
+                }
+            },
+        )
+        .await;
+        match pulled {
+            Ok(()) => Ok(counters.snapshot()),
+            Err(stopped) => Err(stopped.into_error(&self.consumer, counters.snapshot())),
+        }
     }
 }

@@ -14,8 +14,26 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The header that carries an explicit idempotency key; it wins over the
-/// envelope's own key.
+/// envelope's own key. Matched in any casing (`idempotency-key` too); an
+/// empty value is an invalid key, never a fallback to the envelope's.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
+/// The `Idempotency-Key` header's value, in any casing: `None` without one,
+/// an error when it appears more than once (the key would be ambiguous).
+pub(crate) fn header_key(headers: Option<&HeaderMap>) -> Result<Option<&str>, String> {
+    let mut values = headers
+        .into_iter()
+        .flat_map(HeaderMap::iter)
+        .filter(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(IDEMPOTENCY_KEY_HEADER))
+        .flat_map(|(_, values)| values);
+    match (values.next(), values.next()) {
+        (Some(value), None) => Ok(Some(value.as_str())),
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err(format!(
+            "the message has more than one {IDEMPOTENCY_KEY_HEADER} header"
+        )),
+    }
+}
 
 /// What to do with a message after its handler ran (or did not).
 #[derive(Debug)]
@@ -29,16 +47,19 @@ pub(crate) enum Disposition {
     Reject { reason: String },
 }
 
-/// Decodes a message body as an envelope, applying an `Idempotency-Key` header.
+/// Decodes a message body as an envelope, applying an `Idempotency-Key`
+/// header, and checks that it has a key by the one rule
+/// ([`EventEnvelope::require_key`]): a message without one is poison.
 pub(crate) fn decode<P: DeserializeOwned>(
     payload: &[u8],
     headers: Option<&HeaderMap>,
 ) -> Result<EventEnvelope<P>, String> {
     let mut envelope: EventEnvelope<P> =
         serde_json::from_slice(payload).map_err(|e| format!("not an event envelope: {e}"))?;
-    if let Some(key) = headers.and_then(|h| h.get(IDEMPOTENCY_KEY_HEADER)) {
-        envelope.idempotency_key = Some(key.as_str().to_owned());
+    if let Some(key) = header_key(headers)? {
+        envelope.idempotency_key = Some(key.to_owned());
     }
+    envelope.require_key().map_err(|e| e.redacted())?;
     Ok(envelope)
 }
 
@@ -54,6 +75,8 @@ pub(crate) fn classify(error: &IdempotencyError) -> Disposition {
         IdempotencyError::FingerprintMismatch { .. }
         | IdempotencyError::InvalidKey { .. }
         | IdempotencyError::MissingKey
+        | IdempotencyError::MissingKeyField { .. }
+        | IdempotencyError::ResultNotStored { .. }
         | IdempotencyError::Serialization(_) => Disposition::Reject {
             reason: error.redacted(),
         },
@@ -179,7 +202,10 @@ impl<P: Serialize, H: EventHandler<P>> Runner<P, H> {
                 } else {
                     None
                 };
-                let key = envelope.effective_key().to_owned();
+                let key = match envelope.require_key() {
+                    Ok(key) => key.to_owned(),
+                    Err(e) => return classify(&e),
+                };
                 let (event_id, event_type) =
                     (envelope.event_id.clone(), envelope.event_type.clone());
                 let mut request = KeyedRequest::new(&key)

@@ -35,16 +35,18 @@ use bytes::Bytes;
 use idempotency_core::EventEnvelope;
 use serde::Serialize;
 
-pub use consumer::{JetStreamWorker, NatsStats};
+pub use consumer::{JetStreamWorker, NatsStats, WorkerError};
 pub use handler::{EventHandler, IDEMPOTENCY_KEY_HEADER};
-pub use relay::{DedupRelay, KeyStrategy};
+pub use idempotency_core::KeyExtractor;
+pub use relay::DedupRelay;
 pub use subscriber::{STATUS_HEADER, Subscriber, SubscriberStats};
 
 /// JetStream's message-id header, used for its duplicate window.
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
 /// Publishes `envelope` as JSON to `subject` on JetStream with `Nats-Msg-Id`
-/// set to its effective key, and waits for the stream's ack. Within the
+/// set to its key ([`EventEnvelope::require_key`]; an envelope without one
+/// is refused before anything is sent), and waits for the stream's ack. Within the
 /// stream's duplicate window, a second publish of the same event is dropped by
 /// the server; the checker catches the rest.
 pub async fn publish_event<P: Serialize>(
@@ -53,7 +55,7 @@ pub async fn publish_event<P: Serialize>(
     envelope: &EventEnvelope<P>,
 ) -> Result<PublishAck, async_nats::Error> {
     let mut headers = HeaderMap::new();
-    headers.insert(NATS_MSG_ID, envelope.effective_key());
+    headers.insert(NATS_MSG_ID, envelope.require_key()?);
     let body = Bytes::from(serde_json::to_vec(envelope)?);
     let ack = jetstream
         .publish_with_headers(subject.into(), headers, body)

@@ -7,71 +7,43 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, Message};
 use idempotency_core::{
-    IdempotencyChecker, IdempotencyError, KeyedRequest, Processed, canonical_json, sha256_hex,
+    IdempotencyChecker, IdempotencyError, InvalidKeyReason, KeyExtractor, KeyedRequest, Processed,
 };
 
 use crate::NATS_MSG_ID;
 use crate::consumer::{
-    Counters, Delays, NatsStats, drive, settle, terminate_poison, with_progress,
+    Counters, DEFAULT_HEARTBEAT, Delays, NatsStats, WorkerError, drive, settle, terminate_poison,
+    with_progress,
 };
-use crate::handler::{Disposition, IDEMPOTENCY_KEY_HEADER};
+use crate::handler::{Disposition, header_key};
 
-/// How the relay decides that two messages are the same event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum KeyStrategy {
-    /// The `Idempotency-Key` header, else the body's envelope key
-    /// (`idempotency_key`, else `event_id`).
-    EnvelopeKey,
-    /// Named fields of the JSON body joined with `:`, e.g.
-    /// `["timestamp", "distinct_id", "token", "event_name"]`. Dotted names
-    /// reach into objects (`"payload.user_id"`). A message missing a field is
-    /// poison: it is terminated, never given a made-up value.
-    Fields(Vec<String>),
-    /// The SHA-256 of the body's canonical JSON (object keys sorted at every
-    /// level), for events that carry no identity at all.
-    ContentHash,
-}
-
-impl KeyStrategy {
-    /// The key of a message, or why it has none.
-    pub fn key_of(&self, body: &[u8], headers: Option<&HeaderMap>) -> Result<String, String> {
-        if let (Self::EnvelopeKey, Some(key)) =
-            (self, headers.and_then(|h| h.get(IDEMPOTENCY_KEY_HEADER)))
-        {
-            return Ok(key.as_str().to_owned());
-        }
-        let json: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-        match self {
-            Self::EnvelopeKey => ["idempotency_key", "event_id"]
-                .iter()
-                .find_map(|field| {
-                    json.get(field)
-                        .and_then(|v| v.as_str())
-                        .filter(|s| !s.is_empty())
-                })
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    "the body has neither an idempotency_key nor an event_id".to_owned()
-                }),
-            Self::Fields(fields) => fields
-                .iter()
-                .map(|field| {
-                    let value = field.split('.').try_fold(&json, |v, part| v.get(part));
-                    match value {
-                        Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-                        Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
-                            Ok(v.to_string())
-                        }
-                        _ => Err(format!("the body lacks the key field `{field}`")),
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(|parts| parts.join(":")),
-            Self::ContentHash => Ok(sha256_hex(canonical_json(&json).as_bytes())),
+/// The key of a relayed message by `extractor`: for
+/// [`KeyExtractor::IdempotencyKey`], an `Idempotency-Key` header (any
+/// casing) wins; otherwise the body is read as a JSON document
+/// ([`KeyExtractor::key_of_document`]). Every error is a reason to
+/// terminate the message: it can never give a key.
+fn key_of(
+    extractor: &KeyExtractor,
+    body: &[u8],
+    headers: Option<&HeaderMap>,
+) -> Result<String, String> {
+    if matches!(extractor, KeyExtractor::IdempotencyKey) {
+        match header_key(headers)? {
+            Some("") => {
+                return Err(IdempotencyError::InvalidKey {
+                    reason: InvalidKeyReason::Empty,
+                }
+                .redacted());
+            }
+            Some(key) => return Ok(key.to_owned()),
+            None => {}
         }
     }
+    let document: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    extractor
+        .key_of_document(&document)
+        .map_err(|e| e.redacted())
 }
 
 /// Relays the first copy of every event from a JetStream consumer to an
@@ -84,34 +56,55 @@ impl KeyStrategy {
 /// crash between the publish and the completion makes the retry publish again,
 /// and the output stream's duplicate window (keep it longer than the lease)
 /// drops the second copy. Duplicates are acked and dropped.
+///
+/// Messages are named by a [`KeyExtractor`], the same key builder as the
+/// [`Deduplicator`](idempotency_core::Deduplicator)'s:
+/// [`KeyExtractor::IdempotencyKey`] takes the `Idempotency-Key` header (any
+/// casing), else the body's `idempotency_key`, else its `event_id`;
+/// [`KeyExtractor::Fields`], [`ContentHash`](KeyExtractor::ContentHash) and
+/// [`Custom`](KeyExtractor::Custom) read the whole body as the event (see
+/// [`KeyExtractor::key_of_document`]), and a long derived key is hashed. A
+/// message that gives no key (not JSON, a missing field, no key at all, an
+/// empty key) is terminated as poison with the reason logged.
 #[derive(Debug)]
 #[must_use]
 pub struct DedupRelay {
     consumer: PullConsumer,
     jetstream: jetstream::Context,
     output_subject: String,
-    strategy: KeyStrategy,
+    extractor: KeyExtractor,
     concurrency: usize,
     delays: Delays,
+    heartbeat: std::time::Duration,
 }
 
 impl DedupRelay {
     /// A relay from `consumer` to `output_subject` (published through
-    /// `jetstream`), keyed by `strategy`.
+    /// `jetstream`), naming events by `extractor`.
     pub fn new(
         consumer: PullConsumer,
         jetstream: jetstream::Context,
         output_subject: impl Into<String>,
-        strategy: KeyStrategy,
+        extractor: KeyExtractor,
     ) -> Self {
         Self {
             consumer,
             jetstream,
             output_subject: output_subject.into(),
-            strategy,
+            extractor,
             concurrency: 16,
             delays: Delays::default(),
+            heartbeat: DEFAULT_HEARTBEAT,
         }
+    }
+
+    /// How often the server signals an idle pull (default 5 s, at least
+    /// 100 ms, at most 15 s). As for [`JetStreamWorker::heartbeat`](crate::JetStreamWorker::heartbeat):
+    /// a deleted input consumer or stream ends `run` with
+    /// [`WorkerError::ConsumerDeleted`].
+    pub fn heartbeat(mut self, heartbeat: std::time::Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// How many messages are relayed at once (default 16).
@@ -134,31 +127,42 @@ impl DedupRelay {
         self
     }
 
-    /// Relays until `shutdown` completes, then lets in-flight messages finish.
+    /// Relays until `shutdown` completes, then lets in-flight messages
+    /// finish. Stops early, logging at `ERROR`, when the input consumer or
+    /// its stream is deleted ([`WorkerError::ConsumerDeleted`]).
     pub async fn run(
         self,
         checker: IdempotencyChecker,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<NatsStats, async_nats::Error> {
+    ) -> Result<NatsStats, WorkerError> {
         let counters = Arc::new(Counters::default());
-        let shared = Arc::new((checker, self.jetstream, self.output_subject, self.strategy));
+        let shared = Arc::new((checker, self.jetstream, self.output_subject, self.extractor));
         let progress_every = self.consumer.cached_info().config.ack_wait / 2;
         let delays = self.delays;
-        drive(&self.consumer, self.concurrency, shutdown, |message| {
-            let (shared, counters) = (Arc::clone(&shared), Arc::clone(&counters));
-            async move {
-                let (checker, jetstream, output, strategy) = &*shared;
-                let key = match strategy.key_of(&message.payload, message.headers.as_ref()) {
-                    Ok(key) => key,
-                    Err(reason) => return terminate_poison(&message, &reason, &counters).await,
-                };
-                let relayed = relay_one(checker, jetstream, output, &key, &message);
-                let disposition = with_progress(&message, progress_every, relayed).await;
-                settle(&message, disposition, delays, &counters).await;
-            }
-        })
-        .await?;
-        Ok(counters.snapshot())
+        let pulled = drive(
+            &self.consumer,
+            self.concurrency,
+            self.heartbeat,
+            shutdown,
+            |message| {
+                let (shared, counters) = (Arc::clone(&shared), Arc::clone(&counters));
+                async move {
+                    let (checker, jetstream, output, extractor) = &*shared;
+                    let key = match key_of(extractor, &message.payload, message.headers.as_ref()) {
+                        Ok(key) => key,
+                        Err(reason) => return terminate_poison(&message, &reason, &counters).await,
+                    };
+                    let relayed = relay_one(checker, jetstream, output, &key, &message);
+                    let disposition = with_progress(&message, progress_every, relayed).await;
+                    settle(&message, disposition, delays, &counters).await;
+                }
+            },
+        )
+        .await;
+        match pulled {
+            Ok(()) => Ok(counters.snapshot()),
+            Err(stopped) => Err(stopped.into_error(&self.consumer, counters.snapshot())),
+        }
     }
 }
 
@@ -223,46 +227,51 @@ mod tests {
 
     #[test]
     fn envelope_key_prefers_header_then_idempotency_key_then_event_id() {
+        let extractor = KeyExtractor::IdempotencyKey;
         let body = br#"{"event_id":"e1","idempotency_key":"k1","event_type":"t","payload":{}}"#;
-        assert_eq!(
-            KeyStrategy::EnvelopeKey.key_of(body, None).as_deref(),
-            Ok("k1")
-        );
+        assert_eq!(key_of(&extractor, body, None).as_deref(), Ok("k1"));
         let body_without = br#"{"event_id":"e1","event_type":"t","payload":{}}"#;
-        assert_eq!(
-            KeyStrategy::EnvelopeKey
-                .key_of(body_without, None)
-                .as_deref(),
-            Ok("e1")
-        );
-        let mut headers = HeaderMap::new();
-        headers.insert(IDEMPOTENCY_KEY_HEADER, "h1");
-        assert_eq!(
-            KeyStrategy::EnvelopeKey
-                .key_of(body, Some(&headers))
-                .as_deref(),
-            Ok("h1")
-        );
-        assert!(KeyStrategy::EnvelopeKey.key_of(b"{}", None).is_err());
+        assert_eq!(key_of(&extractor, body_without, None).as_deref(), Ok("e1"));
+        for name in ["Idempotency-Key", "idempotency-key", "IDEMPOTENCY-KEY"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, "h1");
+            assert_eq!(
+                key_of(&extractor, body, Some(&headers)).as_deref(),
+                Ok("h1")
+            );
+        }
+        let mut twice = HeaderMap::new();
+        twice.insert("idempotency-key", "h1");
+        twice.insert("Idempotency-Key", "h2");
+        assert!(key_of(&extractor, body, Some(&twice)).is_err());
+        let mut empty = HeaderMap::new();
+        empty.insert("Idempotency-Key", "");
+        assert!(key_of(&extractor, body, Some(&empty)).is_err());
+        assert!(key_of(&extractor, b"{}", None).is_err());
+        let empty_key = br#"{"event_id":"e1","idempotency_key":""}"#;
+        assert!(key_of(&extractor, empty_key, None).is_err());
     }
 
     #[test]
-    fn composite_fields_join_and_missing_fields_are_refused() {
-        let strategy =
-            KeyStrategy::Fields(vec!["timestamp".into(), "user.id".into(), "name".into()]);
+    fn field_keys_come_from_the_core_key_builder() {
+        let extractor = KeyExtractor::fields(["timestamp", "/user/id", "name"]);
         let body = br#"{"timestamp":1700,"user":{"id":"u7"},"name":"view"}"#;
-        assert_eq!(strategy.key_of(body, None).as_deref(), Ok("1700:u7:view"));
+        assert_eq!(
+            key_of(&extractor, body, None).as_deref(),
+            Ok(r#"[1700,"u7","view"]"#)
+        );
         let missing = br#"{"user":{"id":"u7"},"name":"view"}"#;
-        let error = strategy.key_of(missing, None).expect_err("no timestamp");
+        let error = key_of(&extractor, missing, None).expect_err("no timestamp");
         assert!(error.contains("timestamp"), "{error}");
-        assert!(strategy.key_of(b"not json", None).is_err());
+        assert!(key_of(&extractor, b"not json", None).is_err());
     }
 
     #[test]
     fn content_hash_ignores_key_order() {
-        let a = KeyStrategy::ContentHash.key_of(br#"{"a":1,"b":{"c":2,"d":3}}"#, None);
-        let b = KeyStrategy::ContentHash.key_of(br#"{"b":{"d":3,"c":2},"a":1}"#, None);
-        let c = KeyStrategy::ContentHash.key_of(br#"{"a":2,"b":{"c":2,"d":3}}"#, None);
+        let key = |body: &[u8]| key_of(&KeyExtractor::ContentHash, body, None);
+        let a = key(br#"{"a":1,"b":{"c":2,"d":3}}"#);
+        let b = key(br#"{"b":{"d":3,"c":2},"a":1}"#);
+        let c = key(br#"{"a":2,"b":{"c":2,"d":3}}"#);
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

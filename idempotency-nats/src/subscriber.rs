@@ -2,6 +2,7 @@
 //! request/reply under the checker.
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -128,15 +129,22 @@ impl Subscriber {
             None => self.client.subscribe(self.subject.clone()).await?,
         };
         let counters = Arc::new(Counters::default());
-        bounded(subscription, self.concurrency, shutdown, |message| {
-            let (runner, counters, client) = (
-                Arc::clone(&runner),
-                Arc::clone(&counters),
-                self.client.clone(),
-            );
-            Some(async move { handle(&client, &runner, &counters, message).await })
-        })
-        .await?;
+        let Ok(()) = bounded::<_, _, _, std::convert::Infallible>(
+            subscription,
+            self.concurrency,
+            shutdown,
+            |message| {
+                let (runner, counters, client) = (
+                    Arc::clone(&runner),
+                    Arc::clone(&counters),
+                    self.client.clone(),
+                );
+                ControlFlow::Continue(Some(async move {
+                    handle(&client, &runner, &counters, message).await;
+                }))
+            },
+        )
+        .await;
         let _ = self.client.flush().await;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Ok(SubscriberStats {
