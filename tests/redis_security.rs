@@ -60,10 +60,18 @@ async fn requirepass_is_honoured_and_wrong_passwords_are_clear_errors() {
     refused(&format!("redis://127.0.0.1:{port}")).await;
 }
 
-#[tokio::test]
-async fn a_least_privilege_acl_user_is_enough() {
-    // The default user is off; `idem` may run exactly the commands the store
-    // sends (the scripts' own GET/SET/PTTL/TIME included), on its prefix only.
+/// The documented least-privilege rules: the store's key prefix, and the
+/// commands of [`RedisStore::ACL_COMMANDS`].
+fn acl_rules() -> String {
+    format!(
+        "~idempotency:* ~c:* ~m:* resetchannels -@all {}",
+        RedisStore::ACL_COMMANDS
+    )
+}
+
+/// A server whose default user is off, and whose `idem` user (password
+/// `idem-pass`) has exactly `rules`.
+fn server_with_acl(rules: &str) -> RedisServer {
     let mut args = vec![
         "--user",
         "default",
@@ -73,12 +81,37 @@ async fn a_least_privilege_acl_user_is_enough() {
         "on",
         ">idem-pass",
     ];
-    args.extend(
-        "~idempotency:* resetchannels -@all +evalsha +eval +script|load +get +set +del \
-         +pttl +time +ping"
-            .split_whitespace(),
+    args.extend(rules.split_whitespace());
+    RedisServer::start_with(&args)
+}
+
+fn idem_url(server: &RedisServer) -> String {
+    format!("redis://idem:idem-pass@127.0.0.1:{}", server.port())
+}
+
+/// Issue 14 item 21: the guide quotes the rules the tests run under, so the
+/// documented ACL cannot fall behind the commands the store sends.
+#[test]
+fn the_guide_documents_the_tested_acl() {
+    let guide = include_str!("../IDEMPOTENCY_GUIDE.md");
+    let documented = format!(
+        "ACL SETUSER idem on >password ~idempotency:* resetchannels -@all {}",
+        RedisStore::ACL_COMMANDS
     );
-    let server = RedisServer::start_with(&args);
+    assert!(
+        guide.contains(&documented),
+        "IDEMPOTENCY_GUIDE.md must quote: {documented}"
+    );
+    for rule in ["+pexpiretime", "+info", "+exists"] {
+        assert!(RedisStore::ACL_COMMANDS.contains(rule), "{rule}");
+    }
+}
+
+#[tokio::test]
+async fn a_least_privilege_acl_user_is_enough() {
+    // The default user is off; `idem` may run exactly the commands the store
+    // sends (the scripts' own included), on its prefixes only.
+    let server = server_with_acl(&acl_rules());
     let port = server.port();
     processes_once(&format!("redis://idem:idem-pass@127.0.0.1:{port}")).await;
     refused(&format!("redis://idem:wrong@127.0.0.1:{port}")).await;
@@ -137,5 +170,90 @@ async fn tls_refuses_an_untrusted_certificate_and_plain_text() {
             "{what}: took {:?}",
             started.elapsed()
         );
+    }
+}
+
+/// Issue 14 item 21: a command the ACL refuses is
+/// `StoreRefused { PermissionDenied }` naming the command, not
+/// "unavailable": at connect (`INFO`, for the eviction check), and inside a
+/// script, where Redis itself does not say which command it refused.
+#[tokio::test]
+async fn a_missing_acl_permission_is_a_permission_error_naming_the_command() {
+    use idempotency::StoreRefusal;
+    let server = server_with_acl(&acl_rules().replace(" +info", ""));
+    match RedisStore::connect(&idem_url(&server)).await {
+        Err(IdempotencyError::StoreRefused {
+            store: "redis",
+            reason: StoreRefusal::PermissionDenied,
+            source,
+        }) => assert!(source.to_string().contains("'info'"), "{source}"),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+
+    // The ACL the guide documented before: no PEXPIRETIME, which the
+    // scripts call on a fresh claim (here: failing it).
+    let server = server_with_acl(&acl_rules().replace(" +pexpiretime", ""));
+    let store = RedisStore::connect(&idem_url(&server))
+        .await
+        .expect("connect");
+    let checker = IdempotencyChecker::new(store);
+    let e = EventEnvelope::new("test.event", json!({})).with_idempotency_key("perm-1");
+    let lease = match checker.mark_processing(&e).await.expect("claim") {
+        idempotency::ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    match checker.mark_failed(&lease, "boom").await {
+        Err(IdempotencyError::StoreRefused {
+            reason: StoreRefusal::PermissionDenied,
+            source,
+            ..
+        }) => assert!(
+            source.to_string().contains("may not run +pexpiretime"),
+            "{source}"
+        ),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    // The server is still up and answering (the probe is safe).
+    checker.health_check().await.expect("healthy");
+}
+
+/// Issue 14 item 21: the whole store conformance suite passes under the
+/// documented least-privilege ACL user.
+macro_rules! acl_conformance {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let server = server_with_acl(&acl_rules());
+                let store = RedisStore::connect(&idem_url(&server))
+                    .await
+                    .expect("connect as the ACL user");
+                common::conformance::$name(&store).await;
+            }
+        )*
+    };
+}
+
+mod conformance_under_the_documented_acl {
+    use super::*;
+
+    for_each_rule!(acl_conformance);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claims_have_one_winner() {
+        let server = server_with_acl(&acl_rules());
+        let store = RedisStore::connect(&idem_url(&server))
+            .await
+            .expect("connect as the ACL user");
+        common::conformance::concurrent_claims_have_one_winner(std::sync::Arc::new(store)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_marks_have_one_winner() {
+        let server = server_with_acl(&acl_rules());
+        let store = RedisStore::connect(&idem_url(&server))
+            .await
+            .expect("connect as the ACL user");
+        common::conformance::concurrent_marks_have_one_winner(std::sync::Arc::new(store)).await;
     }
 }

@@ -576,3 +576,443 @@ async fn cross_process_worker() {
         .expect("connect");
     common::process_each_key(&checker, &counter, worker, KEYS).await;
 }
+
+/// A claim request for `key` under `token`, with long durations.
+fn claim_request<'a>(key: &'a str, token: &'a str) -> idempotency::ClaimRequest<'a> {
+    idempotency::ClaimRequest {
+        key,
+        recorded_key: key,
+        event_id: Some("evt-1"),
+        event_type: Some("test.event"),
+        fingerprint: None,
+        token,
+        lease: Duration::from_secs(60),
+        ttl: Duration::from_secs(60),
+    }
+}
+
+/// Issue 14 item 17: the claim and finish scripts refuse every value the
+/// reader (`get`) refuses, with `CorruptRecord`, and overwrite none of them;
+/// before, the claim script checked only the status and claimed these.
+#[tokio::test]
+async fn claims_refuse_every_value_the_reader_refuses() {
+    use idempotency::IdempotencyStore;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let checker = IdempotencyChecker::new(store.clone());
+    let mut redis = server.client().await;
+    let cases = [
+        r#"{"status":"PROCESSING","lease_token":"t","lease_expires_at":"soon"}"#,
+        r#"{"status":"FAILED","attempts":"x"}"#,
+        r#"{"status":"FAILED","attempts":-1}"#,
+        r#"{"status":"FAILED","attempts":1.5}"#,
+        r#"{"status":"FAILED","attempts":null}"#,
+        r#"{"status":"FAILED","first_seen_at":"yesterday"}"#,
+        r#"{"status":"FAILED","first_seen_at":1e300}"#,
+        r#"{"status":"PROCESSING","lease_token":7,"lease_expires_at":1}"#,
+        r#"{"status":"FAILED","event_id":{"id":1}}"#,
+        r#"{"status":"FAILED","event_type":["a"]}"#,
+        r#"{"status":"FAILED","fingerprint":false}"#,
+        r#"{"status":"FAILED","error":42}"#,
+        r#"{"status":"FAILED","idempotency_key":null}"#,
+        r#"{"status":"COMPLETED","completed_at":"now","result":1}"#,
+        r#"{"status":"PROCESSING","attempts":1,"lease_token":"t","lease_ms":"soon","claim_px":1000}"#,
+    ];
+    let runs = AtomicUsize::new(0);
+    for (i, doc) in cases.iter().enumerate() {
+        let name = format!("strict-{i}");
+        let key = format!("idempotency:events:{name}");
+        let _: () = redis.set(&key, *doc).await.expect("SET");
+        let read = store.get(&key).await;
+        assert!(
+            matches!(read, Err(IdempotencyError::CorruptRecord { .. })),
+            "get of {doc}: {read:?}"
+        );
+        let claimed = store.claim(&claim_request(&key, "tok")).await;
+        assert!(
+            matches!(claimed, Err(IdempotencyError::CorruptRecord { .. })),
+            "claim of {doc}: {claimed:?}"
+        );
+        let outcome = checker
+            .process(&event(&name), |_| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, IdempotencyError>(())
+            })
+            .await;
+        assert!(
+            matches!(outcome, Err(IdempotencyError::CorruptRecord { .. })),
+            "process of {doc}: {outcome:?}"
+        );
+        let raw: String = redis.get(&key).await.expect("GET");
+        assert_eq!(raw, *doc, "the value is left in place");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "no handler ran");
+}
+
+/// Issue 14 item 17: a live `PROCESSING` record that holds
+/// `"status":"COMPLETED"` in a nested field is in progress, not a duplicate:
+/// the text fast path matches only the top-level status.
+#[tokio::test]
+async fn a_nested_completed_status_is_not_a_duplicate() {
+    use idempotency::IdempotencyStore;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut redis = server.client().await;
+    let future = chrono::Utc::now().timestamp_millis() + 600_000;
+    let key = "idempotency:events:nested";
+    let doc = format!(
+        r#"{{"meta":{{"status":"COMPLETED"}},"status":"PROCESSING","attempts":1,"lease_token":"other","lease_expires_at":{future}}}"#
+    );
+    let _: () = redis.set(key, &doc).await.expect("SET");
+    match store
+        .claim(&claim_request(key, "tok"))
+        .await
+        .expect("claim")
+    {
+        idempotency::ClaimOutcome::InProgress(record) => {
+            assert_eq!(record.status, idempotency::ProcessingStatus::Processing);
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    let raw: String = redis.get(key).await.expect("GET");
+    assert_eq!(raw, doc);
+}
+
+/// Issue 14 item 17: the finish script's text fast path completes only a
+/// document of the exact shape a claim writes; a held record that was
+/// altered into something the reader refuses is `CorruptRecord`, and left.
+#[tokio::test]
+async fn completing_a_held_record_that_turned_corrupt_overwrites_nothing() {
+    let server = RedisServer::start();
+    let checker = checker(&server).await;
+    let mut redis = server.client().await;
+    let key = "idempotency:events:altered";
+    let lease = acquired(&checker, &event("altered")).await;
+    let raw: String = redis.get(key).await.expect("GET");
+    let altered = raw.replacen('{', r#"{"first_seen_at":"x","#, 1);
+    let _: () = redis.set(key, &altered).await.expect("SET");
+    let outcome = checker.mark_completed(&lease, &json!(1)).await;
+    assert!(
+        matches!(outcome, Err(IdempotencyError::CorruptRecord { .. })),
+        "{outcome:?}"
+    );
+    let now: String = redis.get(key).await.expect("GET");
+    assert_eq!(now, altered);
+}
+
+/// Issue 14 item 18: a JSON `null` result is stored as `"result":null` and
+/// reads back as `Some(Null)` on every read path (get, the plain `SET NX GET`
+/// duplicate, the claim script); no stored result is no `result` field and
+/// reads back as `None`.
+#[tokio::test]
+async fn a_null_result_stays_null_and_no_result_stays_absent() {
+    use idempotency::IdempotencyStore;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut redis = server.client().await;
+    for (name, result, fingerprint) in [
+        ("null-plain", Some(serde_json::Value::Null), None),
+        ("null-fp", Some(serde_json::Value::Null), Some("fp")),
+        ("none-plain", None, None),
+        ("none-fp", None, Some("fp")),
+    ] {
+        let key = format!("idempotency:events:{name}");
+        let mut request = claim_request(&key, "t1");
+        request.fingerprint = fingerprint;
+        let lease = match store.claim(&request).await.expect("claim") {
+            idempotency::ClaimOutcome::Acquired(lease) => lease,
+            other => panic!("expected Acquired, got {other:?}"),
+        };
+        store
+            .complete(&lease, result.as_ref(), Duration::from_secs(60))
+            .await
+            .expect("complete");
+        let doc = stored_doc(&mut redis, &key).await;
+        assert_eq!(
+            doc.as_object().expect("object").get("result"),
+            result.as_ref(),
+            "{name}: the stored document"
+        );
+        let read = store.get(&key).await.expect("get").expect("record");
+        assert_eq!(read.result, result, "{name}: get");
+        // The plain `SET NX GET` path, then the claim script (a legacy
+        // document without `ttl_ms` goes there).
+        let mut again = claim_request(&key, "t2");
+        again.fingerprint = fingerprint;
+        match store.claim(&again).await.expect("claim") {
+            idempotency::ClaimOutcome::Duplicate(record) => {
+                assert_eq!(record.result, result, "{name}: duplicate");
+            }
+            other => panic!("expected Duplicate, got {other:?}"),
+        }
+        let mut legacy = doc.clone();
+        legacy.as_object_mut().expect("object").remove("ttl_ms");
+        let _: () = redis
+            .set(&key, serde_json::to_string(&legacy).expect("json"))
+            .await
+            .expect("SET");
+        match store.claim(&again).await.expect("claim") {
+            idempotency::ClaimOutcome::Duplicate(record) => {
+                assert_eq!(record.result, result, "{name}: duplicate by script");
+            }
+            other => panic!("expected Duplicate, got {other:?}"),
+        }
+    }
+}
+
+/// Writes 10 kB values under `junk:*` until Redis refuses a write for want
+/// of memory.
+async fn fill_until_out_of_memory(redis: &mut redis::aio::MultiplexedConnection) {
+    let junk = "x".repeat(10_000);
+    for i in 0..10_000 {
+        let written: redis::RedisResult<()> = redis.set(format!("junk:{i}"), &junk).await;
+        if let Err(e) = written {
+            assert_eq!(e.code(), Some("OOM"), "{e}");
+            // Used memory wavers by a few kB (client buffers come and go):
+            // pull the limit well below it, so every write stays refused.
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(redis)
+                .await
+                .expect("INFO");
+            let used: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("used_memory");
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(used - 512 * 1024)
+                .query_async(redis)
+                .await
+                .expect("CONFIG SET maxmemory");
+            return;
+        }
+    }
+    panic!("Redis never ran out of memory");
+}
+
+/// Issue 14 item 19: at `maxmemory` under `noeviction`, duplicates of
+/// finished events are still replayed (a read answers them), a live claim is
+/// still in progress, and a write that is refused says why:
+/// `StoreRefused { OutOfMemory }`, not `StoreUnavailable`.
+#[tokio::test]
+async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_memory() {
+    use idempotency::{IdempotencyStore, StoreRefusal};
+    let server =
+        RedisServer::start_with(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]);
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let checker = IdempotencyChecker::new(store.clone());
+    let mut redis = server.client().await;
+    for i in 0..5 {
+        let done = checker
+            .process(&event(&format!("full-{i}")), |_| async move {
+                Ok::<_, IdempotencyError>(i)
+            })
+            .await
+            .expect("process");
+        assert_eq!(done, Processed::Executed(i));
+    }
+    let live = acquired(&checker, &event("full-live")).await;
+    let failed = acquired(&checker, &event("full-failed")).await;
+    checker
+        .mark_failed(&failed, "boom")
+        .await
+        .expect("mark failed");
+    fill_until_out_of_memory(&mut redis).await;
+
+    for i in 0..5 {
+        let done = checker
+            .process(&event(&format!("full-{i}")), |_| async {
+                Ok::<_, IdempotencyError>(-1)
+            })
+            .await
+            .expect("a duplicate is replayed from a full Redis");
+        assert_eq!(done, Processed::Replayed(i));
+    }
+    match store
+        .claim(&claim_request("idempotency:events:full-live", "other"))
+        .await
+        .expect("claim")
+    {
+        idempotency::ClaimOutcome::InProgress(_) => {}
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    // The holder's retried claim (same token) still holds it.
+    match store
+        .claim(&claim_request("idempotency:events:full-live", &live.token))
+        .await
+        .expect("claim")
+    {
+        idempotency::ClaimOutcome::Acquired(lease) => assert_eq!(lease.attempt, 1),
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+    for key in [
+        "idempotency:events:full-new",
+        "idempotency:events:full-failed",
+    ] {
+        let outcome = store.claim(&claim_request(key, "tok")).await;
+        assert!(
+            matches!(
+                outcome,
+                Err(IdempotencyError::StoreRefused {
+                    store: "redis",
+                    reason: StoreRefusal::OutOfMemory,
+                    ..
+                })
+            ),
+            "{key}: {outcome:?}"
+        );
+    }
+    // Every write is refused the same way: completing, renewing, marking.
+    let completed = store
+        .complete(&live, Some(&json!(1)), Duration::from_secs(60))
+        .await;
+    assert!(
+        matches!(
+            completed,
+            Err(IdempotencyError::StoreRefused {
+                reason: StoreRefusal::OutOfMemory,
+                ..
+            })
+        ),
+        "{completed:?}"
+    );
+    let renewed = store.renew(&live, Duration::from_secs(60)).await;
+    assert!(
+        matches!(
+            renewed,
+            Err(IdempotencyError::StoreRefused {
+                reason: StoreRefusal::OutOfMemory,
+                ..
+            })
+        ),
+        "{renewed:?}"
+    );
+    let marked = store
+        .mark(&["idempotency:events:full-mark"], Duration::from_secs(60))
+        .await;
+    assert!(
+        matches!(
+            marked,
+            Err(IdempotencyError::StoreRefused {
+                reason: StoreRefusal::OutOfMemory,
+                ..
+            })
+        ),
+        "{marked:?}"
+    );
+    // Once memory is freed, the new key is claimed as usual.
+    let _: () = redis::cmd("FLUSHDB")
+        .query_async(&mut redis)
+        .await
+        .expect("FLUSHDB");
+    assert!(matches!(
+        store
+            .claim(&claim_request("idempotency:events:full-new", "tok"))
+            .await
+            .expect("claim"),
+        idempotency::ClaimOutcome::Acquired(_)
+    ));
+}
+
+/// Issue 14 item 20: a Redis whose `maxmemory-policy` may evict records is
+/// refused at connect with a `Config` error naming the policy; `volatile-*`
+/// policies too (every record has a TTL).
+#[tokio::test]
+async fn an_evicting_redis_is_refused_at_connect_naming_its_policy() {
+    for policy in ["allkeys-lru", "volatile-ttl"] {
+        let server = RedisServer::start_with(&["--maxmemory-policy", policy]);
+        match RedisStore::connect(&server.url()).await {
+            Err(IdempotencyError::Config(message)) => {
+                assert!(message.contains(policy), "{message}");
+                assert!(message.contains("noeviction"), "{message}");
+                assert!(message.contains("allow_eviction"), "{message}");
+            }
+            other => panic!("{policy}: expected a Config error, got {other:?}"),
+        }
+    }
+}
+
+/// A `MakeWriter` that keeps what is logged, for asserting on warnings.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Self;
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
+/// Issue 14 item 20: opted in with `allow_eviction(true)`, the store
+/// connects and logs the policy at ERROR, at connect and in every health
+/// check; without it, a policy changed after connect fails the health check.
+#[tokio::test]
+async fn eviction_is_reported_at_connect_and_in_every_health_check() {
+    use tracing_subscriber::util::SubscriberInitExt;
+    let logs = Logs::default();
+    let _guard = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .finish()
+        .set_default();
+
+    let server = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let allowed = RedisStore::builder(server.url())
+        .allow_eviction(true)
+        .connect()
+        .await
+        .expect("opted in: connects");
+    assert!(logs.text().contains("ERROR"), "{}", logs.text());
+    assert!(logs.text().contains("allkeys-lru"), "{}", logs.text());
+    let opted_in = IdempotencyChecker::new(allowed);
+    for _ in 0..2 {
+        let before = logs.text().matches("allkeys-lru").count();
+        opted_in.health_check().await.expect("opted in: healthy");
+        assert_eq!(
+            logs.text().matches("allkeys-lru").count(),
+            before + 1,
+            "every health check logs it: {}",
+            logs.text()
+        );
+    }
+
+    // A safe Redis at connect whose policy is changed later.
+    let server = RedisServer::start();
+    let checker = checker(&server).await;
+    checker.health_check().await.expect("noeviction: healthy");
+    let mut redis = server.client().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-lru")
+        .query_async(&mut redis)
+        .await
+        .expect("CONFIG SET");
+    match checker.health_check().await {
+        Err(IdempotencyError::Config(message)) => {
+            assert!(message.contains("volatile-lru"), "{message}");
+        }
+        other => panic!("expected a Config error, got {other:?}"),
+    }
+    assert!(logs.text().contains("volatile-lru"), "{}", logs.text());
+}

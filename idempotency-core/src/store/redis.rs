@@ -33,8 +33,11 @@ use chrono::{DateTime, Utc};
 use redis::{RedisError, Script, Value};
 
 use super::{ClaimRequest, IdempotencyStore};
-use crate::error::{IdempotencyError, Result};
-use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
+use crate::error::{IdempotencyError, Result, StoreRefusal};
+use crate::record::{
+    ClaimDecision, ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus, RecordView,
+    decide_claim,
+};
 
 mod conn;
 mod dedup;
@@ -44,7 +47,9 @@ pub use ops::PrefixSummary;
 
 const STORE: &str = "redis";
 
-/// Shared by every script: the store's clock and a tolerant record loader.
+/// Shared by every script: the store's clock and the record loader, which
+/// refuses exactly what the reader (serde's [`IdempotencyRecord`]) refuses,
+/// so no script claims, renews or overwrites a value `get` calls corrupt.
 const PRELUDE: &str = r#"
 local function now_ms()
   local t = redis.call('TIME')
@@ -52,6 +57,40 @@ local function now_ms()
 end
 -- a field's value, with JSON null (written by older versions) read as absent
 local function val(x) if x == cjson.null then return nil end return x end
+local function int_in(x, lo, hi)
+  return type(x) == 'number' and x == math.floor(x) and x >= lo and x <= hi
+end
+-- Why `rec` is not a record, as the reader sees it, or nil. Optional strings
+-- and times may be null; `attempts` may not; timestamps are whole
+-- milliseconds in chrono's range; unknown fields are ignored.
+local function invalid(rec)
+  local st = rec.status
+  if st ~= 'PROCESSING' and st ~= 'COMPLETED' and st ~= 'FAILED' then
+    return 'unknown status'
+  end
+  if rec.idempotency_key ~= nil and type(rec.idempotency_key) ~= 'string' then
+    return '`idempotency_key` is not a string'
+  end
+  for _, f in ipairs({'event_id', 'event_type', 'error', 'lease_token', 'fingerprint'}) do
+    local v = val(rec[f])
+    if v ~= nil and type(v) ~= 'string' then return '`' .. f .. '` is not a string' end
+  end
+  for _, f in ipairs({'first_seen_at', 'completed_at', 'lease_expires_at'}) do
+    local v = val(rec[f])
+    if v ~= nil and not int_in(v, -8334601228800000, 8210266876799999) then
+      return '`' .. f .. '` is not a time in milliseconds'
+    end
+  end
+  if rec.attempts ~= nil and not int_in(rec.attempts, 0, 4294967295) then
+    return '`attempts` is not a count'
+  end
+  for _, f in ipairs({'lease_ms', 'claim_px', 'ttl_ms'}) do
+    if rec[f] ~= nil and not int_in(rec[f], 0, 8210266876799999) then
+      return '`' .. f .. '` is not a duration in milliseconds'
+    end
+  end
+  return nil
+end
 -- returns raw, record | raw, nil (absent) | reason, false (not a record);
 -- `raw` may be passed in when the caller already read the key
 local function load(key, raw)
@@ -61,10 +100,8 @@ local function load(key, raw)
   local ok, rec = pcall(cjson.decode, raw)
   if not ok then return 'value is not JSON', false end
   if type(rec) ~= 'table' then return 'value is not a JSON object', false end
-  local st = rec.status
-  if st ~= 'PROCESSING' and st ~= 'COMPLETED' and st ~= 'FAILED' then
-    return 'unknown status', false
-  end
+  local bad = invalid(rec)
+  if bad then return bad, false end
   -- A claim written by the client's plain `SET NX` keeps its times relative
   -- to the key's expiry: it was claimed at (expiry - claim_px), by the
   -- store's clock. Settle them into absolute fields (a key without expiry
@@ -103,10 +140,11 @@ const CLAIM: &str = r#"
 local key, token = KEYS[1], ARGV[1]
 local lease_ms, ttl_ms, fp = tonumber(ARGV[2]), tonumber(ARGV[3]), opt(ARGV[4])
 local got = redis.pcall('GET', key)
--- The hot duplicate path: a COMPLETED record (its top-level status is the
--- only place this text can appear unescaped) and no fingerprint to compare:
--- answer without decoding. The record is parsed and checked by the client.
-if not fp and type(got) == 'string' and string.find(got, '"status":"COMPLETED"', 1, true) then
+-- The hot duplicate path: a COMPLETED record whose status is its first
+-- member (as every completion writes it), so the status is the top-level
+-- one, and no fingerprint to compare: answer without decoding. The client
+-- parses and checks the record.
+if not fp and type(got) == 'string' and string.sub(got, 1, 22) == '{"status":"COMPLETED",' then
   return {'duplicate', got, expiry(key)}
 end
 local now = now_ms()
@@ -169,18 +207,33 @@ local function result_field(json)
 end
 -- The hot path, ahead of the prelude so that a call taking it does not pay
 -- for defining the helpers: completing a PROCESSING record we hold, with no
--- fingerprint, is decided by finding our token and the status in the text
--- (quotes inside JSON strings are escaped, so neither can be forged by a
--- key or an event type), and the COMPLETED record is written without
--- decoding the old one.
-if target == 'COMPLETED' then
+-- fingerprint, written by a claim (the client's `SET NX` or the claim
+-- script) and untouched since. It is recognised by its exact shape: the
+-- descriptive members in their order, as plain strings, then the status, the
+-- attempts, our token and the lease, and nothing else. So every field is one
+-- the reader accepts, and the status is the top-level one. Anything else
+-- (renewed, fingerprinted, escaped text, altered) takes the decoding path,
+-- which validates; the COMPLETED record is written without decoding.
+if target == 'COMPLETED' and not string.find(token, '[%c"\\]') then
   local raw = redis.pcall('GET', KEYS[1])
-  if type(raw) == 'string'
-    and string.find(raw, '"status":"PROCESSING"', 1, true)
-    and string.find(raw, '"lease_token":' .. cjson.encode(token), 1, true)
-    and not string.find(raw, '"fingerprint":', 1, true) then
-    local attempts = string.match(raw, '"attempts":(%d+)')
-    if attempts then
+  if type(raw) == 'string' and string.byte(raw, 1) == 123 then
+    local pos, rank = 2, 0
+    while pos do
+      local name, after = string.match(raw, '^"([a-z_]+)":"[^%c"\\]*",()', pos)
+      if not name then break end
+      local r = (name == 'idempotency_key' and 1) or (name == 'event_id' and 2)
+        or (name == 'event_type' and 3) or 0
+      if r <= rank then pos = nil else pos, rank = after, r end
+    end
+    local attempts
+    if pos then
+      local tok = string.gsub(token, '%p', '%%%0')
+      attempts = string.match(raw, '^"status":"PROCESSING","attempts":(%d+),"lease_token":"'
+          .. tok .. '","lease_ms":%d+,"claim_px":%d+}$', pos)
+        or string.match(raw, '^"status":"PROCESSING","first_seen_at":%d+,"attempts":(%d+),"lease_token":"'
+          .. tok .. '","lease_expires_at":%d+}$', pos)
+    end
+    if attempts and #attempts <= 9 and string.byte(attempts, 1) ~= 48 then
       if attempts == '1' then attempts = '' else attempts = ',"attempts":' .. attempts end
       local t = redis.call('TIME')
       redis.call('SET', KEYS[1], '{"status":"COMPLETED","completed_at":'
@@ -207,12 +260,16 @@ if rec.status ~= 'PROCESSING' or not held then
 end
 local doc
 if target == 'COMPLETED' then
-  doc = cjson.encode({ status = 'COMPLETED', completed_at = now_ms(),
-    attempts = (tonumber(rec.attempts) ~= 1) and rec.attempts or nil,
-    ttl_ms = tonumber(ARGV[2]), fingerprint = val(rec.fingerprint) })
-  -- The result is spliced in verbatim (as the last field), so Lua never
+  -- The status first (the claim script's duplicate test reads it there),
+  -- and the result spliced in verbatim as the last field, so Lua never
   -- re-encodes, and never rounds, the handler's numbers.
-  doc = string.sub(doc, 1, -2) .. result_field(ARGV[4]) .. '}'
+  local attempts = tonumber(rec.attempts) or 1
+  doc = '{"status":"COMPLETED","completed_at":' .. int(now_ms())
+  if attempts ~= 1 then doc = doc .. ',"attempts":' .. int(attempts) end
+  doc = doc .. ',"ttl_ms":' .. int(tonumber(ARGV[2]))
+  local fp = val(rec.fingerprint)
+  if fp then doc = doc .. ',"fingerprint":' .. cjson.encode(fp) end
+  doc = doc .. result_field(ARGV[4]) .. '}'
 else
   rec.status = 'FAILED'
   rec.error = ARGV[4]
@@ -224,14 +281,28 @@ redis.call('SET', KEYS[1], doc, 'PX', tonumber(ARGV[2]))
 return redis.status_reply('OK')
 "#;
 
-/// KEYS[1] key: the record and when it expires.
+/// KEYS[1] key: the record, when it expires, and the store's clock (a
+/// claim on a full Redis decides from it whether a lease is live).
 const READ: &str = r#"
 local raw, rec = load(KEYS[1])
 if rec == false then return {'corrupt', raw} end
 if not rec then return {'absent'} end
-return {'found', raw, expiry(KEYS[1])}
+return {'found', raw, expiry(KEYS[1]), now_ms()}
 "#;
 
+/// KEYS[1] key: which of the commands the scripts send on `key` the
+/// connection's user may not run (a script's permission error does not
+/// name it). Every probe has its command's full arity: Redis 7.0 crashes on
+/// a key-less probe of a key command for a user with key patterns.
+const ACL_PROBE: &str = r"
+local key, missing = KEYS[1], {}
+local probes = {{'GET', key}, {'SET', key, 'v'}, {'PTTL', key}, {'PEXPIRETIME', key}, {'TIME'}}
+for _, p in ipairs(probes) do
+  local ok, allowed = pcall(redis.acl_check_cmd, unpack(p))
+  if ok and not allowed then table.insert(missing, '+' .. string.lower(p[1])) end
+end
+return missing
+";
 /// The read script's whole text.
 fn read_script() -> String {
     format!("{PRELUDE}{READ}")
@@ -288,6 +359,7 @@ pub struct RedisStoreBuilder {
     connect_timeout: Duration,
     response_timeout: Duration,
     max_retries: u32,
+    allow_eviction: bool,
     #[cfg(feature = "tls")]
     tls: Option<conn::TlsMaterial>,
 }
@@ -314,9 +386,34 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects (failing fast with
-    /// [`StoreUnavailable`](IdempotencyError::StoreUnavailable) when Redis
-    /// does not answer) and returns the store.
+    /// Accepts a Redis whose `maxmemory-policy` may evict records (anything
+    /// but `noeviction`; the `volatile-*` policies too, since every record
+    /// has a TTL). Default `false`: [`connect`](Self::connect) refuses such a
+    /// Redis with [`Config`](IdempotencyError::Config) naming the policy.
+    ///
+    /// An evicted record is a forgotten event: its next delivery runs the
+    /// handler again. With this on, the store still logs the policy at
+    /// `ERROR` on connect and on every
+    /// [`health_check`](crate::IdempotencyChecker::health_check).
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
+
+    /// Connects and returns the store, after checks that fail here
+    /// rather than on the first event:
+    ///
+    /// - Redis answers: else [`StoreUnavailable`](IdempotencyError::StoreUnavailable),
+    ///   fast;
+    /// - the credentials are accepted: else [`Config`](IdempotencyError::Config);
+    /// - the user may read `INFO`: else
+    ///   [`StoreRefused`](IdempotencyError::StoreRefused) with
+    ///   [`PermissionDenied`](StoreRefusal::PermissionDenied) (see
+    ///   [`RedisStore::ACL_COMMANDS`]);
+    /// - no node (every master of a cluster) may evict records
+    ///   (`maxmemory-policy noeviction`, read from `INFO memory`): else
+    ///   [`Config`](IdempotencyError::Config) naming the policy, unless
+    ///   [`allow_eviction`](Self::allow_eviction) is on.
     pub async fn connect(self) -> Result<RedisStore> {
         let settings = Settings {
             connect_timeout: self.connect_timeout,
@@ -344,13 +441,16 @@ impl RedisStoreBuilder {
                 ),
                 OpenError::Redis(e) => IdempotencyError::store_unavailable(STORE, e),
             })?;
-        Ok(RedisStore {
+        let store = RedisStore {
             conns,
             scripts: Arc::new(Scripts::new()),
             max_retries: self.max_retries,
             op_timeout: self.response_timeout * (self.max_retries + 1)
                 + Duration::from_millis(200) * self.max_retries,
-        })
+            allow_eviction: self.allow_eviction,
+        };
+        store.check_eviction("connect").await?;
+        Ok(store)
     }
 
     /// Trusts the CA certificate `pem` (PEM) for `rediss` connections,
@@ -386,6 +486,17 @@ impl RedisStoreBuilder {
 /// | `redis+cluster://[user:password@]host:port,host:port,...` | Redis Cluster, from any of its nodes |
 /// | `redis+sentinel://[user:password@]host:port,.../SERVICE[/db]` | the master of a Sentinel service |
 ///
+/// Run Redis with `maxmemory-policy noeviction`: an evicted record is a
+/// forgotten event whose next delivery runs again, and every record has a
+/// TTL, so the `volatile-*` policies evict them too. [`connect`](Self::connect)
+/// refuses any other policy unless
+/// [`allow_eviction`](RedisStoreBuilder::allow_eviction) is on. When a
+/// `noeviction` Redis is full, duplicates are still replayed (a read answers
+/// them) and writes fail with
+/// [`StoreRefused`](IdempotencyError::StoreRefused) /
+/// [`OutOfMemory`](StoreRefusal::OutOfMemory). A least-privilege ACL user
+/// needs [`ACL_COMMANDS`](Self::ACL_COMMANDS) on the key prefix.
+///
 /// Every operation touches one key, so a cluster needs no hash tags. A
 /// Sentinel store finds the new master by itself after a failover. The
 /// credentials in the URL are for the data nodes; sentinels are asked
@@ -406,6 +517,7 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     max_retries: u32,
     op_timeout: Duration,
+    allow_eviction: bool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -414,8 +526,27 @@ impl std::fmt::Debug for RedisStore {
             .field("topology", &self.conns)
             .field("max_retries", &self.max_retries)
             .field("op_timeout", &self.op_timeout)
+            .field("allow_eviction", &self.allow_eviction)
             .finish_non_exhaustive()
     }
+}
+
+/// The server's error code, for a pipeline too (whose `code()` is `None`
+/// for codes redis-rs does not know, such as `OOM`). Error paths only.
+fn error_code(e: &RedisError) -> Option<String> {
+    if let Some(code) = e.code() {
+        return Some(code.to_owned());
+    }
+    let errors = e.clone().into_server_errors()?;
+    errors.first().map(|(_, error)| error.code().to_owned())
+}
+
+/// `NOPERM` from a command, or its form inside a script (`ERR The user
+/// executing the script can't run this command ...`).
+fn permission_denied(e: &RedisError) -> bool {
+    error_code(e).as_deref() == Some("NOPERM")
+        || e.detail()
+            .is_some_and(|d| d.starts_with("The user executing the script can't"))
 }
 
 fn refused_credentials(e: &RedisError) -> bool {
@@ -597,6 +728,7 @@ impl RedisStore {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             max_retries: 2,
+            allow_eviction: false,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -629,6 +761,17 @@ impl RedisStore {
                     Err(e) if e.code() == Some("WRONGTYPE") => {
                         return Err(IdempotencyError::corrupt(key, e));
                     }
+                    // Redis answered, and refused: no outage.
+                    Err(e) if error_code(&e).as_deref() == Some("OOM") => {
+                        return Err(IdempotencyError::store_refused(
+                            STORE,
+                            StoreRefusal::OutOfMemory,
+                            e,
+                        ));
+                    }
+                    Err(e) if permission_denied(&e) => {
+                        return Err(self.permission_error(key, e).await);
+                    }
                     Err(e) => return Err(unavailable(e)),
                 }
             }
@@ -655,7 +798,7 @@ impl IdempotencyStore for RedisStore {
         let px = millis(request.ttl).max(millis(request.lease));
         let doc = fast_claim(request, px)?;
         let sent_at = Utc::now();
-        let existing: Option<Vec<u8>> = self
+        let existing: Result<Option<Vec<u8>>> = self
             .run(request.key, |mut conn, _| {
                 let doc = &doc;
                 async move {
@@ -670,7 +813,18 @@ impl IdempotencyStore for RedisStore {
                         .await
                 }
             })
-            .await?;
+            .await;
+        let existing = match existing {
+            // A full Redis refuses every write, `SET NX GET` included; a read
+            // still answers duplicates and live claims.
+            Err(
+                refused @ IdempotencyError::StoreRefused {
+                    reason: StoreRefusal::OutOfMemory,
+                    ..
+                },
+            ) => return self.claim_when_full(request, refused).await,
+            other => other?,
+        };
         let lease = |attempt: u32| Lease {
             key: request.key.to_owned(),
             token: request.token.to_owned(),
@@ -776,13 +930,12 @@ impl IdempotencyStore for RedisStore {
         Ok(removed > 0)
     }
 
+    /// Reads `INFO memory` from the node (every master of a cluster): an
+    /// error when Redis does not answer, and when a node's
+    /// `maxmemory-policy` may evict records (logged at `ERROR`; only logged
+    /// with [`allow_eviction`](RedisStoreBuilder::allow_eviction) on).
     async fn health(&self) -> Result<()> {
-        let _: String = self
-            .run("", |mut conn, _| async move {
-                redis::cmd("PING").query_async(&mut conn).await
-            })
-            .await?;
-        Ok(())
+        self.check_eviction("health").await
     }
 
     async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>> {
@@ -795,6 +948,131 @@ impl IdempotencyStore for RedisStore {
 }
 
 impl RedisStore {
+    /// The ACL rules for every command the store sends (its scripts' own
+    /// included), for a least-privilege user; add a key pattern for the
+    /// prefix (`~idempotency:*`). A command refused by the ACL is
+    /// [`StoreRefused`](IdempotencyError::StoreRefused) with
+    /// [`PermissionDenied`](StoreRefusal::PermissionDenied), naming the
+    /// command. The admin operations ([`stuck`](Self::stuck),
+    /// [`summary`](Self::summary), [`clear`](Self::clear)) also need
+    /// `+scan +unlink +memory|usage`, and a cluster `+cluster|slots
+    /// +cluster|nodes`.
+    pub const ACL_COMMANDS: &'static str =
+        "+ping +info +evalsha +eval +script|load +get +set +del +exists +pttl +pexpiretime +time";
+
+    /// The script commands the connection's user may not run on `key`.
+    async fn missing_permissions(&self, key: &str) -> Vec<String> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(ACL_PROBE).arg(1).arg(key);
+        let mut conn = self.conns.get();
+        let probe = cmd.query_async::<Vec<String>>(&mut conn);
+        match tokio::time::timeout(self.op_timeout, probe).await {
+            Ok(Ok(missing)) => missing,
+            _ => Vec::new(),
+        }
+    }
+
+    /// A `PermissionDenied` refusal for `e` on `key`. Redis names the
+    /// command a user may not run, except inside a script: then the store
+    /// asks which of the scripts' commands are missing.
+    async fn permission_error(&self, key: &str, e: RedisError) -> IdempotencyError {
+        let in_script = error_code(&e).as_deref() != Some("NOPERM");
+        let missing = if in_script && !key.is_empty() {
+            self.missing_permissions(key).await
+        } else {
+            Vec::new()
+        };
+        let named = if missing.is_empty() {
+            String::new()
+        } else {
+            format!("the Redis user may not run {}: ", missing.join(" "))
+        };
+        IdempotencyError::store_refused(
+            STORE,
+            StoreRefusal::PermissionDenied,
+            format!("{named}{e}; the store needs `{}`", Self::ACL_COMMANDS),
+        )
+    }
+
+    /// Reads every node's `maxmemory-policy`; when one may evict records,
+    /// logs it at `ERROR` and, unless eviction was allowed, fails with
+    /// `Config` naming it.
+    async fn check_eviction(&self, when: &'static str) -> Result<()> {
+        let evicting: Vec<String> = self
+            .eviction_policies()
+            .await?
+            .into_iter()
+            .filter(|(_, policy)| policy != "noeviction")
+            .map(|(node, policy)| format!("`{policy}` on {node}"))
+            .collect();
+        if evicting.is_empty() {
+            return Ok(());
+        }
+        let message = format!(
+            "Redis maxmemory-policy is {}: Redis may evict idempotency records, and an evicted \
+             record is a forgotten event whose next delivery runs again; set \
+             `maxmemory-policy noeviction`",
+            evicting.join(", ")
+        );
+        if self.allow_eviction {
+            tracing::error!(check = when, "{message} (accepted: allow_eviction is on)");
+            return Ok(());
+        }
+        if when != "connect" {
+            tracing::error!(check = when, "{message}");
+        }
+        Err(IdempotencyError::Config(format!(
+            "{message}, or opt in with RedisStoreBuilder::allow_eviction(true)"
+        )))
+    }
+
+    /// A claim on a Redis too full to write: the read script decides what
+    /// a read can answer (a duplicate, a live claim, our own claim, a
+    /// fingerprint mismatch); a claim that would have to write is
+    /// `refused`.
+    async fn claim_when_full(
+        &self,
+        request: &ClaimRequest<'_>,
+        refused: IdempotencyError,
+    ) -> Result<ClaimOutcome> {
+        let cmd = evalsha(&self.scripts.read, request.key);
+        let value: Value = self
+            .run(request.key, |mut conn, _| {
+                let cmd = &cmd;
+                async move { eval(&mut conn, &self.scripts.read, cmd).await }
+            })
+            .await?;
+        let reply = Reply::parse(request.key, value)?;
+        if reply.tag != "found" {
+            return Err(refused);
+        }
+        let now = ms_to_time(reply.int(2)?);
+        let record = reply.record(request.key)?;
+        let view = RecordView {
+            status: record.status,
+            attempts: record.attempts,
+            lease_token: record.lease_token.as_deref(),
+            lease_expires_at: record.lease_expires_at,
+            fingerprint: record.fingerprint.as_deref(),
+        };
+        let fingerprint = request.fingerprint.filter(|f| !f.is_empty());
+        match decide_claim(Some(view), fingerprint, request.token, now) {
+            ClaimDecision::Duplicate => Ok(ClaimOutcome::Duplicate(record)),
+            ClaimDecision::InProgress => Ok(ClaimOutcome::InProgress(record)),
+            ClaimDecision::AlreadyHeld => Ok(ClaimOutcome::Acquired(Lease {
+                key: request.key.to_owned(),
+                token: request.token.to_owned(),
+                attempt: record.attempts,
+                expires_at: record.lease_expires_at.unwrap_or(now),
+                taken_over: false,
+            })),
+            ClaimDecision::FingerprintMismatch => Err(IdempotencyError::FingerprintMismatch {
+                key: request.key.to_owned(),
+            }),
+            ClaimDecision::Acquire { .. } => Err(refused),
+        }
+    }
+
     /// The claim script: every case, decided atomically in Redis.
     async fn claim_script(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
         let mut cmd = evalsha(&self.scripts.claim, request.key);
@@ -818,7 +1096,16 @@ impl RedisStore {
                 expires_at: ms_to_time(reply.int(1)?),
                 taken_over: reply.int(2)? == 1,
             })),
-            "duplicate" => Ok(ClaimOutcome::Duplicate(reply.record(request.key)?)),
+            "duplicate" => {
+                let record = reply.record(request.key)?;
+                if record.status != ProcessingStatus::Completed {
+                    return Err(IdempotencyError::corrupt(
+                        request.key,
+                        "answered as a duplicate, but the record is not COMPLETED",
+                    ));
+                }
+                Ok(ClaimOutcome::Duplicate(record))
+            }
             "in_progress" => Ok(ClaimOutcome::InProgress(reply.record(request.key)?)),
             "mismatch" => Err(IdempotencyError::FingerprintMismatch {
                 key: request.key.to_owned(),
@@ -858,7 +1145,26 @@ impl RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use super::push_json_str;
+    use super::{PRELUDE, push_json_str};
+    use crate::record::IdempotencyRecord;
+
+    /// The scripts' range for timestamps is the reader's: chrono's, in
+    /// milliseconds, exactly.
+    #[test]
+    fn the_scripts_accept_the_timestamps_the_reader_accepts() {
+        let (min, max) = (
+            chrono::DateTime::<chrono::Utc>::MIN_UTC.timestamp_millis(),
+            chrono::DateTime::<chrono::Utc>::MAX_UTC.timestamp_millis(),
+        );
+        assert!(PRELUDE.contains(&format!("int_in(v, {min}, {max})")));
+        let read = |ms: i64| {
+            serde_json::from_str::<IdempotencyRecord>(&format!(
+                r#"{{"status":"FAILED","first_seen_at":{ms}}}"#
+            ))
+        };
+        assert!(read(min).is_ok() && read(max).is_ok());
+        assert!(read(min - 1).is_err() && read(max + 1).is_err());
+    }
 
     #[test]
     fn json_strings_are_written_as_serde_json_writes_them() {

@@ -149,6 +149,32 @@ impl RedisStore {
             .collect())
     }
 
+    /// Each node's `maxmemory-policy` (from `INFO memory`, which works
+    /// where `CONFIG GET` is blocked): the one node, the Sentinel master, or
+    /// every master of a cluster, each named.
+    pub(super) async fn eviction_policies(&self) -> Result<Vec<(String, String)>> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("memory");
+        let cmd = &cmd;
+        let mut policies = Vec::new();
+        for node in self.nodes().await? {
+            let node = &node;
+            let info: String = self
+                .run("", |conn, _| async move { query(conn, node, cmd).await })
+                .await?;
+            let policy = info
+                .lines()
+                .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+                .ok_or_else(|| unavailable("INFO memory names no maxmemory_policy"))?;
+            let name = match node {
+                Node::Only => "the Redis node".to_owned(),
+                Node::Master(host, port) => format!("the master {host}:{port}"),
+            };
+            policies.push((name, policy.trim().to_owned()));
+        }
+        Ok(policies)
+    }
+
     /// One `SCAN` page of `node`: the next cursor and the keys found.
     async fn scan_page(
         &self,
