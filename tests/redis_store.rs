@@ -1016,3 +1016,49 @@ async fn eviction_is_reported_at_connect_and_in_every_health_check() {
     }
     assert!(logs.text().contains("volatile-lru"), "{}", logs.text());
 }
+
+/// Sets `maxmemory-policy` on the node at `port`.
+async fn set_policy(port: u16, policy: &str) {
+    let mut node = common::RedisSentinel::client(port).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg(policy)
+        .query_async(&mut node)
+        .await
+        .expect("CONFIG SET");
+}
+
+/// Issue 14 item 20 on a cluster: every master is checked, and the one
+/// that may evict is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_one_evicting_master_is_refused_naming_it() {
+    let cluster = common::RedisCluster::start();
+    RedisStore::connect(&cluster.url())
+        .await
+        .expect("all masters noeviction: connects");
+    let port = cluster.ports()[2];
+    set_policy(port, "allkeys-random").await;
+    match RedisStore::connect(&cluster.url()).await {
+        Err(IdempotencyError::Config(message)) => {
+            assert!(
+                message.contains(&format!("`allkeys-random` on the master 127.0.0.1:{port}")),
+                "{message}"
+            );
+        }
+        other => panic!("expected a Config error, got {other:?}"),
+    }
+}
+
+/// Issue 14 item 20 with Sentinel: the master's policy is the one checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_master_that_may_evict_is_refused() {
+    let setup = common::RedisSentinel::start();
+    set_policy(setup.master.port, "volatile-lfu").await;
+    match RedisStore::connect(&setup.url()).await {
+        Err(IdempotencyError::Config(message)) => {
+            assert!(message.contains("volatile-lfu"), "{message}");
+        }
+        other => panic!("expected a Config error, got {other:?}"),
+    }
+}
