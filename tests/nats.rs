@@ -846,7 +846,7 @@ fn sorted(mut values: Vec<Value>) -> Vec<Value> {
     values
 }
 
-fn body(value: Value) -> Bytes {
+fn body(value: &Value) -> Bytes {
     Bytes::from(value.to_string())
 }
 
@@ -858,9 +858,9 @@ async fn relay_keeps_distinct_events_whose_fields_contain_the_separator_or_diffe
         json!({"distinct_id": 16, "token": "t"}),
         json!({"distinct_id": "16", "token": "t"}),
     ];
-    let mut messages: Vec<_> = events.iter().map(|e| (vec![], body(e.clone()))).collect();
+    let mut messages: Vec<_> = events.iter().map(|e| (vec![], body(e))).collect();
     // A real duplicate, with its own message id: dropped.
-    messages.push((vec![], body(events[0].clone())));
+    messages.push((vec![], body(&events[0])));
     let (stats, relayed) = relay_until_drained(
         "SEP",
         KeyExtractor::fields(["distinct_id", "token"]),
@@ -879,9 +879,9 @@ async fn relay_hashes_derived_keys_longer_than_the_key_limit() {
         "LONG",
         KeyExtractor::fields(["distinct_id", "token"]),
         vec![
-            (vec![], body(long.clone())),
-            (vec![], body(long.clone())),
-            (vec![], body(other.clone())),
+            (vec![], body(&long)),
+            (vec![], body(&long)),
+            (vec![], body(&other)),
         ],
     )
     .await;
@@ -903,12 +903,12 @@ async fn relay_reads_the_key_header_in_any_casing_and_never_falls_back_from_an_e
         "HDR",
         KeyExtractor::IdempotencyKey,
         vec![
-            (vec![("idempotency-key", "k-1")], body(event("e1"))),
-            (vec![("IDEMPOTENCY-KEY", "k-1")], body(event("e2"))),
-            (vec![], body(empty_key)),
-            (vec![("Idempotency-Key", "")], body(event("e4"))),
-            (vec![], body(keyless.clone())),
-            (vec![], body(keyless)),
+            (vec![("idempotency-key", "k-1")], body(&event("e1"))),
+            (vec![("IDEMPOTENCY-KEY", "k-1")], body(&event("e2"))),
+            (vec![], body(&empty_key)),
+            (vec![("Idempotency-Key", "")], body(&event("e4"))),
+            (vec![], body(&keyless)),
+            (vec![], body(&keyless)),
         ],
     )
     .await;
@@ -963,7 +963,7 @@ async fn work_until_drained(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_reads_the_key_header_in_any_casing() {
-    let event = |id: &str| body(json!({"event_id": id, "event_type": "t", "payload": {}}));
+    let event = |id: &str| body(&json!({"event_id": id, "event_type": "t", "payload": {}}));
     let (stats, runs) = work_until_drained(
         "CASING",
         vec![
@@ -980,7 +980,7 @@ async fn worker_reads_the_key_header_in_any_casing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyless_envelopes_are_terminated_as_poison_with_the_reason_logged() {
     captured_logs();
-    let keyless = body(json!({"event_type": "keyless.seen", "payload": {"n": 1}}));
+    let keyless = body(&json!({"event_type": "keyless.seen", "payload": {"n": 1}}));
     let (stats, runs) = work_until_drained(
         "KEYLESS",
         vec![(vec![], keyless.clone()), (vec![], keyless)],
@@ -1019,7 +1019,7 @@ async fn subscriber_answers_keyless_requests_as_invalid_without_running_the_hand
     ));
     client.flush().await.expect("flush");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let keyless = body(json!({"event_type": "t", "payload": {}}));
+    let keyless = body(&json!({"event_type": "t", "payload": {}}));
     for _ in 0..2 {
         let reply = client
             .request("rpc.keyless", keyless.clone())
@@ -1127,5 +1127,51 @@ async fn worker_returns_an_error_when_its_stream_is_deleted() {
     assert!(
         !log_lines("ERROR", "GONESTREAM").is_empty(),
         "logged at ERROR"
+    );
+}
+
+/// A built example binary, next to this test's own binary (`cargo test`
+/// builds the examples; `cargo build --examples --all-features` does too).
+fn example(name: &str) -> std::path::PathBuf {
+    let deps = std::env::current_exe().expect("test binary");
+    let path = deps
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the examples first (`cargo build --workspace --examples --all-features`)",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_example_logs_the_poison_message_it_terminates() {
+    let nats = NatsServer::start();
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(example("jetstream_consumer"))
+            .env("NATS_URL", nats.url())
+            .env_remove("REDIS_URL")
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the example stops after 5 s")
+    .expect("run the example");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let logs = format!("{stdout}\n{stderr}");
+    assert!(
+        logs.lines()
+            .any(|line| line.contains("WARN") && line.contains("terminating a poison message")),
+        "the guide's promised warning is logged:\n{logs}"
     );
 }
