@@ -32,8 +32,9 @@ pub struct NatsStats {
     /// Messages terminated because they can never succeed (key reused with
     /// another payload, invalid key, unstorable result).
     pub rejected: u64,
-    /// Messages terminated because their body is not a valid envelope (or
-    /// lacks the relay's key fields).
+    /// Messages terminated because their body is not a valid envelope, or
+    /// gives no key (no `idempotency_key` nor `event_id`, an empty key, or
+    /// the relay's key fields missing).
     pub poison: u64,
 }
 

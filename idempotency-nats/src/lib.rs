@@ -18,7 +18,8 @@
 //! | handler error, store unavailable | nak, delay `base × 2^(deliveries−1)` | error reply, `Idempotency-Status: failed` |
 //! | another worker holds the key | nak, `busy_delay` | error reply, `Idempotency-Status: in_progress` |
 //! | key reused with another payload, invalid key | term | error reply, `Idempotency-Status: rejected` |
-//! | body is not an envelope (poison) | term, counted | error reply, `Idempotency-Status: invalid` |
+//! | body is not an envelope, or has no key (poison) | term, logged, counted | error reply, `Idempotency-Status: invalid` |
+//! | the consumer or its stream was deleted | `run` returns [`WorkerError::ConsumerDeleted`] | — |
 //!
 //! Handlers are `Fn(EventEnvelope<P>) -> impl Future<Output = Result<T, E>>`:
 //! plain closures run under the checker you pass to `run`, and

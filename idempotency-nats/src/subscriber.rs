@@ -16,7 +16,7 @@ use crate::consumer::bounded;
 use crate::handler::{Disposition, EventHandler, Mode, Runner, decode};
 
 /// The header set on error replies: `in_progress`, `failed`, `rejected` or
-/// `invalid` (the body was not an envelope).
+/// `invalid` (the body was not an envelope, or it had no key).
 pub const STATUS_HEADER: &str = "Idempotency-Status";
 
 /// What a subscriber did with the messages it received.
@@ -27,7 +27,7 @@ pub struct SubscriberStats {
     pub completed: u64,
     /// Messages that failed or found their key held by another attempt.
     pub failed: u64,
-    /// Messages whose body was not an envelope.
+    /// Messages whose body was not an envelope, or had no key.
     pub invalid: u64,
     /// Replies sent to requests.
     pub replies: u64,
