@@ -1062,3 +1062,49 @@ async fn a_sentinel_master_that_may_evict_is_refused() {
         other => panic!("expected a Config error, got {other:?}"),
     }
 }
+
+/// How many times Redis ran `command` (scripts' calls included).
+async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The stricter shapes keep the hot paths hot: completing a claim that the
+/// plain `SET NX` or the claim script wrote takes the finish script's text
+/// path (which never reads the key's expiry), not the decoding one.
+#[tokio::test]
+async fn completing_a_claim_takes_the_finish_scripts_text_path() {
+    let server = RedisServer::start();
+    let checker = checker(&server).await;
+    let mut redis = server.client().await;
+    let e = event("hot-1").with_event_id("evt-1");
+    checker
+        .process(&e, |_| async { Ok::<_, IdempotencyError>(1) })
+        .await
+        .expect("process");
+    assert_eq!(command_calls(&mut redis, "pexpiretime").await, 0);
+
+    // A failed attempt (the decoding path: one PEXPIRETIME), then a retry
+    // claimed by the claim script and completed on the text path.
+    let e = event("hot-2");
+    let lease = acquired(&checker, &e).await;
+    checker.mark_failed(&lease, "boom").await.expect("fail");
+    assert_eq!(command_calls(&mut redis, "pexpiretime").await, 1);
+    let retry = acquired(&checker, &e).await;
+    assert_eq!(retry.attempt, 2);
+    checker
+        .mark_completed(&retry, &json!(2))
+        .await
+        .expect("complete");
+    assert_eq!(command_calls(&mut redis, "pexpiretime").await, 1);
+    let doc = stored_doc(&mut redis, "idempotency:events:hot-2").await;
+    assert_eq!(doc["attempts"], json!(2));
+    assert_eq!(doc["result"], json!(2));
+}

@@ -220,7 +220,7 @@ if target == 'COMPLETED' and not string.find(token, '[%c"\\]') then
     local pos, rank = 2, 0
     while pos do
       local name, after = string.match(raw, '^"([a-z_]+)":"[^%c"\\]*",()', pos)
-      if not name then break end
+      if not name or name == 'status' then break end
       local r = (name == 'idempotency_key' and 1) or (name == 'event_id' and 2)
         or (name == 'event_type' and 3) or 0
       if r <= rank then pos = nil else pos, rank = after, r end
