@@ -307,6 +307,50 @@ async fn extractors_name_events(kind: Kind) {
     assert!(env.dedup.is_duplicate("order.paid:1").await.expect("read"));
 }
 
+async fn long_derived_keys_are_marked_and_keyless_events_refused(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let by_fields = env
+        .dedup
+        .clone()
+        .with_extractor(KeyExtractor::fields(["distinct_id", "token"]));
+    // A 300-character value: the derived key is hashed, never too long.
+    let long = |id: &str| {
+        EventEnvelope::new(
+            "track",
+            json!({"distinct_id": id.repeat(300), "token": "t"}),
+        )
+    };
+    assert_eq!(
+        by_fields
+            .check_and_mark_events(&[long("u"), long("u"), long("v")])
+            .await
+            .expect("marks"),
+        [true, false, true]
+    );
+    // No key at all: refused before the store is asked, by every extractor
+    // that reads the producer's key; never an invented one.
+    let keyless: EventEnvelope =
+        serde_json::from_value(json!({"event_type": "t", "payload": {}})).expect("parses");
+    let before = calls(&env);
+    for extractor in [KeyExtractor::IdempotencyKey, KeyExtractor::EventId] {
+        let dedup = env.dedup.clone().with_extractor(extractor);
+        for _ in 0..2 {
+            assert!(matches!(
+                dedup.check_and_mark_event(&keyless).await,
+                Err(IdempotencyError::MissingKey)
+            ));
+        }
+    }
+    // An empty explicit key is invalid, not a fallback to the event id.
+    let empty = keyless.with_event_id("evt-1").with_idempotency_key("");
+    assert!(matches!(
+        env.dedup.check_and_mark_event(&empty).await,
+        Err(IdempotencyError::InvalidKey { .. })
+    ));
+    assert_eq!(calls(&env), before, "the store was never asked");
+    assert!(!env.dedup.is_duplicate("evt-1").await.expect("read"));
+}
+
 macro_rules! per_store {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -335,6 +379,7 @@ per_store!(
     ids_get_the_checkers_key_hygiene,
     marks_live_for_the_configured_ttl,
     extractors_name_events,
+    long_derived_keys_are_marked_and_keyless_events_refused,
 );
 
 /// What Redis says it did: reads of client input, and calls per command.
