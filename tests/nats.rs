@@ -1175,3 +1175,23 @@ async fn jetstream_example_logs_the_poison_message_it_terminates() {
         "the guide's promised warning is logged:\n{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_event_refuses_an_envelope_without_a_key() {
+    let nats = NatsServer::start();
+    let (_client, js) = jetstream(&nats).await;
+    let mut events = stream(&js, "NOKEY", "nokey.>").await;
+    let keyless: EventEnvelope =
+        serde_json::from_value(json!({"event_type": "t", "payload": {}})).expect("parses");
+    let error = idempotency::nats::publish_event(&js, "nokey.x", &keyless)
+        .await
+        .expect_err("no key, no Nats-Msg-Id");
+    assert!(
+        matches!(
+            error.downcast_ref::<IdempotencyError>(),
+            Some(IdempotencyError::MissingKey)
+        ),
+        "{error}"
+    );
+    assert_eq!(events.info().await.expect("info").state.messages, 0);
+}
