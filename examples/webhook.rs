@@ -5,7 +5,7 @@
 //! in-process memory). Then, for example:
 //!
 //! ```text
-//! curl -i -X POST localhost:3000/payments -H 'Authorization: Bearer alice' \
+//! curl -i -X POST localhost:3000/payments -H 'Authorization: Bearer alice-token-1' \
 //!      -H 'Idempotency-Key: "pay-1"' -H 'Content-Type: application/json' -d '{"amount": 1200}'
 //! # the same again: the same 201 and body, with Idempotent-Replayed: true
 //! curl -i -X POST localhost:3000/webhooks/events -H 'Content-Type: application/json' \
@@ -16,13 +16,17 @@
 //! ```
 //!
 //! Routes:
-//! - `POST /payments`: behind `IdempotencyLayer` (key required, scoped by the
-//!   `Authorization` header); answers 201 `{"id": .., "amount": ..}`. Demo
-//!   switches in the body: `"delay_ms"` slows the handler down, and
+//! - `POST /payments`: behind an authentication layer (demo bearer tokens:
+//!   `alice-token-1` and its refreshed `alice-token-2` are user `alice`,
+//!   `bob-token-1` is `bob`; anything else is 401) and, inside it,
+//!   `IdempotencyLayer` (key required, scoped by the authenticated user, so
+//!   a refreshed token keeps its keys); answers 201 `{"id": .., "amount": ..}`.
+//!   Demo switches in the body: `"delay_ms"` slows the handler down, and
 //!   `"fail_first": n` makes the first `n` attempts for a key answer 500.
 //! - `POST /webhooks/events`: an `EventEnvelope` handled by an `#[idempotent]`
 //!   function; the key is the `Idempotency-Key` header if present, else the
-//!   envelope's. Answers 200 with a JSON receipt.
+//!   envelope's (`EventEnvelope::require_key`: an envelope with neither an
+//!   `idempotency_key` nor an `event_id` is 400). Answers 200 with a JSON receipt.
 //! - `POST /api/v1/events`: dedup for events without keys: the key is the
 //!   SHA-256 of the body's canonical JSON; 202 the first time, 409 for a
 //!   duplicate within 7 days, decided by one atomic claim.
@@ -31,6 +35,9 @@
 //! - `GET /metrics`: the framework's metrics (executed, replayed, store and
 //!   handler latency, ...) in the Prometheus text format, through the
 //!   `metrics` facade and `metrics-exporter-prometheus`.
+//!
+//! Logs go to stderr through `tracing-subscriber`; `RUST_LOG` filters them
+//! (default `info`; `RUST_LOG=idempotency=debug` shows every claim).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,12 +45,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idempotency::http::{IDEMPOTENCY_KEY, IdempotencyLayer, parse_idempotency_key};
+use idempotency::http::{IDEMPOTENCY_KEY, IdempotencyLayer, idempotency_key};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, IdempotencyStore,
     KeyedRequest, MemoryStore, Processed, RedisStore, canonical_json, idempotent, sha256_hex,
@@ -92,9 +100,15 @@ pub fn app(store: Arc<dyn IdempotencyStore>) -> Result<Router, IdempotencyError>
         ),
         counters: Arc::default(),
     };
+    // The idempotency layer on the method (`post(..).route_layer(..)`): a
+    // method the route does not serve gets the router's 405 without it. The
+    // authentication layer wraps the route, so it runs first and the
+    // idempotency layer is scoped by the user it verified.
+    let idempotency = IdempotencyLayer::new(http)
+        .scope_with(|parts| parts.extensions.get::<UserId>().map(|u| u.0.clone()));
     let payments = Router::new()
-        .route("/payments", post(create_payment))
-        .layer(IdempotencyLayer::new(http).scope_by_header(AUTHORIZATION));
+        .route("/payments", post(create_payment).route_layer(idempotency))
+        .route_layer(middleware::from_fn(authenticate));
     Ok(Router::new()
         .merge(payments)
         .route("/webhooks/events", post(receive_webhook))
@@ -103,6 +117,45 @@ pub fn app(store: Arc<dyn IdempotencyStore>) -> Result<Router, IdempotencyError>
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .with_state(state))
+}
+
+/// The authenticated caller, put into the request's extensions by
+/// [`authenticate`]: what idempotency keys are scoped by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserId(pub String);
+
+/// Demo credentials: bearer tokens and the user each belongs to. A real
+/// service verifies a JWT or looks the token up; what matters here is that a
+/// refreshed token (`alice-token-2`) is the same user.
+const TOKENS: [(&str, &str); 3] = [
+    ("alice-token-1", "alice"),
+    ("alice-token-2", "alice"),
+    ("bob-token-1", "bob"),
+];
+
+/// Authenticates `Authorization: Bearer <token>` (the scheme in any case,
+/// RFC 9110) and records the user as a [`UserId`] extension; 401 otherwise.
+async fn authenticate(mut request: Request, next: Next) -> Response {
+    let user = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .and_then(|(_, token)| TOKENS.iter().find(|(known, _)| *known == token.trim()))
+        .map(|(_, user)| UserId((*user).to_owned()));
+    match user {
+        Some(user) => {
+            request.extensions_mut().insert(user);
+            next.run(request).await
+        }
+        None => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
+            Json(json!({ "error": "unknown or missing bearer token" })),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -186,7 +239,9 @@ impl IntoResponse for WebhookError {
             IdempotencyError::InvalidKey { .. } | IdempotencyError::MissingKey => {
                 StatusCode::BAD_REQUEST
             }
-            IdempotencyError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            IdempotencyError::StoreUnavailable { .. } | IdempotencyError::StoreRefused { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(json!({ "error": error.to_string() }))).into_response()
@@ -217,16 +272,22 @@ async fn receive_webhook(
     headers: HeaderMap,
     Json(envelope): Json<EventEnvelope>,
 ) -> Result<Json<Receipt>, Response> {
-    let key = match headers.get(IDEMPOTENCY_KEY).map(parse_idempotency_key) {
-        Some(Ok(key)) => key,
-        Some(Err(error)) => {
+    // The header's key if present (two header lines are refused), else the
+    // envelope's by the one rule of `require_key`: an envelope with no key
+    // is MissingKey, an empty `idempotency_key` InvalidKey, both 400.
+    let key = match idempotency_key(&headers) {
+        Ok(Some(key)) => key,
+        Ok(None) => envelope
+            .require_key()
+            .map_err(|error| WebhookError::from(error).into_response())?
+            .to_owned(),
+        Err(error) => {
             return Err((
                 StatusCode::BAD_REQUEST,
                 Json(json!({ "error": error.to_string() })),
             )
                 .into_response());
         }
-        None => envelope.effective_key().to_owned(),
     };
     handle_event(&state, key, envelope)
         .await
@@ -308,6 +369,14 @@ async fn metrics() -> Response {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Without a subscriber the framework's warnings ("terminated", "store
+    // unavailable", ...) go nowhere.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let store: Arc<dyn IdempotencyStore> = match std::env::var("REDIS_URL") {
         Ok(url) => {
             println!("store: Redis at {url}");

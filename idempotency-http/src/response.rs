@@ -31,11 +31,39 @@ pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// the layer's `max_response_body` and so was not stored.
 pub const BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
+/// A header value as stored: its text when it is visible ASCII (the usual
+/// case, readable in `redis-cli`), else its exact bytes in base64 (`obs-text`
+/// such as Latin-1 is legal in HTTP/1.1 and must replay byte for byte).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+enum StoredValue {
+    Text(String),
+    Bytes { base64: String },
+}
+
+impl StoredValue {
+    fn of(value: &HeaderValue) -> Self {
+        match value.to_str() {
+            Ok(text) => Self::Text(text.to_owned()),
+            Err(_) => Self::Bytes {
+                base64: STANDARD.encode(value.as_bytes()),
+            },
+        }
+    }
+
+    fn to_value(&self) -> Option<HeaderValue> {
+        match self {
+            Self::Text(text) => HeaderValue::try_from(text).ok(),
+            Self::Bytes { base64 } => HeaderValue::from_bytes(&STANDARD.decode(base64).ok()?).ok(),
+        }
+    }
+}
+
 /// A response as stored in the idempotency record's `result`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoredResponse {
     status: u16,
-    headers: Vec<(String, String)>,
+    headers: Vec<(String, StoredValue)>,
     /// The body: UTF-8 text as is, anything else in base64; `None` when it
     /// was larger than the limit.
     body: Option<String>,
@@ -49,9 +77,7 @@ impl StoredResponse {
             .headers
             .iter()
             .filter(|(name, _)| !NOT_STORED.contains(name))
-            .filter_map(|(name, value)| {
-                Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-            })
+            .map(|(name, value)| (name.as_str().to_owned(), StoredValue::of(value)))
             .collect();
         let (body, base64) = if body.len() > max_body {
             (None, false)
@@ -76,9 +102,7 @@ impl StoredResponse {
         *response.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
         let headers = response.headers_mut();
         for (name, value) in &self.headers {
-            if let (Ok(name), Ok(value)) =
-                (HeaderName::try_from(name), HeaderValue::try_from(value))
-            {
+            if let (Ok(name), Some(value)) = (HeaderName::try_from(name), value.to_value()) {
                 headers.append(name, value);
             }
         }
@@ -148,6 +172,12 @@ mod tests {
             ],
         );
         let stored = StoredResponse::new(&p, &Bytes::from_static(b"{\"id\":1}"), 1024);
+        assert!(
+            serde_json::to_string(&stored)
+                .expect("json")
+                .contains(r#"["content-type","application/json"]"#),
+            "visible ASCII values are stored as text"
+        );
         let json = serde_json::to_string(&stored).expect("json");
         let back: StoredResponse = serde_json::from_str(&json).expect("parse");
         let replay = back.into_replay();
@@ -162,6 +192,25 @@ mod tests {
             .expect("body")
             .to_bytes();
         assert_eq!(&body[..], b"{\"id\":1}");
+    }
+
+    #[test]
+    fn non_ascii_header_values_round_trip_as_bytes() {
+        let mut p = parts(200, &[("x-a", "plain")]);
+        let latin1 = HeaderValue::from_bytes(b"caf\xe9").expect("obs-text");
+        p.headers.append("x-b", latin1.clone());
+        let stored = StoredResponse::new(&p, &Bytes::new(), 1024);
+        let json = serde_json::to_string(&stored).expect("json");
+        let replay = serde_json::from_str::<StoredResponse>(&json)
+            .expect("parse")
+            .into_replay();
+        assert_eq!(replay.headers()["x-a"], "plain");
+        assert_eq!(replay.headers()["x-b"], latin1);
+        // Records written before byte values existed still read.
+        let old: StoredResponse =
+            serde_json::from_str(r#"{"status":201,"headers":[["x-a","1"]],"body":""}"#)
+                .expect("old record");
+        assert_eq!(old.into_replay().headers()["x-a"], "1");
     }
 
     #[tokio::test]
