@@ -175,7 +175,10 @@ mod tests {
         let second: EventEnvelope = serde_json::from_str(json).expect("parses");
         assert_eq!(first.event_id, "");
         assert_eq!(first, second, "two copies of one JSON are one event");
-        assert!(matches!(first.require_key(), Err(IdempotencyError::MissingKey)));
+        assert!(matches!(
+            first.require_key(),
+            Err(IdempotencyError::MissingKey)
+        ));
         let written = serde_json::to_string(&first).expect("serializes");
         assert!(!written.contains("event_id"), "{written}");
     }
