@@ -45,7 +45,7 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "==> cargo test"
 test_log="$(mktemp)"
 trap 'rm -f "$test_log"' EXIT
-cargo test --workspace --all-features 2>&1 | tee "$test_log"
+cargo test --workspace --all-features </dev/null 2>&1 | tee "$test_log"
 passed=$(grep -E '^test result: ' "$test_log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -E '^test result: ' "$test_log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
 
