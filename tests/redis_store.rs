@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::RedisServer;
+use common::{RedisServer, ServerKind};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, Processed, RedisStore,
 };
@@ -522,7 +522,17 @@ const KEYS: usize = 500;
 /// Redis by the handlers themselves.
 #[tokio::test]
 async fn four_processes_execute_each_key_once() {
-    let server = RedisServer::start();
+    four_processes(ServerKind::Redis).await;
+}
+
+/// The same race on Valkey 9, whose completions take the `SET ... IFEQ` path.
+#[tokio::test]
+async fn four_processes_execute_each_key_once_on_valkey() {
+    four_processes(ServerKind::Valkey).await;
+}
+
+async fn four_processes(kind: ServerKind) {
+    let server = RedisServer::start_kind(kind);
     let exe = std::env::current_exe().expect("test binary");
     let children: Vec<_> = (0..4)
         .map(|worker| {

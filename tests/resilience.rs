@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Instrumented, RedisServer};
+use common::{Instrumented, RedisServer, ServerKind};
 use idempotency::{
     CircuitState, EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyConfigBuilder,
     IdempotencyError, IdempotencyStore, Processed, RedisStore, current_lease,
@@ -168,9 +168,19 @@ struct Tally {
 /// background), so it is not redelivered: no event runs twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_killed_mid_stream_every_event_runs_and_processing_resumes() {
+    killed_mid_stream(ServerKind::Redis).await;
+}
+
+/// The same on Valkey 9, whose completions take the `SET ... IFEQ` path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn valkey_killed_mid_stream_every_event_runs_and_processing_resumes() {
+    killed_mid_stream(ServerKind::Valkey).await;
+}
+
+async fn killed_mid_stream(kind: ServerKind) {
     const EVENTS: usize = 600;
     const TASKS: usize = 6;
-    let mut server = RedisServer::start();
+    let mut server = RedisServer::start_kind(kind);
     let port = server.port();
     let config = config()
         .circuit_breaker(3, "200ms")
@@ -247,7 +257,7 @@ async fn redis_killed_mid_stream_every_event_runs_and_processing_resumes() {
         "nothing completed while the store was down (beyond calls already under way)"
     );
 
-    let _restarted = RedisServer::start_on(port);
+    let _restarted = RedisServer::start_kind_on(kind, port);
     for worker in workers {
         tokio::time::timeout(Duration::from_secs(60), worker)
             .await
@@ -391,7 +401,17 @@ async fn without_a_breaker_every_call_reaches_the_store() {
 /// answers, after which duplicates replay it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_the_store_missed_is_reported_and_recorded_later() {
-    let server = RedisServer::start();
+    completion_missed(ServerKind::Redis).await;
+}
+
+/// The same on Valkey 9 (the `SET ... IFEQ` completion).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_valkey_missed_is_reported_and_recorded_later() {
+    completion_missed(ServerKind::Valkey).await;
+}
+
+async fn completion_missed(kind: ServerKind) {
+    let server = RedisServer::start_kind(kind);
     let instrumented = Arc::new(Instrumented::new(store(&server).await));
     instrumented.refuse_completes.store(2, Ordering::SeqCst);
     let checker = IdempotencyChecker::from_shared(
