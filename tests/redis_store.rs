@@ -318,7 +318,18 @@ async fn a_completed_record_costs_at_most_350_bytes() {
 /// COMPLETED record keeps no token.
 #[tokio::test]
 async fn a_retried_complete_finds_its_first_try_applied() {
-    let server = RedisServer::start();
+    retried_complete(ServerKind::Redis).await;
+}
+
+/// The same on Valkey 9: the retried `SET ... IFEQ` finds the COMPLETED
+/// record, and the finish script recognises the first try.
+#[tokio::test]
+async fn a_retried_set_ifeq_complete_finds_its_first_try_applied() {
+    retried_complete(ServerKind::Valkey).await;
+}
+
+async fn retried_complete(kind: ServerKind) {
+    let server = RedisServer::start_kind(kind);
     let store = RedisStore::builder(server.url())
         .response_timeout(Duration::from_millis(100))
         .max_retries(3)
@@ -1073,17 +1084,29 @@ async fn a_sentinel_master_that_may_evict_is_refused() {
     }
 }
 
-/// How many times Redis ran `command` (scripts' calls included).
+/// How many times Redis ran `command` (scripts' calls included) without
+/// failing: an `EVALSHA` answered `NOSCRIPT` (then loaded and sent again)
+/// counts once.
 async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(redis)
         .await
         .expect("INFO");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
+    let Some(stats) = info
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:")))
+    else {
+        return 0;
+    };
+    let field = |name: &str| -> u64 {
+        stats
+            .split(',')
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    field("calls") - field("failed_calls")
 }
 
 /// The stricter shapes keep the hot paths hot: completing a claim that the
@@ -1117,4 +1140,167 @@ async fn completing_a_claim_takes_the_finish_scripts_text_path() {
     let doc = stored_doc(&mut redis, "idempotency:events:hot-2").await;
     assert_eq!(doc["attempts"], json!(2));
     assert_eq!(doc["result"], json!(2));
+}
+
+/// Issue 16: where the server has `SET ... IFEQ` (Valkey 9), every
+/// completion of a lease whose document the store remembers is one plain
+/// `SET ... IFEQ`: after a fast claim, a retried claim, a claim by the claim
+/// script, and a renewal. On Redis 7 each is the finish script.
+#[tokio::test]
+async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() {
+    use idempotency::IdempotencyStore;
+    for kind in ServerKind::ALL {
+        let server = RedisServer::start_kind(kind);
+        let store = RedisStore::connect(&server.url()).await.expect("connect");
+        let ifeq = kind == ServerKind::Valkey;
+        assert_eq!(store.completes_with_set_ifeq(), Some(ifeq), "{kind:?}");
+        let mut redis = server.client().await;
+        let ttl = Duration::from_secs(60);
+        let complete = async |store: &RedisStore,
+                              redis: &mut redis::aio::MultiplexedConnection,
+                              lease: &idempotency::Lease,
+                              result: serde_json::Value,
+                              how: &str| {
+            let before = command_calls(redis, "evalsha").await;
+            store
+                .complete(lease, Some(&result), ttl)
+                .await
+                .unwrap_or_else(|e| panic!("{kind:?}, {how}: complete: {e}"));
+            let scripts = command_calls(redis, "evalsha").await - before;
+            assert_eq!(
+                scripts,
+                u64::from(!ifeq),
+                "{kind:?}, {how}: finish scripts run by one completion"
+            );
+            let record = store.get(&lease.key).await.expect("get").expect("record");
+            assert_eq!(record.status, idempotency::ProcessingStatus::Completed);
+            assert_eq!(record.result, Some(result), "{kind:?}, {how}");
+            assert_eq!(record.attempts, lease.attempt, "{kind:?}, {how}");
+            record
+        };
+        let acquire =
+            async |store: &RedisStore, request: &idempotency::ClaimRequest<'_>| match store
+                .claim(request)
+                .await
+                .expect("claim")
+            {
+                idempotency::ClaimOutcome::Acquired(lease) => lease,
+                other => panic!("expected Acquired, got {other:?}"),
+            };
+
+        // A fast claim (`SET NX`), with a fingerprint.
+        let mut request = claim_request("ifeq-fast", "t1");
+        request.fingerprint = Some("fp-1");
+        let lease = acquire(&store, &request).await;
+        let record = complete(&store, &mut redis, &lease, json!({"n": 1}), "fast claim").await;
+        assert_eq!(record.fingerprint.as_deref(), Some("fp-1"));
+        assert!(record.expires_at.is_some());
+        // ...whose duplicate is answered by the plain `SET NX GET`, with
+        // the same fingerprint check.
+        match store.claim(&request).await.expect("claim") {
+            idempotency::ClaimOutcome::Duplicate(r) => assert_eq!(r.result, Some(json!({"n": 1}))),
+            other => panic!("expected Duplicate, got {other:?}"),
+        }
+        request.fingerprint = Some("fp-2");
+        assert!(matches!(
+            store.claim(&request).await,
+            Err(IdempotencyError::FingerprintMismatch { .. })
+        ));
+
+        // A retried claim (our own token found by `SET NX GET`).
+        let request = claim_request("ifeq-retried", "t2");
+        acquire(&store, &request).await;
+        let lease = acquire(&store, &request).await;
+        complete(
+            &store,
+            &mut redis,
+            &lease,
+            json!("retried"),
+            "retried claim",
+        )
+        .await;
+
+        // A claim by the claim script (after a failure), then a renewal.
+        let request = claim_request("ifeq-script", "t3");
+        let lease = acquire(&store, &request).await;
+        store.fail(&lease, "boom", ttl).await.expect("fail");
+        let request = claim_request("ifeq-script", "t4");
+        let lease = acquire(&store, &request).await;
+        assert_eq!(lease.attempt, 2);
+        complete(&store, &mut redis, &lease, json!(2), "claim script").await;
+
+        let request = claim_request("ifeq-renewed", "t5");
+        let lease = acquire(&store, &request).await;
+        let lease = store.renew(&lease, ttl).await.expect("renew");
+        let lease = store.renew(&lease, ttl).await.expect("renew");
+        complete(&store, &mut redis, &lease, json!(null), "renewal").await;
+    }
+}
+
+/// Issue 16: the remembered document is only a shortcut. When the stored
+/// one differs (rewritten with the same meaning, taken over, completed by an
+/// earlier try), the finish script decides, as on Redis 7.
+#[tokio::test]
+async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
+    use idempotency::IdempotencyStore;
+    let server = RedisServer::start_kind(ServerKind::Valkey);
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let mut redis = server.client().await;
+    let ttl = Duration::from_secs(60);
+    let lease = match store
+        .claim(&claim_request("ifeq-rewritten", "t1"))
+        .await
+        .expect("claim")
+    {
+        idempotency::ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    // The same record in other bytes (re-encoded, as a script would).
+    let raw: String = redis.get(&lease.key).await.expect("GET");
+    let doc: serde_json::Value = serde_json::from_str(&raw).expect("JSON");
+    let pretty = serde_json::to_string_pretty(&doc).expect("JSON");
+    let _: () = redis::cmd("SET")
+        .arg(&lease.key)
+        .arg(&pretty)
+        .arg("KEEPTTL")
+        .query_async(&mut redis)
+        .await
+        .expect("SET");
+    let before = command_calls(&mut redis, "evalsha").await;
+    store
+        .complete(&lease, Some(&json!("done")), ttl)
+        .await
+        .expect("the finish script completes the rewritten record");
+    assert_eq!(command_calls(&mut redis, "evalsha").await, before + 1);
+    let record = store.get(&lease.key).await.expect("get").expect("record");
+    assert_eq!(record.result, Some(json!("done")));
+
+    // A completion by a lease another worker took over writes nothing.
+    let stale = match store
+        .claim(&claim_request("ifeq-taken", "t-old"))
+        .await
+        .expect("claim")
+    {
+        idempotency::ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    let _: () = redis.del(&stale.key).await.expect("DEL");
+    let newer = match store
+        .claim(&claim_request("ifeq-taken", "t-new"))
+        .await
+        .expect("claim")
+    {
+        idempotency::ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    assert!(matches!(
+        store.complete(&stale, Some(&json!("stale")), ttl).await,
+        Err(IdempotencyError::LeaseLost { .. })
+    ));
+    store
+        .complete(&newer, Some(&json!("new")), ttl)
+        .await
+        .expect("the holder completes");
+    let record = store.get(&newer.key).await.expect("get").expect("record");
+    assert_eq!(record.result, Some(json!("new")));
 }

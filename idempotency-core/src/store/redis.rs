@@ -41,6 +41,7 @@ use crate::record::{
 
 mod conn;
 mod dedup;
+mod ifeq;
 mod ops;
 use conn::{Conn, Connections, OpenError, Settings};
 pub use ops::PrefixSummary;
@@ -130,7 +131,8 @@ local function opt(s) if s == '' then return nil end return s end
 local function int(n) return string.format('%d', n) end
 "#;
 
-/// KEYS[1] key; ARGV token, lease_ms, ttl_ms, fingerprint, members
+/// KEYS[1] key; ARGV token, lease_ms, ttl_ms, fingerprint, members.
+/// `acquired` replies end with the document now stored (for `SET ... IFEQ`).
 ///
 /// `members` is the record's descriptive fields (`idempotency_key`,
 /// `event_id`, `event_type`) already encoded by the client as JSON object
@@ -157,7 +159,7 @@ if got then
   if rec.status == 'COMPLETED' then return {'duplicate', raw, expiry(key)} end
   if rec.status == 'PROCESSING' then
     if rec.lease_token == token then
-      return {'acquired', tonumber(rec.attempts) or 1, tonumber(rec.lease_expires_at) or now, 0}
+      return {'acquired', tonumber(rec.attempts) or 1, tonumber(rec.lease_expires_at) or now, 0, got}
     end
     if type(rec.lease_expires_at) == 'number' and rec.lease_expires_at > now then
       return {'in_progress', raw, expiry(key)}
@@ -173,8 +175,10 @@ local doc = '{' .. ARGV[5] .. '"status":"PROCESSING","first_seen_at":' .. int(fi
   .. ',"attempts":' .. int(attempts + 1) .. ',"lease_token":' .. cjson.encode(token)
   .. ',"lease_expires_at":' .. int(expires)
 if fp then doc = doc .. ',"fingerprint":' .. cjson.encode(fp) end
-redis.call('SET', key, doc .. '}', 'PX', math.max(ttl_ms, lease_ms))
-return {'acquired', attempts + 1, expires, taken_over}
+doc = doc .. '}'
+redis.call('SET', key, doc, 'PX', math.max(ttl_ms, lease_ms))
+-- the document as written: a completion by `SET ... IFEQ` compares it
+return {'acquired', attempts + 1, expires, taken_over, doc}
 "#;
 
 /// KEYS[1] key; ARGV token, lease_ms
@@ -185,8 +189,10 @@ if not rec or rec.lease_token ~= ARGV[1] or rec.status ~= 'PROCESSING' then retu
 local lease_ms = tonumber(ARGV[2])
 rec.lease_expires_at = now_ms() + lease_ms
 local pttl = redis.call('PTTL', KEYS[1])
-redis.call('SET', KEYS[1], cjson.encode(rec), 'PX', math.max(pttl, lease_ms))
-return {'ok', rec.lease_expires_at}
+local doc = cjson.encode(rec)
+redis.call('SET', KEYS[1], doc, 'PX', math.max(pttl, lease_ms))
+-- the document as written: a completion by `SET ... IFEQ` compares it
+return {'ok', rec.lease_expires_at, doc}
 "#;
 
 /// KEYS[1] key; ARGV token, ttl_ms, status ('COMPLETED' | 'FAILED'), payload
@@ -414,6 +420,13 @@ impl RedisStoreBuilder {
     ///   (`maxmemory-policy noeviction`, read from `INFO memory`): else
     ///   [`Config`](IdempotencyError::Config) naming the policy, unless
     ///   [`allow_eviction`](Self::allow_eviction) is on.
+    ///
+    /// It also finds out whether the server has `SET ... IFEQ` (Valkey 8.1
+    /// and later, Redis 8.4 and later) by trying it on a scratch key
+    /// (`idempotency:capability-probe`, never created): completions then
+    /// take one plain `SET ... IFEQ`, else the finish script. When the probe
+    /// cannot tell (an ACL user whose key patterns exclude the scratch key),
+    /// the first completion decides.
     pub async fn connect(self) -> Result<RedisStore> {
         let settings = Settings {
             connect_timeout: self.connect_timeout,
@@ -448,8 +461,10 @@ impl RedisStoreBuilder {
             op_timeout: self.response_timeout * (self.max_retries + 1)
                 + Duration::from_millis(200) * self.max_retries,
             allow_eviction: self.allow_eviction,
+            ifeq: Arc::default(),
         };
         store.check_eviction("connect").await?;
+        store.probe_ifeq().await;
         Ok(store)
     }
 
@@ -518,6 +533,7 @@ pub struct RedisStore {
     max_retries: u32,
     op_timeout: Duration,
     allow_eviction: bool,
+    ifeq: Arc<ifeq::Ifeq>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -527,6 +543,7 @@ impl std::fmt::Debug for RedisStore {
             .field("max_retries", &self.max_retries)
             .field("op_timeout", &self.op_timeout)
             .field("allow_eviction", &self.allow_eviction)
+            .field("set_ifeq", &self.ifeq.supported())
             .finish_non_exhaustive()
     }
 }
@@ -833,7 +850,21 @@ impl IdempotencyStore for RedisStore {
             taken_over: false,
         };
         let Some(existing) = existing else {
-            return Ok(ClaimOutcome::Acquired(lease(1)));
+            let lease = lease(1);
+            self.ifeq.remember(
+                request.key,
+                request.token,
+                ifeq::HeldDoc {
+                    doc,
+                    fingerprint: request
+                        .fingerprint
+                        .filter(|f| !f.is_empty())
+                        .map(str::to_owned),
+                    attempts: 1,
+                    expires_at: lease.expires_at,
+                },
+            );
+            return Ok(ClaimOutcome::Acquired(lease));
         };
         let record = std::str::from_utf8(&existing)
             .ok()
@@ -859,7 +890,18 @@ impl IdempotencyStore for RedisStore {
                 ProcessingStatus::Processing
                     if record.lease_token.as_deref() == Some(request.token) =>
                 {
-                    return Ok(ClaimOutcome::Acquired(lease(record.attempts)));
+                    let lease = lease(record.attempts);
+                    self.ifeq.remember(
+                        request.key,
+                        request.token,
+                        ifeq::HeldDoc {
+                            doc: raw.to_owned(),
+                            fingerprint: record.fingerprint,
+                            attempts: record.attempts,
+                            expires_at: lease.expires_at,
+                        },
+                    );
+                    return Ok(ClaimOutcome::Acquired(lease));
                 }
                 _ => {}
             }
@@ -878,13 +920,28 @@ impl IdempotencyStore for RedisStore {
             .await?;
         let reply = Reply::parse(&lease.key, value)?;
         match reply.tag.as_str() {
-            "ok" => Ok(Lease {
-                expires_at: ms_to_time(reply.int(0)?),
-                ..lease.clone()
-            }),
-            _ => Err(IdempotencyError::LeaseLost {
-                key: lease.key.clone(),
-            }),
+            "ok" => {
+                let renewed = Lease {
+                    expires_at: ms_to_time(reply.int(0)?),
+                    ..lease.clone()
+                };
+                if let Some(doc) = reply.rest.into_iter().nth(1) {
+                    self.ifeq.renewed(
+                        &lease.key,
+                        &lease.token,
+                        text(&lease.key, doc)?,
+                        renewed.expires_at,
+                        lease.attempt,
+                    );
+                }
+                Ok(renewed)
+            }
+            _ => {
+                self.ifeq.take(&lease.key, &lease.token);
+                Err(IdempotencyError::LeaseLost {
+                    key: lease.key.clone(),
+                })
+            }
         }
     }
 
@@ -899,11 +956,22 @@ impl IdempotencyStore for RedisStore {
             Some(result) => serde_json::to_string(result)?,
             None => String::new(),
         };
-        self.finish(lease, ttl, "COMPLETED", &result).await
+        let mut retried = false;
+        if let Some(held) = self.ifeq.take(&lease.key, &lease.token) {
+            match self.complete_ifeq(lease, &held, ttl, &result).await? {
+                IfeqReply::Applied => return Ok(()),
+                IfeqReply::Unsupported => self.ifeq.set_supported(false),
+                // Not our document (any more): the finish script decides,
+                // told whether an earlier try may have been applied.
+                IfeqReply::Mismatch { retried: r } => retried = r,
+            }
+        }
+        self.finish(lease, ttl, "COMPLETED", &result, retried).await
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
-        self.finish(lease, ttl, "FAILED", error).await
+        self.ifeq.take(&lease.key, &lease.token);
+        self.finish(lease, ttl, "FAILED", error, false).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
@@ -1089,13 +1157,33 @@ impl RedisStore {
             .await?;
         let reply = Reply::parse(request.key, value)?;
         match reply.tag.as_str() {
-            "acquired" => Ok(ClaimOutcome::Acquired(Lease {
-                key: request.key.to_owned(),
-                token: request.token.to_owned(),
-                attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
-                expires_at: ms_to_time(reply.int(1)?),
-                taken_over: reply.int(2)? == 1,
-            })),
+            "acquired" => {
+                let lease = Lease {
+                    key: request.key.to_owned(),
+                    token: request.token.to_owned(),
+                    attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
+                    expires_at: ms_to_time(reply.int(1)?),
+                    taken_over: reply.int(2)? == 1,
+                };
+                if self.ifeq.may_use()
+                    && let Some(doc) = reply.rest.into_iter().nth(3)
+                {
+                    let doc = text(request.key, doc)?;
+                    if let Ok(parsed) = serde_json::from_str::<ifeq::FingerprintOnly>(&doc) {
+                        self.ifeq.remember(
+                            request.key,
+                            request.token,
+                            ifeq::HeldDoc {
+                                doc,
+                                fingerprint: parsed.fingerprint,
+                                attempts: lease.attempt,
+                                expires_at: lease.expires_at,
+                            },
+                        );
+                    }
+                }
+                Ok(ClaimOutcome::Acquired(lease))
+            }
             "duplicate" => {
                 let record = reply.record(request.key)?;
                 if record.status != ProcessingStatus::Completed {
@@ -1114,12 +1202,15 @@ impl RedisStore {
         }
     }
 
+    /// The finish script; `retried_before`: an earlier try of this call
+    /// (a `SET ... IFEQ`) may have been applied.
     async fn finish(
         &self,
         lease: &Lease,
         ttl: Duration,
         status: &str,
         payload: &str,
+        retried_before: bool,
     ) -> Result<()> {
         let value: Value = self
             .run(&lease.key, |mut conn, retried| {
@@ -1128,7 +1219,7 @@ impl RedisStore {
                     .arg(millis(ttl))
                     .arg(status)
                     .arg(payload)
-                    .arg(if retried { "1" } else { "" });
+                    .arg(if retried || retried_before { "1" } else { "" });
                 async move { eval(&mut conn, &self.scripts.finish, &cmd).await }
             })
             .await?;
@@ -1141,6 +1232,103 @@ impl RedisStore {
             key: lease.key.clone(),
         })
     }
+
+    /// Completes with `SET key <COMPLETED doc> IFEQ <held doc> PX ttl`: one
+    /// plain command, applied only when the key still holds exactly the
+    /// document the claim (or the last renewal) wrote. `completed_at` is
+    /// this host's clock (only a script can read the store's).
+    async fn complete_ifeq(
+        &self,
+        lease: &Lease,
+        held: &ifeq::HeldDoc,
+        ttl: Duration,
+        result: &str,
+    ) -> Result<IfeqReply> {
+        let ttl_ms = millis(ttl);
+        let doc = ifeq::completed_doc(Utc::now().timestamp_millis(), held, ttl_ms, result)?;
+        let mut cmd =
+            redis::Cmd::with_capacity(7, 64 + lease.key.len() + doc.len() + held.doc.len());
+        cmd.arg("SET")
+            .arg(&lease.key)
+            .arg(&doc)
+            .arg("IFEQ")
+            .arg(&held.doc)
+            .arg("PX")
+            .arg(ttl_ms);
+        let retried = std::sync::atomic::AtomicBool::new(false);
+        let reply = self
+            .run(&lease.key, |mut conn, again| {
+                if again {
+                    retried.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                let cmd = &cmd;
+                async move {
+                    match cmd.query_async::<Value>(&mut conn).await {
+                        Ok(Value::Okay) => Ok(IfeqReply::Applied),
+                        Ok(_) => Ok(IfeqReply::Mismatch { retried: false }),
+                        Err(e) if ifeq::unknown_option(&e) => Ok(IfeqReply::Unsupported),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await?;
+        Ok(match reply {
+            IfeqReply::Applied => {
+                self.ifeq.set_supported(true);
+                IfeqReply::Applied
+            }
+            IfeqReply::Mismatch { .. } => {
+                self.ifeq.set_supported(true);
+                IfeqReply::Mismatch {
+                    retried: retried.load(std::sync::atomic::Ordering::Relaxed),
+                }
+            }
+            IfeqReply::Unsupported => IfeqReply::Unsupported,
+        })
+    }
+
+    /// Whether the server has `SET ... IFEQ`, by trying it on a key that
+    /// does not exist (`IFEQ` never creates one). `ERR syntax error`: no;
+    /// any other refusal (an ACL user's key patterns) leaves it to the
+    /// first completion.
+    async fn probe_ifeq(&self) {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg("idempotency:capability-probe")
+            .arg("x")
+            .arg("IFEQ")
+            .arg("never stored")
+            .arg("PX")
+            .arg(1000);
+        let mut conn = self.conns.get();
+        let probe = cmd.query_async::<Value>(&mut conn);
+        match tokio::time::timeout(self.op_timeout, probe).await {
+            Ok(Ok(_)) => self.ifeq.set_supported(true),
+            Ok(Err(e)) if ifeq::unknown_option(&e) => self.ifeq.set_supported(false),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "SET IFEQ probe refused; the first completion decides");
+            }
+            Err(_) => tracing::debug!("SET IFEQ probe timed out; the first completion decides"),
+        }
+    }
+
+    /// Whether completions take `SET ... IFEQ` (`Some(true)`), the finish
+    /// script (`Some(false)`), or are not known yet (`None`: the first
+    /// completion decides).
+    #[doc(hidden)]
+    pub fn completes_with_set_ifeq(&self) -> Option<bool> {
+        self.ifeq.supported()
+    }
+}
+
+/// What a `SET ... IFEQ` completion found.
+enum IfeqReply {
+    /// Written.
+    Applied,
+    /// The key does not hold the remembered document; `retried`: an earlier
+    /// try of this call may have been applied.
+    Mismatch { retried: bool },
+    /// The server has no `IFEQ`.
+    Unsupported,
 }
 
 #[cfg(test)]

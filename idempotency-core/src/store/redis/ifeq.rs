@@ -1,0 +1,247 @@
+//! The Lua-free completion: `SET key <COMPLETED doc> IFEQ <current doc> PX ttl`
+//! on servers that have `SET ... IFEQ` (Valkey 8.1 and later, Redis 8.4 and
+//! later).
+//!
+//! `IFEQ` compares the whole value byte for byte, so the store remembers, per
+//! held lease, the exact document it (or its last renewal) wrote: the claim
+//! the client's `SET NX` wrote, the document the claim script returns, or the
+//! one the renew script returns. A completion whose `IFEQ` does not match
+//! (a retried try whose first one was applied, a document another script
+//! rewrote, a lost lease) falls back to the finish script, which decides it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use chrono::{DateTime, Utc};
+
+// Whether the server has `SET ... IFEQ`: 0 (the default) is not known yet,
+// decided by the first completion that tries it.
+/// It has: completions take the `IFEQ` path.
+const YES: u8 = 1;
+/// It has not (Redis 7, Valkey before 8.1): completions take the finish script.
+const NO: u8 = 2;
+
+/// How many held documents the store remembers at most. Entries leave when
+/// their lease is completed or failed; those of abandoned leases leave once
+/// their lease has run out and the map is full. A lease whose document is not
+/// remembered completes through the finish script: slower, as correct.
+const MAX_HELD: usize = 100_000;
+
+/// What the store knows about a held lease's document.
+#[derive(Debug, Clone)]
+pub(super) struct HeldDoc {
+    /// The exact bytes stored at the key (the `IFEQ` comparand).
+    pub(super) doc: String,
+    /// The record's fingerprint, which the COMPLETED document keeps.
+    pub(super) fingerprint: Option<String>,
+    /// The record's attempt count, which the COMPLETED document keeps.
+    pub(super) attempts: u32,
+    /// When the lease runs out (after which an entry may be dropped).
+    pub(super) expires_at: DateTime<Utc>,
+}
+
+/// The server's `IFEQ` capability and the held documents; shared by clones.
+#[derive(Debug, Default)]
+pub(super) struct Ifeq {
+    support: AtomicU8,
+    held: Mutex<HashMap<String, HeldDoc>>,
+}
+
+/// The map key of a lease: the storage key and the token (a token may be
+/// reused across keys).
+fn slot(key: &str, token: &str) -> String {
+    let mut out = String::with_capacity(key.len() + token.len() + 1);
+    out.push_str(key);
+    out.push('\0');
+    out.push_str(token);
+    out
+}
+
+impl Ifeq {
+    /// Whether completions may try `IFEQ` (supported, or not known yet).
+    pub(super) fn may_use(&self) -> bool {
+        self.support.load(Ordering::Relaxed) != NO
+    }
+
+    /// Whether the server is known to have `IFEQ`.
+    pub(super) fn supported(&self) -> Option<bool> {
+        match self.support.load(Ordering::Relaxed) {
+            YES => Some(true),
+            NO => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Records what a probe or a completion found out.
+    pub(super) fn set_supported(&self, yes: bool) {
+        self.support
+            .store(if yes { YES } else { NO }, Ordering::Relaxed);
+        if !yes {
+            self.lock().clear();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldDoc>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers the document now stored for the lease `(key, token)`.
+    pub(super) fn remember(&self, key: &str, token: &str, held: HeldDoc) {
+        if !self.may_use() {
+            return;
+        }
+        let mut map = self.lock();
+        if map.len() >= MAX_HELD {
+            let now = Utc::now();
+            map.retain(|_, h| h.expires_at > now);
+            if map.len() >= MAX_HELD {
+                return;
+            }
+        }
+        map.insert(slot(key, token), held);
+    }
+
+    /// Replaces the remembered document of `(key, token)` after a renewal.
+    pub(super) fn renewed(
+        &self,
+        key: &str,
+        token: &str,
+        doc: String,
+        expires_at: DateTime<Utc>,
+        attempts: u32,
+    ) {
+        if !self.may_use() {
+            return;
+        }
+        let existing = self.lock().get(&slot(key, token)).cloned();
+        let fingerprint = match existing {
+            Some(held) => held.fingerprint,
+            // Not remembered (claimed on a full server, or dropped): the
+            // renewed document names its fingerprint.
+            None => match serde_json::from_str::<FingerprintOnly>(&doc) {
+                Ok(parsed) => parsed.fingerprint,
+                Err(_) => return,
+            },
+        };
+        self.remember(
+            key,
+            token,
+            HeldDoc {
+                doc,
+                fingerprint,
+                attempts,
+                expires_at,
+            },
+        );
+    }
+
+    /// Takes the remembered document of `(key, token)` out of the map.
+    pub(super) fn take(&self, key: &str, token: &str) -> Option<HeldDoc> {
+        if !self.may_use() {
+            return None;
+        }
+        self.lock().remove(&slot(key, token))
+    }
+
+    /// How many documents are remembered (for tests).
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// The one field of a stored document the completion copies and a claim
+/// script's reply does not carry.
+#[derive(serde::Deserialize)]
+pub(super) struct FingerprintOnly {
+    #[serde(default)]
+    pub(super) fingerprint: Option<String>,
+}
+
+/// The COMPLETED document, byte for byte as the finish script writes it:
+/// the status first (the claim script's duplicate test reads it there),
+/// `attempts` only when not 1, `ttl_ms` before the result, and the result's
+/// JSON text spliced in last (absent when `result` is empty).
+pub(super) fn completed_doc(
+    completed_at_ms: i64,
+    held: &HeldDoc,
+    ttl_ms: u64,
+    result: &str,
+) -> crate::error::Result<String> {
+    use std::fmt::Write as _;
+    let mut doc = String::with_capacity(96 + result.len());
+    // Writing to a String cannot fail.
+    let _ = write!(
+        doc,
+        "{{\"status\":\"COMPLETED\",\"completed_at\":{completed_at_ms}"
+    );
+    if held.attempts != 1 {
+        let _ = write!(doc, ",\"attempts\":{}", held.attempts);
+    }
+    let _ = write!(doc, ",\"ttl_ms\":{ttl_ms}");
+    if let Some(fingerprint) = &held.fingerprint {
+        doc.push_str(",\"fingerprint\":");
+        super::push_json_str(&mut doc, fingerprint)?;
+    }
+    if !result.is_empty() {
+        doc.push_str(",\"result\":");
+        doc.push_str(result);
+    }
+    doc.push('}');
+    Ok(doc)
+}
+
+/// Whether `e` is the server refusing an option it does not know (`IFEQ` on
+/// Redis 7 and older Valkey): `ERR syntax error`.
+pub(super) fn unknown_option(e: &redis::RedisError) -> bool {
+    e.detail().is_some_and(|d| d.starts_with("syntax error"))
+        || (e.code().is_none() && e.to_string().contains("syntax error"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HeldDoc, Ifeq, completed_doc};
+    use crate::record::IdempotencyRecord;
+
+    fn held(attempts: u32, fingerprint: Option<&str>) -> HeldDoc {
+        HeldDoc {
+            doc: String::new(),
+            fingerprint: fingerprint.map(str::to_owned),
+            attempts,
+            expires_at: chrono::Utc::now() + chrono::TimeDelta::seconds(60),
+        }
+    }
+
+    #[test]
+    fn completed_documents_have_the_finish_scripts_shape() {
+        let doc =
+            completed_doc(1_700_000_000_123, &held(1, None), 60_000, r#"{"a":1}"#).expect("doc");
+        assert_eq!(
+            doc,
+            r#"{"status":"COMPLETED","completed_at":1700000000123,"ttl_ms":60000,"result":{"a":1}}"#
+        );
+        let doc = completed_doc(5, &held(3, Some("f\"p")), 10, "").expect("doc");
+        assert_eq!(
+            doc,
+            r#"{"status":"COMPLETED","completed_at":5,"attempts":3,"ttl_ms":10,"fingerprint":"f\"p"}"#
+        );
+        let record: IdempotencyRecord = serde_json::from_str(&doc).expect("readable");
+        assert_eq!(record.attempts, 3);
+        assert_eq!(record.fingerprint.as_deref(), Some("f\"p"));
+        assert!(record.result.is_none());
+    }
+
+    #[test]
+    fn leases_are_remembered_per_key_and_token_and_forgotten_without_ifeq() {
+        let ifeq = Ifeq::default();
+        ifeq.remember("k1", "t", held(1, None));
+        ifeq.remember("k2", "t", held(2, None));
+        assert_eq!(ifeq.take("k2", "t").map(|h| h.attempts), Some(2));
+        assert!(ifeq.take("k2", "t").is_none());
+        ifeq.set_supported(false);
+        assert_eq!(ifeq.len(), 0);
+        ifeq.remember("k3", "t", held(1, None));
+        assert!(ifeq.take("k3", "t").is_none());
+    }
+}
