@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, TlsRedisServer};
+use common::{RedisServer, ServerKind, TlsRedisServer};
 use idempotency::{EventEnvelope, IdempotencyChecker, IdempotencyError, RedisStore};
 use serde_json::json;
 
@@ -72,6 +72,11 @@ fn acl_rules() -> String {
 /// A server whose default user is off, and whose `idem` user (password
 /// `idem-pass`) has exactly `rules`.
 fn server_with_acl(rules: &str) -> RedisServer {
+    kind_with_acl(ServerKind::Redis, rules)
+}
+
+/// [`server_with_acl`] on a server of `kind`.
+fn kind_with_acl(kind: ServerKind, rules: &str) -> RedisServer {
     let mut args = vec![
         "--user",
         "default",
@@ -82,7 +87,7 @@ fn server_with_acl(rules: &str) -> RedisServer {
         ">idem-pass",
     ];
     args.extend(rules.split_whitespace());
-    RedisServer::start_with(&args)
+    RedisServer::start_kind_with(kind, &args)
 }
 
 fn idem_url(server: &RedisServer) -> String {
@@ -116,6 +121,46 @@ async fn a_least_privilege_acl_user_is_enough() {
     processes_once(&format!("redis://idem:idem-pass@127.0.0.1:{port}")).await;
     refused(&format!("redis://idem:wrong@127.0.0.1:{port}")).await;
     refused(&format!("redis://nobody:idem-pass@127.0.0.1:{port}")).await;
+}
+
+/// Issue 16: on Valkey 9 the documented ACL is enough for the `SET ... IFEQ`
+/// completion too: the connect-time probe (on `idempotency:capability-probe`)
+/// finds it; a user whose key patterns exclude the probe's key still gets
+/// it, decided by the first completion.
+#[tokio::test]
+async fn the_documented_acl_is_enough_for_set_ifeq_on_valkey() {
+    let server = kind_with_acl(ServerKind::Valkey, &acl_rules());
+    let store = RedisStore::connect(&idem_url(&server))
+        .await
+        .expect("connect as the ACL user");
+    assert_eq!(store.completes_with_set_ifeq(), Some(true));
+    processes_once(&idem_url(&server)).await;
+
+    let narrow = acl_rules().replace("~idempotency:*", "~idempotency:events:*");
+    let server = kind_with_acl(ServerKind::Valkey, &narrow);
+    let store = RedisStore::connect(&idem_url(&server))
+        .await
+        .expect("connect as the ACL user");
+    assert_eq!(
+        store.completes_with_set_ifeq(),
+        None,
+        "the probe could not tell"
+    );
+    let checker = IdempotencyChecker::new(store.clone());
+    let e = EventEnvelope::new("test.event", json!({})).with_idempotency_key("narrow-1");
+    for _ in 0..2 {
+        checker
+            .process(&e, |_| async { Ok::<_, IdempotencyError>(1) })
+            .await
+            .expect("process");
+    }
+    assert_eq!(checker.stats().executed, 1);
+    assert_eq!(checker.stats().replayed, 1);
+    assert_eq!(
+        store.completes_with_set_ifeq(),
+        Some(true),
+        "the completion decided"
+    );
 }
 
 /// `rediss://` with the test CA trusted: the whole protocol runs over TLS.
