@@ -22,7 +22,9 @@
 //! Claim, renew, complete, fail and read are Lua scripts run with `EVALSHA`
 //! (loaded once, reloaded transparently after a `SCRIPT FLUSH`): one round
 //! trip each, every one touching a single key, so Redis Cluster works
-//! unchanged.
+//! unchanged. Where the server has `SET ... IFEQ` (Valkey 8.1 and later,
+//! Redis 8.4 and later; found at connect), a completion is one plain
+//! `SET ... IFEQ` instead (see the `ifeq` module).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
