@@ -180,7 +180,8 @@ pub fn valkey_binary() -> PathBuf {
         let path = PathBuf::from(path);
         assert!(
             path.is_file(),
-            "${VALKEY_SERVER_ENV} names {}, which is not a file",
+            "${VALKEY_SERVER_ENV} names {}, which is not a file (unset it to use the one \
+             `bash scripts/pyenv.sh` installs into target/pyenv)",
             path.display()
         );
         return path;
