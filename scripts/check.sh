@@ -30,6 +30,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo service redis-server stop >/dev/null 2>&1 || true
 fi
 export PATH="$PATH:/usr/sbin"
+# Every tool here reads and writes /dev/null; if something replaced it with a
+# regular file, builds read garbage (rustc's probe reads its stdin). Check it
+# before and after the tests.
+null_device_ok() {
+  [ -c /dev/null ] || { echo "/dev/null is not a character device (something replaced it): recreate it with 'rm -f /dev/null; mknod -m 666 /dev/null c 1 3'" >&2; return 1; }
+}
+null_device_ok
 echo "==> $(redis-server --version | cut -d' ' -f1-3)"
 echo "==> nats-server $(nats-server --version 2>&1 | head -n1)"
 
@@ -86,5 +93,6 @@ if [ "$pytest_status" -ne 0 ]; then
   exit 1
 fi
 
+null_device_ok
 echo "==> all checks passed"
 echo "tests: ${passed} passed, ${failed} failed"
