@@ -489,6 +489,18 @@ mod tests {
         }
     }
 
+    /// The bounds `#[idempotent]` checks at compile time (tests/ui) are
+    /// these: 1ms ..= 3650 days.
+    #[test]
+    fn duration_bounds_are_one_millisecond_to_ten_years() {
+        for ok in ["1ms", "3650d"] {
+            assert!(parse_duration(ok).is_ok(), "{ok} should be accepted");
+        }
+        for bad in ["999us", "3650d 1ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
     #[test]
     fn builder_reports_which_option_is_wrong() {
         let err = IdempotencyConfig::builder()

@@ -59,14 +59,27 @@ fn duration(meta: &ParseNestedMeta<'_>, name: &str) -> syn::Result<Duration> {
             ),
         )
     })?;
-    if parsed.is_zero() {
-        return Err(syn::Error::new(
-            lit.span(),
-            format!("`{name}` must be greater than zero"),
-        ));
+    // The same bounds, in the same order, as the runtime check
+    // (`check_duration` in idempotency-core's config.rs): what compiles
+    // never fails on every call. The UI tests and config.rs's unit tests pin
+    // both sides to 1ms..=3650 days.
+    let bound = if parsed.is_zero() {
+        Some("must be greater than zero")
+    } else if parsed > MAX_DURATION {
+        Some("must be at most 10 years")
+    } else if parsed < Duration::from_millis(1) {
+        Some("must be at least 1ms")
+    } else {
+        None
+    };
+    match bound {
+        Some(bound) => Err(syn::Error::new(lit.span(), format!("`{name}` {bound}"))),
+        None => Ok(parsed),
     }
-    Ok(parsed)
 }
+
+/// The longest duration the stores accept: 10 years of 365 days.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 fn choice<T: Copy>(
     meta: &ParseNestedMeta<'_>,

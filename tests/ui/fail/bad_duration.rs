@@ -18,4 +18,16 @@ async fn not_a_string(envelope: EventEnvelope) -> Result<u32, IdempotencyError> 
     Ok(1)
 }
 
+#[idempotent(ttl = "20y")]
+async fn longer_than_the_stores_accept(envelope: EventEnvelope) -> Result<u32, IdempotencyError> {
+    let _ = envelope;
+    Ok(1)
+}
+
+#[idempotent(in_progress_timeout = "500us")]
+async fn shorter_than_a_millisecond(envelope: EventEnvelope) -> Result<u32, IdempotencyError> {
+    let _ = envelope;
+    Ok(1)
+}
+
 fn main() {}

@@ -51,6 +51,12 @@ where
     Ok(envelope.event_type.clone())
 }
 
+/// The bounds the runtime accepts, at both ends.
+#[idempotent(checker = checker(), ttl = "3650d", in_progress_timeout = "1ms")]
+async fn at_the_bounds(envelope: EventEnvelope<Order>) -> Result<u64, AppError> {
+    Ok(envelope.payload.amount)
+}
+
 #[idempotent(checker = checker())]
 async fn marked(note: EventEnvelope<()>, #[envelope] order: EventEnvelope<Order>) -> Result<u64, AppError> {
     let _ = note;
