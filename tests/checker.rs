@@ -909,6 +909,45 @@ async fn keyless_envelopes_from_the_wire_are_rejected_not_run(kind: Kind) {
     assert_eq!(calls(&env), 0, "no store was asked");
 }
 
+/// A store answering in a way nobody expected is not an outage: the error
+/// is `Protocol`, the breaker stays closed, fail-open does not run the
+/// handler unguarded, and the store errors are counted.
+async fn protocol_surprises_are_not_outages(kind: Kind) {
+    let env = env(
+        kind,
+        config()
+            .circuit_breaker(2, "60s")
+            .fail_open(true)
+            .build()
+            .expect("config"),
+    )
+    .await;
+    env.instrumented
+        .answer_unexpectedly
+        .store(true, Ordering::SeqCst);
+    let runs = AtomicUsize::new(0);
+    for _ in 0..4 {
+        let outcome = env
+            .checker
+            .process(&event("surprise"), |_| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, IdempotencyError>(())
+            })
+            .await;
+        assert!(
+            matches!(outcome, Err(IdempotencyError::Protocol { .. })),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "no unguarded run");
+    assert_eq!(
+        env.checker.circuit_state(),
+        idempotency::CircuitState::Closed
+    );
+    assert_eq!(env.checker.stats().store_errors, 4);
+    assert_eq!(env.checker.stats().fail_open, 0);
+}
+
 fn calls(env: &Env) -> usize {
     env.instrumented.calls.load(Ordering::SeqCst)
 }
@@ -1092,6 +1131,7 @@ per_store!(
     claim_with_lost_reply_is_released,
     claim_lost_before_an_outage_is_released_when_the_store_returns,
     keyless_envelopes_from_the_wire_are_rejected_not_run,
+    protocol_surprises_are_not_outages,
     local_cache_answers_hot_duplicates_without_the_store,
     local_cache_honours_record_ttl_and_status,
 );

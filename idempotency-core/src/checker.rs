@@ -382,6 +382,7 @@ impl IdempotencyChecker {
         if let Err(
             IdempotencyError::StoreUnavailable { .. }
             | IdempotencyError::StoreRefused { .. }
+            | IdempotencyError::Protocol { .. }
             | IdempotencyError::CorruptRecord { .. },
         ) = &result
         {

@@ -166,6 +166,22 @@ pub enum IdempotencyError {
         reason: String,
     },
 
+    /// The store answered in a way this framework does not expect: a reply
+    /// of the wrong shape (another version of the store's scripts, a proxy
+    /// in the way, a server that is not what it claims to be). Not an
+    /// outage: it does not count towards the circuit breaker, never triggers
+    /// fail-open, and is not [retryable](Self::is_retryable) by itself
+    /// (transports still redeliver rather than drop the event). The source
+    /// says what came back.
+    #[error("the {store} store answered in a way this framework does not expect")]
+    Protocol {
+        /// Which store (`"redis"`, `"memory"`, ...).
+        store: &'static str,
+        /// What was unexpected.
+        #[source]
+        source: BoxError,
+    },
+
     /// The value stored under a key is not a record this framework wrote.
     #[error("the record at `{key}` is corrupt")]
     CorruptRecord {
@@ -212,6 +228,15 @@ impl IdempotencyError {
         Self::StoreRefused {
             store,
             reason,
+            source: source.into(),
+        }
+    }
+
+    /// A `Protocol` error for `store`: it answered `source`, which this
+    /// framework does not expect.
+    pub fn protocol(store: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Protocol {
+            store,
             source: source.into(),
         }
     }

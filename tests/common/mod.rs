@@ -756,6 +756,9 @@ pub struct Instrumented {
     /// When set, a claim whose reply is lost also starts an outage
     /// ([`down`](Self::down)), as when the store dies right after applying it.
     pub outage_after_lost_claim: std::sync::atomic::AtomicBool,
+    /// While set, claims answer with a `Protocol` error (a reply of a shape
+    /// the store did not expect) without reaching the store.
+    pub answer_unexpectedly: std::sync::atomic::AtomicBool,
 }
 
 impl Instrumented {
@@ -767,6 +770,7 @@ impl Instrumented {
             refuse_completes: Default::default(),
             down: Default::default(),
             outage_after_lost_claim: Default::default(),
+            answer_unexpectedly: Default::default(),
         }
     }
 
@@ -797,6 +801,15 @@ impl idempotency::IdempotencyStore for Instrumented {
     ) -> idempotency::Result<idempotency::ClaimOutcome> {
         self.count();
         self.up()?;
+        if self
+            .answer_unexpectedly
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(idempotency::IdempotencyError::protocol(
+                "instrumented",
+                "a reply of an unexpected shape",
+            ));
+        }
         let outcome = self.inner.claim(request).await?;
         if self
             .lose_claim_replies

@@ -595,6 +595,11 @@ fn unavailable(e: impl Into<crate::error::BoxError>) -> IdempotencyError {
     IdempotencyError::store_unavailable(STORE, e)
 }
 
+/// Redis answered with a reply of a shape the store does not expect.
+fn unexpected(e: impl Into<crate::error::BoxError>) -> IdempotencyError {
+    IdempotencyError::protocol(STORE, e)
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -612,10 +617,10 @@ struct Reply {
 impl Reply {
     fn parse(key: &str, value: Value) -> Result<Self> {
         let Value::Array(mut items) = value else {
-            return Err(unavailable(format!("unexpected script reply {value:?}")));
+            return Err(unexpected(format!("unexpected script reply {value:?}")));
         };
         if items.is_empty() {
-            return Err(unavailable("empty script reply"));
+            return Err(unexpected("empty script reply"));
         }
         let rest = items.split_off(1);
         let tag = text(key, items.remove(0))?;
@@ -632,7 +637,7 @@ impl Reply {
     fn int(&self, i: usize) -> Result<i64> {
         match self.rest.get(i) {
             Some(Value::Int(n)) => Ok(*n),
-            other => Err(unavailable(format!("expected an integer, got {other:?}"))),
+            other => Err(unexpected(format!("expected an integer, got {other:?}"))),
         }
     }
 
@@ -725,7 +730,7 @@ fn text(key: &str, value: Value) -> Result<String> {
             String::from_utf8(bytes).map_err(|e| IdempotencyError::corrupt(key, e))
         }
         Value::SimpleString(s) => Ok(s),
-        other => Err(unavailable(format!("expected a string, got {other:?}"))),
+        other => Err(unexpected(format!("expected a string, got {other:?}"))),
     }
 }
 
@@ -1200,7 +1205,7 @@ impl RedisStore {
             "mismatch" => Err(IdempotencyError::FingerprintMismatch {
                 key: request.key.to_owned(),
             }),
-            other => Err(unavailable(format!("unexpected claim reply `{other}`"))),
+            other => Err(unexpected(format!("unexpected claim reply `{other}`"))),
         }
     }
 
@@ -1335,7 +1340,27 @@ enum IfeqReply {
 
 #[cfg(test)]
 mod tests {
-    use super::{PRELUDE, push_json_str};
+    use super::{PRELUDE, Reply, push_json_str};
+
+    /// A reply of a shape the store does not expect is a protocol error,
+    /// not an outage (it must not open the breaker or trigger fail-open).
+    #[test]
+    fn unexpected_replies_are_protocol_errors() {
+        for value in [
+            redis::Value::Int(7),
+            redis::Value::Array(Vec::new()),
+            redis::Value::Okay,
+        ] {
+            let error = Reply::parse("k", value).err().expect("an error");
+            assert!(
+                matches!(
+                    error,
+                    crate::IdempotencyError::Protocol { store: "redis", .. }
+                ),
+                "{error:?}"
+            );
+        }
+    }
     use crate::record::IdempotencyRecord;
 
     /// The scripts' range for timestamps is the reader's: chrono's, in

@@ -16,7 +16,7 @@ use chrono::Utc;
 use redis::{Pipeline, RedisResult, Value};
 
 use super::conn::Conn;
-use super::{RedisStore, millis, unavailable};
+use super::{RedisStore, millis, unexpected};
 use crate::error::Result;
 use crate::record::IdempotencyRecord;
 
@@ -107,7 +107,7 @@ async fn send_exists(conn: Conn, keys: &[&str]) -> RedisResult<Vec<Value>> {
 /// One answer per key, or an error when the server answered otherwise.
 fn answers(keys: &[&str], replies: Vec<Value>) -> Result<Vec<bool>> {
     if replies.len() != keys.len() {
-        return Err(unavailable(format!(
+        return Err(unexpected(format!(
             "{} replies to a pipeline of {} commands",
             replies.len(),
             keys.len()
@@ -119,7 +119,7 @@ fn answers(keys: &[&str], replies: Vec<Value>) -> Result<Vec<bool>> {
             Value::Okay | Value::Int(1) => Ok(true),
             Value::SimpleString(s) if s == "OK" => Ok(true),
             Value::Nil | Value::Int(0) => Ok(false),
-            other => Err(unavailable(format!("unexpected reply {other:?}"))),
+            other => Err(unexpected(format!("unexpected reply {other:?}"))),
         })
         .collect()
 }

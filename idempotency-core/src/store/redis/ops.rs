@@ -11,7 +11,7 @@ use redis::{Cmd, FromRedisValue, Pipeline, Value};
 use serde::Serialize;
 
 use super::conn::Conn;
-use super::{RedisStore, Reply, ms_to_time, read_script, unavailable};
+use super::{RedisStore, Reply, ms_to_time, read_script, unavailable, unexpected};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{IdempotencyRecord, ProcessingStatus};
 
@@ -165,7 +165,7 @@ impl RedisStore {
             let policy = info
                 .lines()
                 .find_map(|line| line.strip_prefix("maxmemory_policy:"))
-                .ok_or_else(|| unavailable("INFO memory names no maxmemory_policy"))?;
+                .ok_or_else(|| unexpected("INFO memory names no maxmemory_policy"))?;
             let name = match node {
                 Node::Only => "the Redis node".to_owned(),
                 Node::Master(host, port) => format!("the master {host}:{port}"),
