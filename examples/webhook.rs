@@ -239,9 +239,9 @@ impl IntoResponse for WebhookError {
             IdempotencyError::InvalidKey { .. } | IdempotencyError::MissingKey => {
                 StatusCode::BAD_REQUEST
             }
-            IdempotencyError::StoreUnavailable { .. } | IdempotencyError::StoreRefused { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            IdempotencyError::StoreUnavailable { .. }
+            | IdempotencyError::CircuitOpen { .. }
+            | IdempotencyError::StoreRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(json!({ "error": error.to_string() }))).into_response()

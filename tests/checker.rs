@@ -948,6 +948,78 @@ async fn protocol_surprises_are_not_outages(kind: Kind) {
     assert_eq!(env.checker.stats().fail_open, 0);
 }
 
+/// The handler ran, then the store refused its completion for lack of
+/// memory (the completion document is larger than the claim): the caller
+/// gets the handler's value, the completion is retried in the background
+/// until it lands, and no redelivery runs the handler again. The same for a
+/// result that could not be stored and a completion the store missed.
+async fn a_completion_refused_for_memory_is_recorded_later_and_never_runs_twice(kind: Kind) {
+    let env = env(kind, config().build().expect("config")).await;
+    let runs = AtomicUsize::new(0);
+    env.instrumented
+        .completes_out_of_memory
+        .store(true, Ordering::SeqCst);
+    env.instrumented.refuse_completes.store(2, Ordering::SeqCst);
+    let first = run_counted(&env.checker, &event("full"), &runs)
+        .await
+        .expect("the side effect is reported, not turned into an error");
+    assert_eq!(first, Processed::Executed("receipt".to_owned()));
+    // A result that cannot be stored, whose completion the store misses once.
+    env.instrumented
+        .completes_out_of_memory
+        .store(false, Ordering::SeqCst);
+    env.instrumented.refuse_completes.store(1, Ordering::SeqCst);
+    let unstorable = env
+        .checker
+        .process(&event("unstorable-blip"), |_| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, IdempotencyError>(Unstorable::Map(std::collections::HashMap::from([(
+                (1u8, 2u8),
+                3u8,
+            )])))
+        })
+        .await;
+    assert!(
+        matches!(unstorable, Err(IdempotencyError::Serialization(_))),
+        "{unstorable:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for key in ["full", "unstorable-blip"] {
+        loop {
+            let record = env
+                .checker
+                .get_processing_record(key)
+                .await
+                .expect("get")
+                .expect("record");
+            if record.status == ProcessingStatus::Completed {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the completion of {key} never landed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let again = run_counted(&env.checker, &event("full"), &runs)
+        .await
+        .expect("replay");
+    assert_eq!(again, Processed::Replayed("receipt".to_owned()));
+    let again = env
+        .checker
+        .process(&event("unstorable-blip"), |_| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, IdempotencyError>(0u8)
+        })
+        .await;
+    assert!(
+        matches!(again, Err(IdempotencyError::ResultNotStored { .. })),
+        "{again:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each handler ran once");
+}
+
 fn calls(env: &Env) -> usize {
     env.instrumented.calls.load(Ordering::SeqCst)
 }
@@ -1132,6 +1204,7 @@ per_store!(
     claim_lost_before_an_outage_is_released_when_the_store_returns,
     keyless_envelopes_from_the_wire_are_rejected_not_run,
     protocol_surprises_are_not_outages,
+    a_completion_refused_for_memory_is_recorded_later_and_never_runs_twice,
     local_cache_answers_hot_duplicates_without_the_store,
     local_cache_honours_record_ttl_and_status,
 );

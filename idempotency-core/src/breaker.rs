@@ -65,27 +65,13 @@ pub(crate) enum Transition {
     Closed,
 }
 
-/// The source of the `StoreUnavailable` error of a call refused by the open
-/// breaker.
+/// A call refused by the open breaker; the checker turns it into
+/// [`IdempotencyError::CircuitOpen`](crate::IdempotencyError::CircuitOpen).
 #[derive(Debug)]
 pub(crate) struct CircuitOpen {
     /// When the next probe may go, if none is in flight.
-    retry_in: Option<Duration>,
+    pub(crate) retry_in: Option<Duration>,
 }
-
-impl std::fmt::Display for CircuitOpen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "the circuit breaker is open after repeated store failures; the store was not called (",
-        )?;
-        match self.retry_in {
-            Some(wait) => write!(f, "next probe in {}ms)", wait.as_millis()),
-            None => f.write_str("a probe call is testing the store)"),
-        }
-    }
-}
-
-impl std::error::Error for CircuitOpen {}
 
 #[derive(Debug)]
 struct Timing {
@@ -302,7 +288,15 @@ mod tests {
         assert_eq!(b.state(), CircuitState::Open);
         let refused = b.admit().expect_err("open");
         assert_eq!(refused.retry_in, Some(Duration::from_millis(1000)));
-        assert!(refused.to_string().contains("circuit breaker is open"));
+        let error = crate::IdempotencyError::CircuitOpen {
+            store: "memory",
+            retry_in: refused.retry_in,
+        };
+        assert!(error.is_circuit_open() && error.is_unavailable());
+        assert!(
+            error.to_string().contains("circuit breaker") && error.to_string().contains("1000ms"),
+            "{error}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

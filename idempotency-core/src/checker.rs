@@ -315,8 +315,12 @@ impl IdempotencyChecker {
         match &self.inner.breaker {
             None => Ok(None),
             Some(breaker) => breaker.admit().map(Some).map_err(|open| {
-                tracing::debug!(%open, "store call refused");
-                IdempotencyError::store_unavailable(self.inner.store.name(), open)
+                let refused = IdempotencyError::CircuitOpen {
+                    store: self.inner.store.name(),
+                    retry_in: open.retry_in,
+                };
+                tracing::debug!(%refused, "store call refused");
+                refused
             }),
         }
     }
@@ -381,6 +385,7 @@ impl IdempotencyChecker {
     fn count_store_error<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(
             IdempotencyError::StoreUnavailable { .. }
+            | IdempotencyError::CircuitOpen { .. }
             | IdempotencyError::StoreRefused { .. }
             | IdempotencyError::Protocol { .. }
             | IdempotencyError::CorruptRecord { .. },
@@ -410,28 +415,41 @@ impl IdempotencyChecker {
             expires_at: Utc::now(),
             taken_over: false,
         };
-        self.write_later(&runtime, lease, None, durations, durations.lease);
+        self.write_later(&runtime, lease, LateWrite::Fail, durations, durations.lease);
     }
 
     /// After the handler ran and its completion could not be written (the
-    /// store was unavailable): keep trying, for up to `ttl`, to record it. A
-    /// token-checked write: it lands only if the attempt still holds the key,
-    /// and then duplicates replay the result instead of running again.
-    fn complete_later(&self, lease: Lease, result: serde_json::Value, durations: Durations) {
+    /// store was unavailable, or refused it for lack of memory): keep
+    /// trying, for up to `ttl`, to record it. A token-checked write: it lands
+    /// only if the attempt still holds the key, and then duplicates replay
+    /// the result (or get `ResultNotStored`, for `None`) instead of running
+    /// again.
+    fn complete_later(
+        &self,
+        lease: Lease,
+        result: Option<serde_json::Value>,
+        durations: Durations,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        self.write_later(&runtime, lease, Some(result), durations, durations.ttl);
+        self.write_later(
+            &runtime,
+            lease,
+            LateWrite::Complete(result),
+            durations,
+            durations.ttl,
+        );
     }
 
     /// Retries, in the background and through the circuit breaker, a
-    /// `complete` (with `result`) or a `fail` (without) of `lease` while the
-    /// store is unavailable, for up to `give_up_after`.
+    /// `complete` or a `fail` of `lease` while the store is unavailable or
+    /// out of memory, for up to `give_up_after`.
     fn write_later(
         &self,
         runtime: &tokio::runtime::Handle,
         lease: Lease,
-        result: Option<serde_json::Value>,
+        write: LateWrite,
         durations: Durations,
         give_up_after: Duration,
     ) {
@@ -443,11 +461,11 @@ impl IdempotencyChecker {
                 let released = match checker.admit() {
                     Ok(permit) => {
                         let store = &checker.inner.store;
-                        let released = match &result {
-                            Some(result) => {
-                                store.complete(&lease, Some(result), durations.ttl).await
+                        let released = match &write {
+                            LateWrite::Complete(result) => {
+                                store.complete(&lease, result.as_ref(), durations.ttl).await
                             }
-                            None => {
+                            LateWrite::Fail => {
                                 store
                                     .fail(
                                         &lease,
@@ -463,7 +481,7 @@ impl IdempotencyChecker {
                     Err(open) => Err(open),
                 };
                 match released {
-                    Err(IdempotencyError::StoreUnavailable { .. }) => {
+                    Err(e) if may_land_later(&e) => {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(5));
                     }
@@ -803,9 +821,7 @@ impl IdempotencyChecker {
     {
         let (claimed, durations, key) = match self.claim(&request).await {
             Ok(claimed) => claimed,
-            Err(error @ IdempotencyError::StoreUnavailable { .. })
-                if self.inner.config.fail_open =>
-            {
+            Err(error) if error.is_unavailable() && self.inner.config.fail_open => {
                 return self.run_unguarded(&request, &error, handler).await;
             }
             Err(error) => return Err(E::from(error)),
@@ -858,12 +874,12 @@ impl IdempotencyChecker {
                     // The side effects happened: report them, and keep
                     // trying to record them. Returning an error would only
                     // invite a redelivery that runs the handler again.
-                    Err(e @ IdempotencyError::StoreUnavailable { .. }) => {
+                    Err(e) if may_land_later(&e) => {
                         tracing::warn!(
                             error = %e.redacted(),
                             "the handler ran but the store did not take its completion; retrying it in the background"
                         );
-                        self.complete_later(held, json, durations);
+                        self.complete_later(held, Some(json), durations);
                         Ok(Processed::Executed(value))
                     }
                     Err(e) => Err(E::from(e)),
@@ -872,8 +888,15 @@ impl IdempotencyChecker {
                     // The side effects happened: record the key as done with
                     // no result rather than failed, so it never runs again;
                     // duplicates get `ResultNotStored`, never a made-up value.
-                    if let Err(store_error) = guard.finish_completed(None).await {
-                        tracing::warn!(error = %store_error.redacted(), "could not record the completed attempt");
+                    match guard.finish_completed(None).await {
+                        Ok(()) => {}
+                        Err(store_error) if may_land_later(&store_error) => {
+                            tracing::warn!(error = %store_error.redacted(), "could not record the completed attempt yet; retrying it in the background");
+                            self.complete_later(held, None, durations);
+                        }
+                        Err(store_error) => {
+                            tracing::warn!(error = %store_error.redacted(), "could not record the completed attempt");
+                        }
                     }
                     Err(E::from(IdempotencyError::Serialization(e)))
                 }
@@ -964,6 +987,28 @@ impl IdempotencyChecker {
             IdempotencyRecord::completed(result, attempt, request.fingerprint.clone(), Utc::now());
         cache.put(key, record, Some(ttl));
     }
+}
+
+/// A write for an attempt, retried in the background.
+enum LateWrite {
+    /// Complete with this result (`None`: it could not be stored).
+    Complete(Option<serde_json::Value>),
+    /// Fail the attempt (a claim whose outcome is unknown).
+    Fail,
+}
+
+/// Whether a write that failed with `error` may succeed if tried again
+/// later: the store was unavailable (or the breaker open), or it refused
+/// the write for lack of memory, which frees up as records expire.
+fn may_land_later(error: &IdempotencyError) -> bool {
+    error.is_unavailable()
+        || matches!(
+            error,
+            IdempotencyError::StoreRefused {
+                reason: crate::error::StoreRefusal::OutOfMemory,
+                ..
+            }
+        )
 }
 
 /// Results nested deeper than this are refused: `serde_json` would not read

@@ -123,10 +123,8 @@ pub enum IdempotencyError {
         reason: InvalidKeyReason,
     },
 
-    /// The store could not be reached or did not answer in time, or the
-    /// checker's circuit breaker is open after repeated failures (see
-    /// [`is_circuit_open`](Self::is_circuit_open); the source then says so).
-    /// The handler did not run (the checker fails closed), unless
+    /// The store could not be reached or did not answer in time. The
+    /// handler did not run (the checker fails closed), unless
     /// [`fail_open`](crate::IdempotencyConfigBuilder::fail_open) is on.
     #[error("the {store} store is unavailable")]
     StoreUnavailable {
@@ -135,6 +133,27 @@ pub enum IdempotencyError {
         /// The client library's error.
         #[source]
         source: BoxError,
+    },
+
+    /// The checker's circuit breaker is open after repeated
+    /// [`StoreUnavailable`](Self::StoreUnavailable) answers: the store was
+    /// not called. Like `StoreUnavailable`, the handler did not run unless
+    /// [`fail_open`](crate::IdempotencyConfigBuilder::fail_open) is on, and
+    /// it is [retryable](Self::is_retryable).
+    #[error(
+        "the circuit breaker in front of the {store} store is open after repeated failures; \
+         the store was not called{}",
+        match retry_in {
+            Some(wait) => format!(" (next probe in {}ms)", wait.as_millis()),
+            None => " (a probe call is testing the store)".to_owned(),
+        }
+    )]
+    CircuitOpen {
+        /// Which store (`"redis"`, `"memory"`, ...).
+        store: &'static str,
+        /// When the breaker lets the next probe call through, if no probe
+        /// is in flight.
+        retry_in: Option<std::time::Duration>,
     },
 
     /// The store answered but refused the operation (out of memory, or a
@@ -272,13 +291,19 @@ impl IdempotencyError {
         }
     }
 
-    /// Whether this is a [`StoreUnavailable`](Self::StoreUnavailable) error
-    /// from the checker's open circuit breaker: the store was not called.
+    /// Whether this is [`CircuitOpen`](Self::CircuitOpen): the checker's
+    /// circuit breaker refused the call and the store was not called.
     pub fn is_circuit_open(&self) -> bool {
+        matches!(self, Self::CircuitOpen { .. })
+    }
+
+    /// Whether the store could not be asked: it is unavailable
+    /// ([`StoreUnavailable`](Self::StoreUnavailable)) or the circuit breaker
+    /// is open ([`CircuitOpen`](Self::CircuitOpen)). What fail-open acts on.
+    pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            Self::StoreUnavailable { source, .. }
-                if source.downcast_ref::<crate::breaker::CircuitOpen>().is_some()
+            Self::StoreUnavailable { .. } | Self::CircuitOpen { .. }
         )
     }
 
@@ -289,7 +314,10 @@ impl IdempotencyError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::InProgress { .. } | Self::StoreUnavailable { .. } | Self::StoreRefused { .. }
+            Self::InProgress { .. }
+                | Self::StoreUnavailable { .. }
+                | Self::CircuitOpen { .. }
+                | Self::StoreRefused { .. }
         )
     }
 }

@@ -93,9 +93,11 @@ impl Options {
 ///
 /// See the crate docs for the semantics and the status codes.
 ///
-/// With axum, add it with `Router::route_layer` (not `Router::layer`), inside
-/// the layer that authenticates the caller: then a method the route does not
-/// serve gets the router's `405`, and the scope is the verified principal.
+/// With axum, add it to the method router, `post(handler).route_layer(layer)`
+/// (not `Router::layer` nor `Router::route_layer`, which also wrap the `405`
+/// fallback), inside the layer that authenticates the caller: then a method
+/// the route does not serve gets the router's `405`, and the scope is the
+/// verified principal.
 ///
 /// ```
 /// use idempotency_core::{IdempotencyChecker, IdempotencyConfig, MemoryStore};
@@ -537,7 +539,7 @@ async fn refusal(
             StatusCode::BAD_REQUEST,
             &format!("invalid Idempotency-Key: {reason}"),
         ),
-        IdempotencyError::StoreUnavailable { .. } => {
+        IdempotencyError::StoreUnavailable { .. } | IdempotencyError::CircuitOpen { .. } => {
             tracing::warn!(error = %error.redacted(), "idempotency store unavailable; request refused");
             retry_later(
                 StatusCode::SERVICE_UNAVAILABLE,

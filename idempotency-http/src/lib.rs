@@ -35,7 +35,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // Any tower service works; with axum: `Router::new().route(..).route_layer(layer)`.
+//! // Any tower service works; with axum: `.route("/payments", post(handler).route_layer(layer))`.
 //! let create_payment = tower_service_fn(|_req: Request<Body>| async {
 //!     Ok::<_, std::convert::Infallible>(Response::new(Body::from("{\"id\":1}")))
 //! });

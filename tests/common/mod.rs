@@ -1,7 +1,5 @@
-//! Test support: real servers started per test, and the store conformance suite.
+//! Test support: real servers started per test.
 #![allow(dead_code, unreachable_pub)]
-
-pub mod conformance;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -759,6 +757,11 @@ pub struct Instrumented {
     /// While set, claims answer with a `Protocol` error (a reply of a shape
     /// the store did not expect) without reaching the store.
     pub answer_unexpectedly: std::sync::atomic::AtomicBool,
+    /// When set, the `complete` calls refused by
+    /// [`refuse_completes`](Self::refuse_completes) fail with
+    /// `StoreRefused(OutOfMemory)`, as a full Redis answers, instead of
+    /// `StoreUnavailable`.
+    pub completes_out_of_memory: std::sync::atomic::AtomicBool,
 }
 
 impl Instrumented {
@@ -771,6 +774,7 @@ impl Instrumented {
             down: Default::default(),
             outage_after_lost_claim: Default::default(),
             answer_unexpectedly: Default::default(),
+            completes_out_of_memory: Default::default(),
         }
     }
 
@@ -850,6 +854,17 @@ impl idempotency::IdempotencyStore for Instrumented {
             std::sync::atomic::Ordering::SeqCst,
             |n| n.checked_sub(1),
         );
+        if refused.is_ok()
+            && self
+                .completes_out_of_memory
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(idempotency::IdempotencyError::store_refused(
+                "instrumented",
+                idempotency::StoreRefusal::OutOfMemory,
+                "OOM command not allowed when used memory > 'maxmemory'",
+            ));
+        }
         if refused.is_ok() {
             return Err(idempotency::IdempotencyError::store_unavailable(
                 "instrumented",
