@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 
 use chrono::{DateTime, Utc};
 
@@ -46,6 +46,10 @@ pub(super) struct HeldDoc {
 pub(super) struct Ifeq {
     support: AtomicU8,
     held: Mutex<HashMap<String, HeldDoc>>,
+    /// Until when (ms since the epoch) the map stays full without another
+    /// scan: a full map of live leases is pruned at most once a second, not
+    /// on every claim.
+    full_until_ms: AtomicI64,
 }
 
 /// The map key of a lease: the storage key and the token (a token may be
@@ -93,9 +97,16 @@ impl Ifeq {
         }
         let mut map = self.lock();
         if map.len() >= MAX_HELD {
+            // Not remembered: this lease completes through the finish
+            // script, which is slower but as correct.
             let now = Utc::now();
+            if now.timestamp_millis() < self.full_until_ms.load(Ordering::Relaxed) {
+                return;
+            }
             map.retain(|_, h| h.expires_at > now);
             if map.len() >= MAX_HELD {
+                self.full_until_ms
+                    .store(now.timestamp_millis() + 1000, Ordering::Relaxed);
                 return;
             }
         }
