@@ -39,13 +39,13 @@ async fn the_cluster_passes_the_store_conformance_suite() {
             $(
                 cluster.flush();
                 eprintln!("conformance rule on the cluster: {}", stringify!($rule));
-                common::conformance::$rule(&store).await;
+                idempotency_core::testing::$rule(&store).await;
             )*
         };
     }
-    for_each_rule!(run_rules);
+    idempotency_core::for_each_conformance_rule!(run_rules);
     cluster.flush();
-    common::conformance::concurrent_claims_have_one_winner(Arc::new(store.clone())).await;
+    idempotency_core::testing::concurrent_claims_have_one_winner(Arc::new(store.clone())).await;
 }
 
 /// 64 tasks race on one key, and 300 keys spread over the three masters:

@@ -273,7 +273,7 @@ macro_rules! acl_conformance {
                 let store = RedisStore::connect(&idem_url(&server))
                     .await
                     .expect("connect as the ACL user");
-                common::conformance::$name(&store).await;
+                idempotency_core::testing::$name(&store).await;
             }
         )*
     };
@@ -282,7 +282,7 @@ macro_rules! acl_conformance {
 mod conformance_under_the_documented_acl {
     use super::*;
 
-    for_each_rule!(acl_conformance);
+    idempotency_core::for_each_conformance_rule!(acl_conformance);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_claims_have_one_winner() {
@@ -290,7 +290,8 @@ mod conformance_under_the_documented_acl {
         let store = RedisStore::connect(&idem_url(&server))
             .await
             .expect("connect as the ACL user");
-        common::conformance::concurrent_claims_have_one_winner(std::sync::Arc::new(store)).await;
+        idempotency_core::testing::concurrent_claims_have_one_winner(std::sync::Arc::new(store))
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -299,6 +300,7 @@ mod conformance_under_the_documented_acl {
         let store = RedisStore::connect(&idem_url(&server))
             .await
             .expect("connect as the ACL user");
-        common::conformance::concurrent_marks_have_one_winner(std::sync::Arc::new(store)).await;
+        idempotency_core::testing::concurrent_marks_have_one_winner(std::sync::Arc::new(store))
+            .await;
     }
 }

@@ -13,6 +13,20 @@
 //! re-exports this one. Store authors depend on this crate and implement
 //! [`IdempotencyStore`].
 //!
+//! # Writing a store
+//!
+//! Implement [`IdempotencyStore`], and apply the state machine's rules
+//! rather than writing them again: inside each atomic step, read the record
+//! at the key, ask [`record::decide_claim`] (for `claim`) or
+//! [`record::decide_finish`] (for `renew`, `complete`, `fail`) what to do,
+//! and do what the [`ClaimDecision`](record::ClaimDecision) or
+//! [`FinishDecision`](record::FinishDecision) says. Then run the conformance
+//! suite of the `testing` feature against it: one line,
+//! `idempotency_core::store_conformance_tests!(my_store => new_store);`, in a
+//! test file (see `testing`). [`MemoryStore`] is the reference; the
+//! `idempotency-store-example` crate of the repository is a store written
+//! with public API only.
+//!
 //! # Example
 //! ```
 //! use idempotency_core::{EventEnvelope, IdempotencyChecker, IdempotencyError, MemoryStore};
@@ -40,6 +54,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `redis` | [`RedisStore`], on the `redis` crate's `ConnectionManager` |
+//! | `testing` | the store conformance suite (`testing`, `store_conformance_tests!`, `for_each_conformance_rule!`), for store tests |
 
 mod breaker;
 mod cache;
@@ -53,6 +68,8 @@ mod key;
 pub mod record;
 mod stats;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[doc(hidden)]
 pub mod __private;

@@ -6,10 +6,24 @@
 //!                       └─ lease expired ──claim──> PROCESSING (new token, attempt+1)
 //! ```
 //!
-//! The functions at the bottom of this module are the state machine as pure
-//! decisions. [`MemoryStore`](crate::MemoryStore) calls them directly; the Redis
-//! store's Lua scripts implement the same table, and both pass one conformance
-//! suite.
+//! # The rules, for store authors
+//!
+//! The state machine is written once, as two pure decisions that every store
+//! applies inside its own atomic step (a lock, a transaction, a script):
+//!
+//! - [`decide_claim`] says what a [`claim`](crate::IdempotencyStore::claim)
+//!   does with the record it found: a [`ClaimDecision`].
+//! - [`decide_finish`] says what [`renew`](crate::IdempotencyStore::renew),
+//!   [`complete`](crate::IdempotencyStore::complete) and
+//!   [`fail`](crate::IdempotencyStore::fail) do with it: a [`FinishDecision`].
+//!
+//! Both read a [`RecordView`]: [`IdempotencyRecord::view`] for a store that
+//! keeps whole records, [`RecordView::new`] for one with its own layout.
+//! The store does the reading and the writing; the decision is never its own.
+//! [`MemoryStore`](crate::MemoryStore) calls them directly; the Redis store
+//! decides in Lua scripts that implement the same table and consults
+//! [`decide_claim`] on its fast path. Every store passes one conformance suite
+//! (the `testing` feature's `idempotency_core::testing`).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -151,6 +165,19 @@ impl IdempotencyRecord {
             && self.lease_expires_at.is_some_and(|at| at > now)
     }
 
+    /// What the state machine reads of this record: the argument of
+    /// [`decide_claim`] and [`decide_finish`] for a store that keeps whole
+    /// records. An empty token or fingerprint reads as `None`.
+    pub fn view(&self) -> RecordView<'_> {
+        RecordView {
+            status: self.status,
+            attempts: self.attempts,
+            lease_token: self.lease_token.as_deref().filter(|t| !t.is_empty()),
+            lease_expires_at: self.lease_expires_at,
+            fingerprint: self.fingerprint.as_deref().filter(|f| !f.is_empty()),
+        }
+    }
+
     /// A `COMPLETED` record: only what a replay needs.
     pub(crate) fn completed(
         result: serde_json::Value,
@@ -217,34 +244,100 @@ pub enum ClaimOutcome {
 // The state machine as pure decisions.
 // ---------------------------------------------------------------------------
 
-/// What a claim does with what it found.
+/// What a claim does with the record it found, as decided by [`decide_claim`].
+///
+/// Each variant names what the store must do, still inside the atomic step
+/// in which it read the record. The enum is exhaustive on purpose: a new
+/// decision is a new rule, and a store that does not handle it must not
+/// compile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ClaimDecision {
-    /// Write a new `PROCESSING` record with this attempt number.
-    Acquire { attempt: u32 },
+pub enum ClaimDecision {
+    /// The caller takes the key. Write a `PROCESSING` record with the
+    /// request's token, this `attempt`, `lease_expires_at` = now +
+    /// [`lease`](crate::ClaimRequest::lease), the request's `event_id`,
+    /// `event_type` and `recorded_key`, and keep from the record it replaces
+    /// its `first_seen_at` (now when there was none) and, when the request
+    /// has none, its fingerprint. The record lives at least as long as the
+    /// lease (the longer of [`ttl`](crate::ClaimRequest::ttl) and `lease`).
+    /// Answer [`ClaimOutcome::Acquired`] with a [`Lease`] whose `taken_over`
+    /// is true when the replaced record was `PROCESSING` (its lease ran out).
+    Acquire {
+        /// The attempt number of the new lease: 1 for an absent key, the
+        /// stored `attempts` + 1 otherwise.
+        attempt: u32,
+    },
     /// The record is already `PROCESSING` under the caller's own token (a
-    /// retried claim whose first try was applied): the caller holds it.
+    /// retried claim whose first try was applied): write nothing and answer
+    /// [`ClaimOutcome::Acquired`] with the stored attempt and lease expiry,
+    /// `taken_over: false`.
     AlreadyHeld,
-    /// `COMPLETED`: replay.
+    /// The record is `COMPLETED`: write nothing and answer
+    /// [`ClaimOutcome::Duplicate`] with the record (its
+    /// [`expires_at`](IdempotencyRecord::expires_at) filled in), so its
+    /// result is replayed.
     Duplicate,
-    /// `PROCESSING` under someone else's live lease.
+    /// The record is `PROCESSING` under someone else's live lease: write
+    /// nothing and answer [`ClaimOutcome::InProgress`] with the record.
     InProgress,
-    /// The key was used with a different payload.
+    /// The key was claimed with a different payload fingerprint: write
+    /// nothing and fail with
+    /// [`FingerprintMismatch`](crate::IdempotencyError::FingerprintMismatch).
     FingerprintMismatch,
 }
 
 /// What the state machine reads of a stored record, lent by a store's own
 /// form of it.
+///
+/// Absent values are `None`, never empty strings: a store that stores empty
+/// strings for "no token" or "no fingerprint" maps them to `None` here.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RecordView<'a> {
-    pub(crate) status: ProcessingStatus,
-    pub(crate) attempts: u32,
-    pub(crate) lease_token: Option<&'a str>,
-    pub(crate) lease_expires_at: Option<DateTime<Utc>>,
-    pub(crate) fingerprint: Option<&'a str>,
+#[non_exhaustive]
+pub struct RecordView<'a> {
+    /// The record's status.
+    pub status: ProcessingStatus,
+    /// How many attempts have claimed the key.
+    pub attempts: u32,
+    /// The fencing token of the attempt that holds (`PROCESSING`) or last
+    /// held (`FAILED`) the key; `None` for `COMPLETED` records.
+    pub lease_token: Option<&'a str>,
+    /// When the current lease runs out (`PROCESSING` only).
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The payload fingerprint recorded by the first claim, if any.
+    pub fingerprint: Option<&'a str>,
 }
 
-pub(crate) fn decide_claim(
+impl<'a> RecordView<'a> {
+    /// A view of a record a store keeps in its own layout.
+    pub fn new(
+        status: ProcessingStatus,
+        attempts: u32,
+        lease_token: Option<&'a str>,
+        lease_expires_at: Option<DateTime<Utc>>,
+        fingerprint: Option<&'a str>,
+    ) -> Self {
+        Self {
+            status,
+            attempts,
+            lease_token,
+            lease_expires_at,
+            fingerprint,
+        }
+    }
+}
+
+/// Decides what a claim does with what it found at the key.
+///
+/// - `existing`: the record at the key, or `None` when there is none. A
+///   record whose own time to live has run out counts as absent: pass `None`
+///   (a store that has not yet dropped it must replace it).
+/// - `fingerprint`: the request's [`fingerprint`](crate::ClaimRequest::fingerprint),
+///   `None` when it is absent or empty.
+/// - `token`: the request's [`token`](crate::ClaimRequest::token).
+/// - `now`: the store's clock, which judges whether a lease is live.
+///
+/// A differing fingerprint wins over every status. See [`ClaimDecision`]
+/// for what the store does with each answer.
+pub fn decide_claim(
     existing: Option<RecordView<'_>>,
     fingerprint: Option<&str>,
     token: &str,
@@ -272,25 +365,46 @@ pub(crate) fn decide_claim(
     }
 }
 
-/// What `complete`, `fail` or `renew` does with what it found.
+/// What `renew`, `complete` or `fail` does with the record it found, as
+/// decided by [`decide_finish`].
+///
+/// Exhaustive on purpose, like [`ClaimDecision`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FinishDecision {
-    /// The caller holds the lease: write.
+pub enum FinishDecision {
+    /// The caller holds the lease: write the transition. `complete` writes
+    /// the `COMPLETED` record (only what a replay needs, see
+    /// [`IdempotencyRecord`]) living `ttl`; `fail` writes `FAILED` with the
+    /// error, keeping the token, living `ttl`; `renew` moves
+    /// `lease_expires_at` to now + the new lease and keeps the record alive
+    /// at least that long.
     Apply,
     /// The same transition by the same token was already applied (a retried
-    /// call whose first try went through): succeed without writing.
+    /// call whose first try went through): succeed without writing. Never
+    /// answered for `renew`.
     AlreadyApplied,
-    /// The caller does not hold the lease: write nothing.
+    /// The caller does not hold the lease: write nothing and fail with
+    /// [`LeaseLost`](crate::IdempotencyError::LeaseLost).
     LeaseLost,
 }
 
-/// Decide a token-checked transition to `target` (`Processing` means renew).
+/// Decides a token-checked transition of the record at a lease's key.
+///
+/// - `existing`: the record at the key, `None` when there is none (or its
+///   time to live has run out).
+/// - `token`: the [`Lease::token`] of the caller.
+/// - `target`: the status the call writes: [`ProcessingStatus::Completed`]
+///   for `complete`, [`ProcessingStatus::Failed`] for `fail`,
+///   [`ProcessingStatus::Processing`] for `renew`.
+/// - `retried`: the store is re-sending a call whose first try may have been
+///   applied (its own retry after a timeout or lost reply); `false` for a
+///   first try.
 ///
 /// A `COMPLETED` record keeps no token, so a repeated `complete` cannot be
 /// told apart from someone else's: it is `LeaseLost`, unless `retried` says
-/// the caller is re-sending a call whose first try may have been applied (a
-/// store's own retry after a timeout), which then counts as applied.
-pub(crate) fn decide_finish(
+/// the caller is re-sending a call whose first try may have been applied,
+/// which then counts as applied. See [`FinishDecision`] for what the store
+/// does with each answer.
+pub fn decide_finish(
     existing: Option<RecordView<'_>>,
     token: &str,
     target: ProcessingStatus,
@@ -344,17 +458,6 @@ mod tests {
             self.result = None;
             self.lease_expires_at = None;
             self.expires_at = None;
-        }
-
-        /// What the state machine reads of this record.
-        pub(crate) fn view(&self) -> RecordView<'_> {
-            RecordView {
-                status: self.status,
-                attempts: self.attempts,
-                lease_token: self.lease_token.as_deref(),
-                lease_expires_at: self.lease_expires_at,
-                fingerprint: self.fingerprint.as_deref(),
-            }
         }
     }
 

@@ -1,21 +1,75 @@
-//! The store conformance suite: written once over `&dyn IdempotencyStore`,
-//! run against every store by `tests/store_conformance.rs`.
+//! The store conformance suite: the contract of [`IdempotencyStore`] as
+//! runnable checks, shipped so that every store, in this repository or
+//! not, is held to the same rules.
+//!
+//! Enabled by the `testing` feature (add `idempotency-core` with
+//! `features = ["testing"]` to your `[dev-dependencies]`). Each rule is a
+//! public async function over a store that panics, like an `assert!`, when
+//! the store breaks the rule; [`concurrent_claims_have_one_winner`] and
+//! [`concurrent_marks_have_one_winner`] take an `Arc` because they spawn tasks.
+//! The rules use keys starting with `c:` and `m:` and expect none of them to
+//! exist; give each rule an empty store.
+//!
+//! Three ways to run them:
+//! - [`store_conformance_tests!`](crate::store_conformance_tests): one
+//!   `#[tokio::test]` per rule and store, the simplest for a store author;
+//! - [`for_each_conformance_rule!`](crate::for_each_conformance_rule): the
+//!   list of rules over `&dyn IdempotencyStore`, handed to a macro of your
+//!   own (to run them in one test on one costly server, say);
+//! - the functions one by one.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use idempotency_core::{MemoryStore, testing};
+//!
+//! testing::absent_key_is_acquired_as_attempt_one(&MemoryStore::new()).await;
+//! testing::marks_detect_repeats_within_a_batch(&MemoryStore::new()).await;
+//! # }
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency::{
-    ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyStore, Lease, ProcessingStatus,
-};
 use serde_json::json;
 
-/// Calls `$then!(rule, rule, ...)` with every rule that takes
-/// `&dyn IdempotencyStore`: the one list both the per-store tests and the
-/// cluster run use.
+use crate::{
+    ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyStore, Lease, ProcessingStatus,
+};
+
+/// Calls the macro `$then` with every conformance rule that takes
+/// `&dyn IdempotencyStore`, as `$then!(rule, rule, ...);`: the names of the
+/// functions of [`testing`](crate::testing), to call as
+/// `idempotency_core::testing::$rule(store)`. The two concurrency rules,
+/// which take an `Arc`, are not in the list.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use idempotency_core::MemoryStore;
+///
+/// macro_rules! run_all {
+///     ($($rule:ident),* $(,)?) => {
+///         $(idempotency_core::testing::$rule(&MemoryStore::new()).await;)*
+///     };
+/// }
+/// idempotency_core::for_each_conformance_rule!(run_all);
+/// # }
+/// ```
 #[macro_export]
-macro_rules! for_each_rule {
+macro_rules! for_each_conformance_rule {
     ($then:ident) => {
-        $then!(
+        $crate::__conformance_rule_list!([$then] []);
+    };
+}
+
+/// The one list of rules, calling `$callback!($extra rule, rule, ...)`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_rule_list {
+    ([$($callback:tt)*] [$($extra:tt)*]) => {
+        $($callback)*!(
+            $($extra)*
             absent_key_is_acquired_as_attempt_one,
             live_lease_is_in_progress,
             completed_is_duplicate_with_exact_result,
@@ -41,6 +95,87 @@ macro_rules! for_each_rule {
     };
 }
 
+/// Generates the whole conformance suite as tests: for each rule, a module
+/// named after it with one `#[tokio::test]` per store, named after the store
+/// (so `cargo test absent_key` runs one rule on every store, and
+/// `cargo test ::memory` one store on every rule).
+///
+/// Each store is given as `name => constructor`, where `constructor` is an
+/// async fn of the module that invokes the macro, taking nothing and
+/// returning `(guard, Arc<store>)`: the guard (a server process, a
+/// temporary directory, `()`) is held until the test ends, and the store is
+/// any [`IdempotencyStore`] (a fresh one per call: the rules expect an empty
+/// store). The tests run on tokio's multi-thread runtime, so the crate that
+/// invokes the macro needs `tokio` with the `macros` and `rt-multi-thread`
+/// features.
+///
+/// ```
+/// use std::sync::Arc;
+/// use idempotency_core::MemoryStore;
+///
+/// async fn memory() -> ((), Arc<MemoryStore>) {
+///     ((), Arc::new(MemoryStore::new()))
+/// }
+///
+/// idempotency_core::store_conformance_tests!(memory => memory);
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($($store:ident => $constructor:ident),+ $(,)?) => {
+        $crate::__conformance_rule_list!(
+            [$crate::__conformance_rule_tests]
+            [[$($store => $constructor),+];]
+        );
+
+        mod concurrent_claims_have_one_winner {
+            $(
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $store() {
+                    let (_guard, store) = super::$constructor().await;
+                    $crate::testing::concurrent_claims_have_one_winner(store).await;
+                }
+            )+
+        }
+
+        mod concurrent_marks_have_one_winner {
+            $(
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $store() {
+                    let (_guard, store) = super::$constructor().await;
+                    $crate::testing::concurrent_marks_have_one_winner(store).await;
+                }
+            )+
+        }
+    };
+}
+
+/// One module per rule, for [`store_conformance_tests!`](crate::store_conformance_tests).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_rule_tests {
+    ($stores:tt; $($rule:ident),* $(,)?) => {
+        $($crate::__conformance_rule_module!($rule $stores);)*
+    };
+}
+
+/// One rule's module: one test per store.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_rule_module {
+    ($rule:ident [$($store:ident => $constructor:ident),+]) => {
+        mod $rule {
+            $(
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $store() {
+                    let (_guard, store) = super::$constructor().await;
+                    $crate::testing::$rule(&*store).await;
+                }
+            )+
+        }
+    };
+}
+
 const LONG: Duration = Duration::from_secs(60);
 
 fn request<'a>(key: &'a str, token: &'a str) -> ClaimRequest<'a> {
@@ -63,6 +198,8 @@ async fn acquire(store: &dyn IdempotencyStore, req: &ClaimRequest<'_>) -> Lease 
     }
 }
 
+/// A claim of an absent key acquires it as attempt 1 and writes a `PROCESSING`
+/// record with the request's token, event id, event type and recorded key.
 pub async fn absent_key_is_acquired_as_attempt_one(store: &dyn IdempotencyStore) {
     let lease = acquire(store, &request("c:absent", "t1")).await;
     assert_eq!(lease.attempt, 1);
@@ -78,6 +215,7 @@ pub async fn absent_key_is_acquired_as_attempt_one(store: &dyn IdempotencyStore)
     assert_eq!(record.idempotency_key, "c:absent");
 }
 
+/// A claim of a key held under a live lease by another token is `InProgress`.
 pub async fn live_lease_is_in_progress(store: &dyn IdempotencyStore) {
     acquire(store, &request("c:live", "t1")).await;
     match store.claim(&request("c:live", "t2")).await.expect("claim") {
@@ -89,6 +227,8 @@ pub async fn live_lease_is_in_progress(store: &dyn IdempotencyStore) {
     }
 }
 
+/// A claim of a `COMPLETED` key is a `Duplicate` carrying the exact result
+/// (big integers, nesting, escapes), a lean record and its expiry.
 pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencyStore) {
     let lease = acquire(store, &request("c:done", "t1")).await;
     // Big integers and nested values must survive byte for byte.
@@ -140,6 +280,8 @@ pub async fn a_null_result_is_stored_as_null(store: &dyn IdempotencyStore) {
     }
 }
 
+/// A `FAILED` key is claimed again as the next attempt, not as a takeover;
+/// `first_seen_at` survives and the error is cleared.
 pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore) {
     let first = acquire(store, &request("c:failed", "t1")).await;
     store.fail(&first, "boom", LONG).await.expect("fail");
@@ -171,6 +313,8 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
     assert_eq!(record.error, None);
 }
 
+/// A `PROCESSING` key whose lease ran out is taken over (attempt 2,
+/// `taken_over`); the stale holder's `complete`, `fail` and `renew` are `LeaseLost`.
 pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
     store: &dyn IdempotencyStore,
 ) {
@@ -203,6 +347,7 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
     assert_eq!(record.attempts, 2);
 }
 
+/// Renewals keep a short lease alive well past its first expiry.
 pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
     let mut short = request("c:renew", "t1");
     short.lease = Duration::from_millis(300);
@@ -227,6 +372,8 @@ pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
         .expect("complete after renewals");
 }
 
+/// A claim repeated with the token that holds the key acquires it again,
+/// same attempt.
 pub async fn retried_claim_with_own_token_is_acquired(store: &dyn IdempotencyStore) {
     let first = acquire(store, &request("c:retry", "mine")).await;
     let again = acquire(store, &request("c:retry", "mine")).await;
@@ -234,6 +381,8 @@ pub async fn retried_claim_with_own_token_is_acquired(store: &dyn IdempotencySto
     assert_eq!(again.token, "mine");
 }
 
+/// Nothing writes over a `COMPLETED` record; a repeated `fail` by the same
+/// token succeeds, and a `complete` after it is `LeaseLost`.
 pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn IdempotencyStore) {
     // A COMPLETED record keeps no token: nothing, not even its own holder
     // calling again, writes over it. (A store's own retry of a `complete`
@@ -278,6 +427,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
     assert_eq!(record.lease_expires_at, None);
 }
 
+/// A lease the store never handed out completes nothing and creates no record.
 pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
     let forged = Lease {
         taken_over: false,
@@ -293,6 +443,8 @@ pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
     assert!(store.get("c:forged").await.expect("get").is_none());
 }
 
+/// A claim with a different fingerprint fails with `FingerprintMismatch` in
+/// every status; the same fingerprint, or none, is allowed.
 pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
     let mut req = request("c:fp", "t1");
     req.fingerprint = Some("aaa");
@@ -329,6 +481,7 @@ pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
     ));
 }
 
+/// A completed record is gone after its ttl, and the key starts over at attempt 1.
 pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
     let mut req = request("c:ttl", "t1");
     req.ttl = Duration::from_millis(200);
@@ -345,6 +498,7 @@ pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
     assert_eq!(again.attempt, 1, "an expired record starts over");
 }
 
+/// A `PROCESSING` record lives as long as its lease even when the ttl is shorter.
 pub async fn processing_record_outlives_a_short_ttl(store: &dyn IdempotencyStore) {
     // ttl shorter than the lease: the PROCESSING record must not vanish
     // while its lease is live, or a duplicate could run.
@@ -362,6 +516,7 @@ pub async fn processing_record_outlives_a_short_ttl(store: &dyn IdempotencyStore
     ));
 }
 
+/// `get` and `delete` of absent and present keys; `health` answers.
 pub async fn get_and_delete(store: &dyn IdempotencyStore) {
     assert!(store.get("c:gd").await.expect("get").is_none());
     assert!(!store.delete("c:gd").await.expect("delete"));
@@ -377,6 +532,7 @@ pub async fn get_and_delete(store: &dyn IdempotencyStore) {
     store.health().await.expect("health");
 }
 
+/// 64 tasks claim one key at once: exactly one acquires it.
 pub async fn concurrent_claims_have_one_winner(store: Arc<dyn IdempotencyStore>) {
     let mut tasks = Vec::new();
     for i in 0..64 {
@@ -397,6 +553,8 @@ pub async fn concurrent_claims_have_one_winner(store: Arc<dyn IdempotencyStore>)
     assert_eq!(winners, 1);
 }
 
+/// After its lease runs out, a record lives on for its ttl: the next claim
+/// is attempt 2, not a fresh key.
 pub async fn renewed_record_outlives_its_first_lease(store: &dyn IdempotencyStore) {
     let mut req = request("c:outlive", "t1");
     req.lease = Duration::from_millis(100);
@@ -418,6 +576,7 @@ pub async fn renewed_record_outlives_its_first_lease(store: &dyn IdempotencyStor
     assert_eq!(next.attempt, 2);
 }
 
+/// Empty event id, event type and fingerprint on a claim are stored as absent.
 pub async fn empty_strings_mean_absent(store: &dyn IdempotencyStore) {
     let mut req = request("c:empty", "t1");
     req.event_id = Some("");
@@ -438,6 +597,7 @@ pub async fn empty_strings_mean_absent(store: &dyn IdempotencyStore) {
 // Seen-set marks (`mark` / `contains`), what `Deduplicator` is built on.
 // ---------------------------------------------------------------------------
 
+/// `mark` answers `true` once per key, `false` after, in input order.
 pub async fn marks_are_new_once_and_answer_in_order(store: &dyn IdempotencyStore) {
     assert_eq!(
         store.mark(&[], LONG).await.expect("mark"),
@@ -457,6 +617,7 @@ pub async fn marks_are_new_once_and_answer_in_order(store: &dyn IdempotencyStore
     assert_eq!(store.mark(&["m:c"], LONG).await.expect("mark"), [false]);
 }
 
+/// `mark` answers `false` for a key repeated within one batch.
 pub async fn marks_detect_repeats_within_a_batch(store: &dyn IdempotencyStore) {
     assert_eq!(
         store
@@ -467,6 +628,8 @@ pub async fn marks_detect_repeats_within_a_batch(store: &dyn IdempotencyStore) {
     );
 }
 
+/// `contains` only reads; any record counts as seen, and a mark never
+/// overwrites one.
 pub async fn contains_reads_without_marking(store: &dyn IdempotencyStore) {
     assert_eq!(
         store.contains(&[]).await.expect("contains"),
@@ -499,6 +662,7 @@ pub async fn contains_reads_without_marking(store: &dyn IdempotencyStore) {
         .expect("the holder still completes");
 }
 
+/// A mark lives its ttl, then the key is new again.
 pub async fn marks_expire_after_ttl(store: &dyn IdempotencyStore) {
     let short = Duration::from_millis(200);
     assert_eq!(store.mark(&["m:ttl"], short).await.expect("mark"), [true]);
@@ -514,6 +678,8 @@ pub async fn marks_expire_after_ttl(store: &dyn IdempotencyStore) {
     );
 }
 
+/// A mark is a `COMPLETED` record with a `null` result: a claim of it is a
+/// `Duplicate`, and deleting it makes the key new again.
 pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn IdempotencyStore) {
     store.mark(&["m:done"], LONG).await.expect("mark");
     let record = store.get("m:done").await.expect("get").expect("record");
@@ -542,6 +708,7 @@ pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn Idemp
     assert_eq!(store.mark(&["m:done"], LONG).await.expect("mark"), [true]);
 }
 
+/// 16 tasks mark one key at once: exactly one is told it is new.
 pub async fn concurrent_marks_have_one_winner(store: Arc<dyn IdempotencyStore>) {
     let tasks: Vec<_> = (0..16)
         .map(|_| {
