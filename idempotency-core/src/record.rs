@@ -481,6 +481,25 @@ mod tests {
     }
 
     #[test]
+    fn a_record_view_reads_an_empty_token_or_fingerprint_as_absent() {
+        let mut r = record(ProcessingStatus::Failed, "", 1000);
+        r.fingerprint = Some(String::new());
+        let view = r.view();
+        assert_eq!(view.lease_token, None);
+        assert_eq!(view.fingerprint, None);
+        // So a stored empty fingerprint guards nothing, and an empty token
+        // holds nothing.
+        assert_eq!(
+            decide_claim(Some(view), Some("other"), "b", Utc::now()),
+            ClaimDecision::Acquire { attempt: 3 }
+        );
+        assert_eq!(
+            decide_finish(Some(view), "", ProcessingStatus::Failed, false),
+            FinishDecision::LeaseLost
+        );
+    }
+
+    #[test]
     fn absent_key_is_acquired_as_attempt_one() {
         assert_eq!(
             decide_claim(None, None, "t", Utc::now()),
