@@ -744,22 +744,15 @@ enum Unstorable {
     Deep(serde_json::Value),
 }
 
-/// A claim applied by the store whose reply was lost (a timeout) must not
-/// block the key for a whole lease.
-async fn claim_with_lost_reply_is_released(kind: Kind) {
-    let env = env(
-        kind,
-        config().in_progress_timeout("60s").build().expect("config"),
-    )
-    .await;
+/// Claims `key` with the store applying the claim and the reply lost: the
+/// caller sees `StoreUnavailable`. Later claims get their replies.
+async fn lose_a_claim(env: &Env, key: &str) {
     env.instrumented
         .lose_claim_replies
         .store(true, Ordering::SeqCst);
     let lost = env
         .checker
-        .process(&event("lost-reply"), |_| async {
-            Ok::<_, IdempotencyError>(1)
-        })
+        .process(&event(key), |_| async { Ok::<_, IdempotencyError>(1) })
         .await;
     assert!(
         matches!(lost, Err(IdempotencyError::StoreUnavailable { .. })),
@@ -768,6 +761,17 @@ async fn claim_with_lost_reply_is_released(kind: Kind) {
     env.instrumented
         .lose_claim_replies
         .store(false, Ordering::SeqCst);
+}
+
+/// A claim applied by the store whose reply was lost (a timeout) must not
+/// block the key for a whole lease.
+async fn claim_with_lost_reply_is_released(kind: Kind) {
+    let env = env(
+        kind,
+        config().in_progress_timeout("60s").build().expect("config"),
+    )
+    .await;
+    lose_a_claim(&env, "lost-reply").await;
     let mut released = None;
     for _ in 0..100 {
         let record = env
@@ -810,24 +814,9 @@ async fn claim_lost_before_an_outage_is_released_when_the_store_returns(kind: Ki
     )
     .await;
     env.instrumented
-        .lose_claim_replies
-        .store(true, Ordering::SeqCst);
-    env.instrumented
         .outage_after_lost_claim
         .store(true, Ordering::SeqCst);
-    let lost = env
-        .checker
-        .process(&event("lost-then-down"), |_| async {
-            Ok::<_, IdempotencyError>(1)
-        })
-        .await;
-    assert!(
-        matches!(lost, Err(IdempotencyError::StoreUnavailable { .. })),
-        "{lost:?}"
-    );
-    env.instrumented
-        .lose_claim_replies
-        .store(false, Ordering::SeqCst);
+    lose_a_claim(&env, "lost-then-down").await;
     // The outage outlasts several cool-downs of the breaker.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let orphan = env
