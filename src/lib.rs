@@ -33,22 +33,26 @@
 //! | `nats` | no | [`nats`]: NATS subscribers, JetStream consumers, the dedup relay |
 //! | `tls` | no | `rediss://` URLs for [`RedisStore`] (rustls with the ring provider) |
 //! | `cli` | no | the `idempotency` admin binary |
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[doc(inline)]
 pub use idempotency_core::*;
 
 #[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 #[doc(inline)]
 pub use idempotency_macros::idempotent;
 
 /// The `Idempotency-Key` HTTP header for axum and other tower services
 /// (the `idempotency-http` crate).
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use idempotency_http as http;
 
 /// NATS subscribers, JetStream consumers and the dedup relay
 /// (the `idempotency-nats` crate).
 #[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use idempotency_nats as nats;
 
 // The README and the guide are compiled and run as doctests.

@@ -55,6 +55,7 @@
 //! |---|---|
 //! | `redis` | [`RedisStore`], on the `redis` crate's `ConnectionManager` |
 //! | `testing` | the store conformance suite (`testing`, `store_conformance_tests!`, `for_each_conformance_rule!`), for store tests |
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod breaker;
 mod cache;
@@ -69,6 +70,7 @@ pub mod record;
 mod stats;
 pub mod store;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 #[doc(hidden)]
@@ -89,5 +91,6 @@ pub use record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
 pub use stats::CheckerStats;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::{PrefixSummary, RedisStore, RedisStoreBuilder};
 pub use store::{ClaimRequest, IdempotencyStore};

@@ -25,6 +25,7 @@ pub(crate) fn after(
 
 pub mod memory;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
 /// Everything a store needs to claim a key.
