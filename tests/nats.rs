@@ -117,6 +117,28 @@ async fn drained(consumer: &mut PullConsumer) -> bool {
     info.num_pending == 0 && info.num_ack_pending == 0
 }
 
+/// Runs a `JetStreamWorker` on `consumer` whose handler records each
+/// event's key in `executions`, until `shutdown`.
+fn spawn_recording_worker(
+    consumer: PullConsumer,
+    checker: IdempotencyChecker,
+    executions: &Arc<Executions>,
+    shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> tokio::task::JoinHandle<Result<idempotency::nats::NatsStats, idempotency::nats::WorkerError>> {
+    let seen = Arc::clone(executions);
+    tokio::spawn(JetStreamWorker::new(consumer).run(
+        checker,
+        move |envelope: EventEnvelope<Value>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.record(envelope.effective_key());
+                Ok::<_, IdempotencyError>(())
+            }
+        },
+        shutdown,
+    ))
+}
+
 fn shutdown_signal() -> (
     watch::Sender<bool>,
     impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -398,19 +420,11 @@ async fn poison_message_is_terminated_and_others_flow() {
     let checker = checker(&redis, IdempotencyConfig::default()).await;
     let executions = Arc::new(Executions::default());
     let (stop, shutdown) = shutdown_signal();
-    let seen = Arc::clone(&executions);
-    let worker = tokio::spawn(
-        JetStreamWorker::new(events.get_consumer("poison").await.expect("consumer")).run(
-            checker,
-            move |envelope: EventEnvelope<Value>| {
-                let seen = Arc::clone(&seen);
-                async move {
-                    seen.record(envelope.effective_key());
-                    Ok::<_, IdempotencyError>(())
-                }
-            },
-            shutdown(),
-        ),
+    let worker = spawn_recording_worker(
+        events.get_consumer("poison").await.expect("consumer"),
+        checker,
+        &executions,
+        shutdown(),
     );
     eventually(Duration::from_secs(20), "all settled", async || {
         executions.snapshot().len() == 2 && drained(&mut watcher).await
@@ -938,19 +952,11 @@ async fn work_until_drained(
     let checker = checker(&redis, IdempotencyConfig::default()).await;
     let executions = Arc::new(Executions::default());
     let (stop, shutdown) = shutdown_signal();
-    let seen = Arc::clone(&executions);
-    let worker = tokio::spawn(
-        JetStreamWorker::new(events.get_consumer("worker").await.expect("consumer")).run(
-            checker,
-            move |envelope: EventEnvelope<Value>| {
-                let seen = Arc::clone(&seen);
-                async move {
-                    seen.record(envelope.effective_key());
-                    Ok::<_, IdempotencyError>(())
-                }
-            },
-            shutdown(),
-        ),
+    let worker = spawn_recording_worker(
+        events.get_consumer("worker").await.expect("consumer"),
+        checker,
+        &executions,
+        shutdown(),
     );
     eventually(Duration::from_secs(20), "input drained", async || {
         drained(&mut watcher).await

@@ -10,20 +10,25 @@ use common::{RedisServer, ServerKind, TlsRedisServer};
 use idempotency::{EventEnvelope, IdempotencyChecker, IdempotencyError, RedisStore};
 use serde_json::json;
 
+/// Processes `e` twice: it runs once and is replayed once.
+async fn run_twice(checker: &IdempotencyChecker, e: &EventEnvelope) {
+    for _ in 0..2 {
+        checker
+            .process(e, |_| async { Ok::<_, IdempotencyError>(1) })
+            .await
+            .expect("process");
+    }
+    assert_eq!(checker.stats().executed, 1);
+    assert_eq!(checker.stats().replayed, 1);
+}
+
 async fn processes_once(url: &str) {
     let store = RedisStore::connect(url)
         .await
         .expect("connect with credentials");
     let checker = IdempotencyChecker::new(store);
     let e = EventEnvelope::new("test.event", json!({})).with_idempotency_key("auth-1");
-    for _ in 0..2 {
-        checker
-            .process(&e, |_| async { Ok::<_, IdempotencyError>(1) })
-            .await
-            .expect("process");
-    }
-    assert_eq!(checker.stats().executed, 1);
-    assert_eq!(checker.stats().replayed, 1);
+    run_twice(&checker, &e).await;
     assert!(
         checker.delete_record("auth-1").await.expect("delete"),
         "DEL works under these credentials too"
@@ -148,14 +153,7 @@ async fn the_documented_acl_is_enough_for_set_ifeq_on_valkey() {
     );
     let checker = IdempotencyChecker::new(store.clone());
     let e = EventEnvelope::new("test.event", json!({})).with_idempotency_key("narrow-1");
-    for _ in 0..2 {
-        checker
-            .process(&e, |_| async { Ok::<_, IdempotencyError>(1) })
-            .await
-            .expect("process");
-    }
-    assert_eq!(checker.stats().executed, 1);
-    assert_eq!(checker.stats().replayed, 1);
+    run_twice(&checker, &e).await;
     assert_eq!(
         store.completes_with_set_ifeq(),
         Some(true),

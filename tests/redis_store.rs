@@ -598,20 +598,6 @@ async fn cross_process_worker() {
     common::process_each_key(&checker, &counter, worker, KEYS).await;
 }
 
-/// A claim request for `key` under `token`, with long durations.
-fn claim_request<'a>(key: &'a str, token: &'a str) -> idempotency::ClaimRequest<'a> {
-    idempotency::ClaimRequest {
-        key,
-        recorded_key: key,
-        event_id: Some("evt-1"),
-        event_type: Some("test.event"),
-        fingerprint: None,
-        token,
-        lease: Duration::from_secs(60),
-        ttl: Duration::from_secs(60),
-    }
-}
-
 /// Issue 14 item 17: the claim and finish scripts refuse every value the
 /// reader (`get`) refuses, with `CorruptRecord`, and overwrite none of them;
 /// before, the claim script checked only the status and claimed these.
@@ -649,7 +635,9 @@ async fn claims_refuse_every_value_the_reader_refuses() {
             matches!(read, Err(IdempotencyError::CorruptRecord { .. })),
             "get of {doc}: {read:?}"
         );
-        let claimed = store.claim(&claim_request(&key, "tok")).await;
+        let claimed = store
+            .claim(&idempotency_core::testing::claim_request(&key, "tok"))
+            .await;
         assert!(
             matches!(claimed, Err(IdempotencyError::CorruptRecord { .. })),
             "claim of {doc}: {claimed:?}"
@@ -686,7 +674,7 @@ async fn a_nested_completed_status_is_not_a_duplicate() {
     );
     let _: () = redis.set(key, &doc).await.expect("SET");
     match store
-        .claim(&claim_request(key, "tok"))
+        .claim(&idempotency_core::testing::claim_request(key, "tok"))
         .await
         .expect("claim")
     {
@@ -738,7 +726,7 @@ async fn a_null_result_stays_null_and_no_result_stays_absent() {
         ("none-fp", None, Some("fp")),
     ] {
         let key = format!("idempotency:events:{name}");
-        let mut request = claim_request(&key, "t1");
+        let mut request = idempotency_core::testing::claim_request(&key, "t1");
         request.fingerprint = fingerprint;
         let lease = match store.claim(&request).await.expect("claim") {
             idempotency::ClaimOutcome::Acquired(lease) => lease,
@@ -758,7 +746,7 @@ async fn a_null_result_stays_null_and_no_result_stays_absent() {
         assert_eq!(read.result, result, "{name}: get");
         // The plain `SET NX GET` path, then the claim script (a legacy
         // document without `ttl_ms` goes there).
-        let mut again = claim_request(&key, "t2");
+        let mut again = idempotency_core::testing::claim_request(&key, "t2");
         again.fingerprint = fingerprint;
         match store.claim(&again).await.expect("claim") {
             idempotency::ClaimOutcome::Duplicate(record) => {
@@ -853,7 +841,10 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
         assert_eq!(done, Processed::Replayed(i));
     }
     match store
-        .claim(&claim_request("idempotency:events:full-live", "other"))
+        .claim(&idempotency_core::testing::claim_request(
+            "idempotency:events:full-live",
+            "other",
+        ))
         .await
         .expect("claim")
     {
@@ -862,7 +853,10 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
     }
     // The holder's retried claim (same token) still holds it.
     match store
-        .claim(&claim_request("idempotency:events:full-live", &live.token))
+        .claim(&idempotency_core::testing::claim_request(
+            "idempotency:events:full-live",
+            &live.token,
+        ))
         .await
         .expect("claim")
     {
@@ -873,7 +867,9 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
         "idempotency:events:full-new",
         "idempotency:events:full-failed",
     ] {
-        let outcome = store.claim(&claim_request(key, "tok")).await;
+        let outcome = store
+            .claim(&idempotency_core::testing::claim_request(key, "tok"))
+            .await;
         assert!(
             matches!(
                 outcome,
@@ -931,7 +927,10 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
         .expect("FLUSHDB");
     assert!(matches!(
         store
-            .claim(&claim_request("idempotency:events:full-new", "tok"))
+            .claim(&idempotency_core::testing::claim_request(
+                "idempotency:events:full-new",
+                "tok"
+            ))
             .await
             .expect("claim"),
         idempotency::ClaimOutcome::Acquired(_)
@@ -1189,7 +1188,7 @@ async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() 
             };
 
         // A fast claim (`SET NX`), with a fingerprint.
-        let mut request = claim_request("ifeq-fast", "t1");
+        let mut request = idempotency_core::testing::claim_request("ifeq-fast", "t1");
         request.fingerprint = Some("fp-1");
         let lease = acquire(&store, &request).await;
         let record = complete(&store, &mut redis, &lease, json!({"n": 1}), "fast claim").await;
@@ -1208,7 +1207,7 @@ async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() 
         ));
 
         // A retried claim (our own token found by `SET NX GET`).
-        let request = claim_request("ifeq-retried", "t2");
+        let request = idempotency_core::testing::claim_request("ifeq-retried", "t2");
         acquire(&store, &request).await;
         let lease = acquire(&store, &request).await;
         complete(
@@ -1221,15 +1220,15 @@ async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() 
         .await;
 
         // A claim by the claim script (after a failure), then a renewal.
-        let request = claim_request("ifeq-script", "t3");
+        let request = idempotency_core::testing::claim_request("ifeq-script", "t3");
         let lease = acquire(&store, &request).await;
         store.fail(&lease, "boom", ttl).await.expect("fail");
-        let request = claim_request("ifeq-script", "t4");
+        let request = idempotency_core::testing::claim_request("ifeq-script", "t4");
         let lease = acquire(&store, &request).await;
         assert_eq!(lease.attempt, 2);
         complete(&store, &mut redis, &lease, json!(2), "claim script").await;
 
-        let request = claim_request("ifeq-renewed", "t5");
+        let request = idempotency_core::testing::claim_request("ifeq-renewed", "t5");
         let lease = acquire(&store, &request).await;
         let lease = store.renew(&lease, ttl).await.expect("renew");
         let lease = store.renew(&lease, ttl).await.expect("renew");
@@ -1248,7 +1247,10 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
     let mut redis = server.client().await;
     let ttl = Duration::from_secs(60);
     let lease = match store
-        .claim(&claim_request("ifeq-rewritten", "t1"))
+        .claim(&idempotency_core::testing::claim_request(
+            "ifeq-rewritten",
+            "t1",
+        ))
         .await
         .expect("claim")
     {
@@ -1277,7 +1279,10 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
 
     // A completion by a lease another worker took over writes nothing.
     let stale = match store
-        .claim(&claim_request("ifeq-taken", "t-old"))
+        .claim(&idempotency_core::testing::claim_request(
+            "ifeq-taken",
+            "t-old",
+        ))
         .await
         .expect("claim")
     {
@@ -1286,7 +1291,10 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
     };
     let _: () = redis.del(&stale.key).await.expect("DEL");
     let newer = match store
-        .claim(&claim_request("ifeq-taken", "t-new"))
+        .claim(&idempotency_core::testing::claim_request(
+            "ifeq-taken",
+            "t-new",
+        ))
         .await
         .expect("claim")
     {

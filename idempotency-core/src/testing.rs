@@ -178,7 +178,10 @@ macro_rules! __conformance_rule_module {
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn request<'a>(key: &'a str, token: &'a str) -> ClaimRequest<'a> {
+/// A claim request for `key` under `token`, with event id `evt-1`, event
+/// type `test.event`, no fingerprint, and a 60 s lease and ttl: what the
+/// rules claim with, for a store's own tests too.
+pub fn claim_request<'a>(key: &'a str, token: &'a str) -> ClaimRequest<'a> {
     ClaimRequest {
         key,
         recorded_key: key,
@@ -201,7 +204,7 @@ async fn acquire(store: &dyn IdempotencyStore, req: &ClaimRequest<'_>) -> Lease 
 /// A claim of an absent key acquires it as attempt 1 and writes a `PROCESSING`
 /// record with the request's token, event id, event type and recorded key.
 pub async fn absent_key_is_acquired_as_attempt_one(store: &dyn IdempotencyStore) {
-    let lease = acquire(store, &request("c:absent", "t1")).await;
+    let lease = acquire(store, &claim_request("c:absent", "t1")).await;
     assert_eq!(lease.attempt, 1);
     assert_eq!(lease.token, "t1");
     assert_eq!(lease.key, "c:absent");
@@ -217,8 +220,12 @@ pub async fn absent_key_is_acquired_as_attempt_one(store: &dyn IdempotencyStore)
 
 /// A claim of a key held under a live lease by another token is `InProgress`.
 pub async fn live_lease_is_in_progress(store: &dyn IdempotencyStore) {
-    acquire(store, &request("c:live", "t1")).await;
-    match store.claim(&request("c:live", "t2")).await.expect("claim") {
+    acquire(store, &claim_request("c:live", "t1")).await;
+    match store
+        .claim(&claim_request("c:live", "t2"))
+        .await
+        .expect("claim")
+    {
         ClaimOutcome::InProgress(record) => {
             assert_eq!(record.status, ProcessingStatus::Processing);
             assert_eq!(record.attempts, 1);
@@ -230,7 +237,7 @@ pub async fn live_lease_is_in_progress(store: &dyn IdempotencyStore) {
 /// A claim of a `COMPLETED` key is a `Duplicate` carrying the exact result
 /// (big integers, nesting, escapes), a lean record and its expiry.
 pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencyStore) {
-    let lease = acquire(store, &request("c:done", "t1")).await;
+    let lease = acquire(store, &claim_request("c:done", "t1")).await;
     // Big integers and nested values must survive byte for byte.
     let result = json!({"id": 9_007_199_254_740_993_u64, "neg": -12, "f": 0.1,
                         "nested": {"list": [1, "two", null, true]}, "text": "é\"\\\n"});
@@ -238,7 +245,11 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
         .complete(&lease, Some(&result), LONG)
         .await
         .expect("complete");
-    match store.claim(&request("c:done", "t2")).await.expect("claim") {
+    match store
+        .claim(&claim_request("c:done", "t2"))
+        .await
+        .expect("claim")
+    {
         ClaimOutcome::Duplicate(record) => {
             assert_eq!(record.status, ProcessingStatus::Completed);
             assert_eq!(record.result, Some(result));
@@ -265,14 +276,18 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
 /// result: reads and duplicates see `Some(Null)`, on every store alike
 /// (`None` means no result was stored).
 pub async fn a_null_result_is_stored_as_null(store: &dyn IdempotencyStore) {
-    let lease = acquire(store, &request("c:null", "t1")).await;
+    let lease = acquire(store, &claim_request("c:null", "t1")).await;
     store
         .complete(&lease, Some(&serde_json::Value::Null), LONG)
         .await
         .expect("complete");
     let record = store.get("c:null").await.expect("get").expect("record");
     assert_eq!(record.result, Some(serde_json::Value::Null));
-    match store.claim(&request("c:null", "t2")).await.expect("claim") {
+    match store
+        .claim(&claim_request("c:null", "t2"))
+        .await
+        .expect("claim")
+    {
         ClaimOutcome::Duplicate(record) => {
             assert_eq!(record.result, Some(serde_json::Value::Null));
         }
@@ -283,14 +298,14 @@ pub async fn a_null_result_is_stored_as_null(store: &dyn IdempotencyStore) {
 /// A `FAILED` key is claimed again as the next attempt, not as a takeover;
 /// `first_seen_at` survives and the error is cleared.
 pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore) {
-    let first = acquire(store, &request("c:failed", "t1")).await;
+    let first = acquire(store, &claim_request("c:failed", "t1")).await;
     store.fail(&first, "boom", LONG).await.expect("fail");
     let record = store.get("c:failed").await.expect("get").expect("record");
     assert_eq!(record.status, ProcessingStatus::Failed);
     assert_eq!(record.error.as_deref(), Some("boom"));
     let first_seen = record.first_seen_at;
 
-    let second = acquire(store, &request("c:failed", "t2")).await;
+    let second = acquire(store, &claim_request("c:failed", "t2")).await;
     assert_eq!(second.attempt, 2);
     assert!(
         !second.taken_over,
@@ -318,12 +333,12 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
 pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
     store: &dyn IdempotencyStore,
 ) {
-    let mut short = request("c:takeover", "old");
+    let mut short = claim_request("c:takeover", "old");
     short.lease = Duration::from_millis(150);
     let old = acquire(store, &short).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let new = acquire(store, &request("c:takeover", "new")).await;
+    let new = acquire(store, &claim_request("c:takeover", "new")).await;
     assert_eq!(new.attempt, 2);
     assert!(new.taken_over, "the claim reports the takeover");
     assert!(!old.taken_over, "a first claim takes nothing over");
@@ -349,7 +364,7 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
 
 /// Renewals keep a short lease alive well past its first expiry.
 pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
-    let mut short = request("c:renew", "t1");
+    let mut short = claim_request("c:renew", "t1");
     short.lease = Duration::from_millis(300);
     let mut lease = acquire(store, &short).await;
     for _ in 0..4 {
@@ -362,7 +377,10 @@ pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
         lease = renewed;
         // 600ms after the claim, the 300ms lease is alive only thanks to renewals.
         assert!(matches!(
-            store.claim(&request("c:renew", "t2")).await.expect("claim"),
+            store
+                .claim(&claim_request("c:renew", "t2"))
+                .await
+                .expect("claim"),
             ClaimOutcome::InProgress(_)
         ));
     }
@@ -375,8 +393,8 @@ pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
 /// A claim repeated with the token that holds the key acquires it again,
 /// same attempt.
 pub async fn retried_claim_with_own_token_is_acquired(store: &dyn IdempotencyStore) {
-    let first = acquire(store, &request("c:retry", "mine")).await;
-    let again = acquire(store, &request("c:retry", "mine")).await;
+    let first = acquire(store, &claim_request("c:retry", "mine")).await;
+    let again = acquire(store, &claim_request("c:retry", "mine")).await;
     assert_eq!(again.attempt, first.attempt);
     assert_eq!(again.token, "mine");
 }
@@ -387,7 +405,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
     // A COMPLETED record keeps no token: nothing, not even its own holder
     // calling again, writes over it. (A store's own retry of a `complete`
     // whose reply was lost is recognised inside the store.)
-    let lease = acquire(store, &request("c:twice", "t1")).await;
+    let lease = acquire(store, &claim_request("c:twice", "t1")).await;
     store
         .complete(&lease, Some(&json!(1)), LONG)
         .await
@@ -407,7 +425,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
 
     // A FAILED record keeps the token of its last attempt: a repeated `fail`
     // is recognised and succeeds; a `complete` after it is refused.
-    let lease = acquire(store, &request("c:twice-fail", "t1")).await;
+    let lease = acquire(store, &claim_request("c:twice-fail", "t1")).await;
     store.fail(&lease, "e", LONG).await.expect("fail");
     store
         .fail(&lease, "e", LONG)
@@ -446,11 +464,11 @@ pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
 /// A claim with a different fingerprint fails with `FingerprintMismatch` in
 /// every status; the same fingerprint, or none, is allowed.
 pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
-    let mut req = request("c:fp", "t1");
+    let mut req = claim_request("c:fp", "t1");
     req.fingerprint = Some("aaa");
     let lease = acquire(store, &req).await;
 
-    let mut other = request("c:fp", "t2");
+    let mut other = claim_request("c:fp", "t2");
     other.fingerprint = Some("bbb");
     assert!(matches!(
         store.claim(&other).await,
@@ -462,7 +480,7 @@ pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
         Err(IdempotencyError::FingerprintMismatch { .. })
     ));
     // Same fingerprint, or none on the request: allowed.
-    let mut same = request("c:fp", "t3");
+    let mut same = claim_request("c:fp", "t3");
     same.fingerprint = Some("aaa");
     let lease = acquire(store, &same).await;
     store
@@ -476,14 +494,14 @@ pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
         Err(IdempotencyError::FingerprintMismatch { .. })
     ));
     assert!(matches!(
-        store.claim(&request("c:fp", "t4")).await,
+        store.claim(&claim_request("c:fp", "t4")).await,
         Ok(ClaimOutcome::Duplicate(_))
     ));
 }
 
 /// A completed record is gone after its ttl, and the key starts over at attempt 1.
 pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
-    let mut req = request("c:ttl", "t1");
+    let mut req = claim_request("c:ttl", "t1");
     req.ttl = Duration::from_millis(200);
     req.lease = Duration::from_millis(100);
     let lease = acquire(store, &req).await;
@@ -494,7 +512,7 @@ pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
     assert!(store.get("c:ttl").await.expect("get").is_some());
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert!(store.get("c:ttl").await.expect("get").is_none());
-    let again = acquire(store, &request("c:ttl", "t2")).await;
+    let again = acquire(store, &claim_request("c:ttl", "t2")).await;
     assert_eq!(again.attempt, 1, "an expired record starts over");
 }
 
@@ -502,14 +520,14 @@ pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
 pub async fn processing_record_outlives_a_short_ttl(store: &dyn IdempotencyStore) {
     // ttl shorter than the lease: the PROCESSING record must not vanish
     // while its lease is live, or a duplicate could run.
-    let mut req = request("c:shortttl", "t1");
+    let mut req = claim_request("c:shortttl", "t1");
     req.ttl = Duration::from_millis(50);
     req.lease = Duration::from_secs(5);
     acquire(store, &req).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(matches!(
         store
-            .claim(&request("c:shortttl", "t2"))
+            .claim(&claim_request("c:shortttl", "t2"))
             .await
             .expect("claim"),
         ClaimOutcome::InProgress(_)
@@ -520,14 +538,14 @@ pub async fn processing_record_outlives_a_short_ttl(store: &dyn IdempotencyStore
 pub async fn get_and_delete(store: &dyn IdempotencyStore) {
     assert!(store.get("c:gd").await.expect("get").is_none());
     assert!(!store.delete("c:gd").await.expect("delete"));
-    let lease = acquire(store, &request("c:gd", "t1")).await;
+    let lease = acquire(store, &claim_request("c:gd", "t1")).await;
     store
         .complete(&lease, Some(&json!(1)), LONG)
         .await
         .expect("complete");
     assert!(store.delete("c:gd").await.expect("delete"));
     assert!(store.get("c:gd").await.expect("get").is_none());
-    let again = acquire(store, &request("c:gd", "t2")).await;
+    let again = acquire(store, &claim_request("c:gd", "t2")).await;
     assert_eq!(again.attempt, 1);
     store.health().await.expect("health");
 }
@@ -540,7 +558,7 @@ pub async fn concurrent_claims_have_one_winner(store: Arc<dyn IdempotencyStore>)
         tasks.push(tokio::spawn(async move {
             let token = format!("t{i}");
             let outcome = store
-                .claim(&request("c:race", &token))
+                .claim(&claim_request("c:race", &token))
                 .await
                 .expect("claim");
             matches!(outcome, ClaimOutcome::Acquired(_))
@@ -556,7 +574,7 @@ pub async fn concurrent_claims_have_one_winner(store: Arc<dyn IdempotencyStore>)
 /// After its lease runs out, a record lives on for its ttl: the next claim
 /// is attempt 2, not a fresh key.
 pub async fn renewed_record_outlives_its_first_lease(store: &dyn IdempotencyStore) {
-    let mut req = request("c:outlive", "t1");
+    let mut req = claim_request("c:outlive", "t1");
     req.lease = Duration::from_millis(100);
     let lease = acquire(store, &req).await;
     store
@@ -572,13 +590,13 @@ pub async fn renewed_record_outlives_its_first_lease(store: &dyn IdempotencyStor
         .expect("get")
         .expect("record survives");
     assert_eq!(record.attempts, 1);
-    let next = acquire(store, &request("c:outlive", "t2")).await;
+    let next = acquire(store, &claim_request("c:outlive", "t2")).await;
     assert_eq!(next.attempt, 2);
 }
 
 /// Empty event id, event type and fingerprint on a claim are stored as absent.
 pub async fn empty_strings_mean_absent(store: &dyn IdempotencyStore) {
-    let mut req = request("c:empty", "t1");
+    let mut req = claim_request("c:empty", "t1");
     req.event_id = Some("");
     req.event_type = Some("");
     req.fingerprint = Some("");
@@ -588,7 +606,7 @@ pub async fn empty_strings_mean_absent(store: &dyn IdempotencyStore) {
     assert_eq!(record.event_type, None);
     assert_eq!(record.fingerprint, None);
     store.fail(&lease, "x", LONG).await.expect("fail");
-    let mut other = request("c:empty", "t2");
+    let mut other = claim_request("c:empty", "t2");
     other.fingerprint = Some("other");
     acquire(store, &other).await;
 }
@@ -651,7 +669,7 @@ pub async fn contains_reads_without_marking(store: &dyn IdempotencyStore) {
         [false, true, false]
     );
     // Any record counts as seen, and a mark never overwrites one.
-    let lease = acquire(store, &request("m:held", "t1")).await;
+    let lease = acquire(store, &claim_request("m:held", "t1")).await;
     assert_eq!(store.contains(&["m:held"]).await.expect("contains"), [true]);
     assert_eq!(store.mark(&["m:held"], LONG).await.expect("mark"), [false]);
     let record = store.get("m:held").await.expect("get").expect("record");
@@ -689,7 +707,11 @@ pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn Idemp
     assert_eq!(record.attempts, 1);
     assert!(record.completed_at.is_some());
     assert_eq!(record.lease_expires_at, None);
-    match store.claim(&request("m:done", "t1")).await.expect("claim") {
+    match store
+        .claim(&claim_request("m:done", "t1"))
+        .await
+        .expect("claim")
+    {
         ClaimOutcome::Duplicate(record) => {
             assert_eq!(record.status, ProcessingStatus::Completed);
             assert_eq!(record.result, Some(serde_json::Value::Null));
@@ -697,7 +719,7 @@ pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn Idemp
         other => panic!("expected Duplicate, got {other:?}"),
     }
     // With a fingerprint to compare too (a mark records none).
-    let mut fingerprinted = request("m:done", "t2");
+    let mut fingerprinted = claim_request("m:done", "t2");
     fingerprinted.fingerprint = Some("fp");
     assert!(matches!(
         store.claim(&fingerprinted).await.expect("claim"),
