@@ -163,7 +163,9 @@ async fn ids_get_the_checkers_key_hygiene(kind: Kind) {
     let event = EventEnvelope::new("signup", json!({})).with_idempotency_key(id);
     let replayed = checker
         .process(&event, |_| async {
-            Err::<(), _>(IdempotencyError::Config("a marked key must not run".into()))
+            Err::<(), _>(IdempotencyError::MissingKeyField {
+                field: "a marked key must not run".into(),
+            })
         })
         .await
         .expect("replay");

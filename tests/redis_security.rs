@@ -42,7 +42,10 @@ async fn refused(url: &str) {
     let outcome = RedisStore::connect(url).await;
     let elapsed = started.elapsed();
     match outcome {
-        Err(IdempotencyError::Config(message)) => {
+        Err(IdempotencyError::Config {
+            option: "url",
+            reason: message,
+        }) => {
             assert!(
                 message.contains("credentials"),
                 "the message names the cause: {message}"

@@ -945,7 +945,10 @@ async fn an_evicting_redis_is_refused_at_connect_naming_its_policy() {
     for policy in ["allkeys-lru", "volatile-ttl"] {
         let server = RedisServer::start_with(&["--maxmemory-policy", policy]);
         match RedisStore::connect(&server.url()).await {
-            Err(IdempotencyError::Config(message)) => {
+            Err(IdempotencyError::Config {
+                option: "maxmemory-policy",
+                reason: message,
+            }) => {
                 assert!(message.contains(policy), "{message}");
                 assert!(message.contains("noeviction"), "{message}");
                 assert!(message.contains("allow_eviction"), "{message}");
@@ -1029,7 +1032,10 @@ async fn eviction_is_reported_at_connect_and_in_every_health_check() {
         .await
         .expect("CONFIG SET");
     match checker.health_check().await {
-        Err(IdempotencyError::Config(message)) => {
+        Err(IdempotencyError::Config {
+            option: "maxmemory-policy",
+            reason: message,
+        }) => {
             assert!(message.contains("volatile-lru"), "{message}");
         }
         other => panic!("expected a Config error, got {other:?}"),
@@ -1060,7 +1066,10 @@ async fn a_cluster_with_one_evicting_master_is_refused_naming_it() {
     let port = cluster.ports()[2];
     set_policy(port, "allkeys-random").await;
     match RedisStore::connect(&cluster.url()).await {
-        Err(IdempotencyError::Config(message)) => {
+        Err(IdempotencyError::Config {
+            option: "maxmemory-policy",
+            reason: message,
+        }) => {
             assert!(
                 message.contains(&format!("`allkeys-random` on the master 127.0.0.1:{port}")),
                 "{message}"
@@ -1076,7 +1085,10 @@ async fn a_sentinel_master_that_may_evict_is_refused() {
     let setup = common::RedisSentinel::start();
     set_policy(setup.master.port, "volatile-lfu").await;
     match RedisStore::connect(&setup.url()).await {
-        Err(IdempotencyError::Config(message)) => {
+        Err(IdempotencyError::Config {
+            option: "maxmemory-policy",
+            reason: message,
+        }) => {
             assert!(message.contains("volatile-lfu"), "{message}");
         }
         other => panic!("expected a Config error, got {other:?}"),

@@ -338,11 +338,13 @@ async fn fail_open_runs_the_handler_unguarded_only_when_asked() {
     // The handler's own error comes back as it is.
     let failed = fail_open
         .process(&event("open-err"), |_| async {
-            Err::<u32, _>(IdempotencyError::Config("the handler failed".into()))
+            Err::<u32, _>(IdempotencyError::Serialization(serde::de::Error::custom(
+                "the handler failed",
+            )))
         })
         .await;
     assert!(
-        matches!(failed, Err(IdempotencyError::Config(_))),
+        matches!(failed, Err(IdempotencyError::Serialization(_))),
         "{failed:?}"
     );
     assert_eq!(fail_open.stats().fail_open, 6);

@@ -142,7 +142,7 @@ async fn a_sentinel_url_without_a_service_is_a_config_error() {
         .await
         .expect_err("no service name");
     assert!(
-        matches!(&err, IdempotencyError::Config(m) if m.contains("names the service")),
+        matches!(&err, IdempotencyError::Config { option: "url", reason } if reason.contains("names the service")),
         "{err:?}"
     );
 }

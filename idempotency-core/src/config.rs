@@ -42,28 +42,28 @@ pub enum InProgressPolicy {
 /// # Ok::<(), idempotency_core::IdempotencyError>(())
 /// ```
 pub fn parse_duration(text: &str) -> Result<Duration> {
-    let duration = humantime::parse_duration(text.trim())
-        .map_err(|e| IdempotencyError::Config(format!("`{text}` is not a duration: {e}")))?;
-    check_duration("duration", duration)
+    parse_option("duration", text)
 }
 
-pub(crate) fn check_duration(what: &str, duration: Duration) -> Result<Duration> {
-    if duration.is_zero() {
-        return Err(IdempotencyError::Config(format!(
-            "{what} must be greater than zero"
-        )));
-    }
-    if duration > MAX_DURATION {
-        return Err(IdempotencyError::Config(format!(
-            "{what} must be at most 10 years"
-        )));
-    }
-    if duration < Duration::from_millis(1) {
-        return Err(IdempotencyError::Config(format!(
-            "{what} must be at least 1ms"
-        )));
-    }
-    Ok(duration)
+/// [`parse_duration`] for the option named `option`.
+fn parse_option(option: &'static str, text: &str) -> Result<Duration> {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
+        IdempotencyError::config(option, format!("`{text}` is not a duration: {e}"))
+    })?;
+    check_duration(option, duration)
+}
+
+pub(crate) fn check_duration(option: &'static str, duration: Duration) -> Result<Duration> {
+    let reason = if duration.is_zero() {
+        "must be greater than zero"
+    } else if duration > MAX_DURATION {
+        "must be at most 10 years"
+    } else if duration < Duration::from_millis(1) {
+        "must be at least 1ms"
+    } else {
+        return Ok(duration);
+    };
+    Err(IdempotencyError::config(option, reason))
 }
 
 /// A duration given either as a [`Duration`] or as text like `"24h"`.
@@ -94,12 +94,10 @@ impl From<String> for DurationArg {
 }
 
 impl DurationArg {
-    fn resolve(self, what: &str) -> Result<Duration> {
+    fn resolve(self, option: &'static str) -> Result<Duration> {
         match self {
-            Self::Exact(d) => check_duration(what, d),
-            Self::Text(t) => {
-                parse_duration(&t).map_err(|e| IdempotencyError::Config(format!("{what}: {e}")))
-            }
+            Self::Exact(d) => check_duration(option, d),
+            Self::Text(t) => parse_option(option, &t),
         }
     }
 }
@@ -425,38 +423,42 @@ impl IdempotencyConfigBuilder {
             config.in_progress_timeout = timeout.resolve("in_progress_timeout")?;
         }
         if let Some(wait) = self.wait {
-            config.on_in_progress = InProgressPolicy::Wait(wait.resolve("in-progress wait")?);
+            config.on_in_progress = InProgressPolicy::Wait(wait.resolve("on_in_progress_wait")?);
         }
         if let Some((max_entries, ttl)) = self.cache_ttl {
             if max_entries == 0 {
-                return Err(IdempotencyError::Config(
-                    "local_cache: max_entries must be at least 1".into(),
+                return Err(IdempotencyError::config(
+                    "local_cache.max_entries",
+                    "must be at least 1",
                 ));
             }
             config.local_cache = Some(LocalCache {
                 max_entries,
-                ttl: ttl.resolve("local_cache ttl")?,
+                ttl: ttl.resolve("local_cache.ttl")?,
             });
         }
         if let Some((failure_threshold, open_for)) = self.breaker {
             if failure_threshold == 0 {
-                return Err(IdempotencyError::Config(
-                    "circuit_breaker: failure_threshold must be at least 1".into(),
+                return Err(IdempotencyError::config(
+                    "circuit_breaker.failure_threshold",
+                    "must be at least 1",
                 ));
             }
             config.circuit_breaker = Some(CircuitBreakerConfig::new(
                 failure_threshold,
-                open_for.resolve("circuit_breaker open_for")?,
+                open_for.resolve("circuit_breaker.open_for")?,
             ));
         }
         if config.max_key_len == 0 {
-            return Err(IdempotencyError::Config(
-                "max_key_len must be at least 1".into(),
+            return Err(IdempotencyError::config(
+                "max_key_len",
+                "must be at least 1",
             ));
         }
         if config.key_prefix.chars().any(char::is_control) {
-            return Err(IdempotencyError::Config(
-                "key_prefix must not contain control characters".into(),
+            return Err(IdempotencyError::config(
+                "key_prefix",
+                "must not contain control characters",
             ));
         }
         Ok(config)
@@ -483,7 +485,7 @@ mod tests {
     fn bad_durations_are_config_errors() {
         for text in ["24x", "0s", "", "-5m", "20y"] {
             assert!(
-                matches!(parse_duration(text), Err(IdempotencyError::Config(_))),
+                matches!(parse_duration(text), Err(IdempotencyError::Config { .. })),
                 "{text} should be rejected"
             );
         }

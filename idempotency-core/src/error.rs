@@ -223,12 +223,26 @@ pub enum IdempotencyError {
     )]
     NoDefaultChecker,
 
-    /// A configuration value was rejected.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    /// A configuration value was rejected: which option, and why.
+    #[error("invalid configuration: {option}: {reason}")]
+    Config {
+        /// The option as its setter, URL part or command names it: `"ttl"`,
+        /// `"local_cache.max_entries"`, `"url"`, `"maxmemory-policy"`.
+        option: &'static str,
+        /// Why the value was rejected.
+        reason: String,
+    },
 }
 
 impl IdempotencyError {
+    /// A [`Config`](Self::Config) error: `option` was rejected because of `reason`.
+    pub(crate) fn config(option: &'static str, reason: impl Into<String>) -> Self {
+        Self::Config {
+            option,
+            reason: reason.into(),
+        }
+    }
+
     /// A `StoreUnavailable` error for `store` caused by `source`.
     pub fn store_unavailable(store: &'static str, source: impl Into<BoxError>) -> Self {
         Self::StoreUnavailable {
@@ -352,7 +366,7 @@ mod tests {
             assert!(error.to_string().contains(key));
             assert!(!error.redacted().contains(key), "{}", error.redacted());
         }
-        let other = IdempotencyError::Config("x".into());
+        let other = IdempotencyError::config("ttl", "x");
         assert_eq!(other.redacted(), other.to_string());
     }
 }

@@ -451,7 +451,8 @@ impl RedisStoreBuilder {
             .map_err(|elapsed| IdempotencyError::store_unavailable(STORE, elapsed))?
             .map_err(|e| match e {
                 OpenError::Config(e) => e,
-                OpenError::Redis(e) if refused_credentials(&e) => IdempotencyError::Config(
+                OpenError::Redis(e) if refused_credentials(&e) => IdempotencyError::config(
+                    "url",
                     format!("Redis refused the credentials (user and password in the URL): {e}"),
                 ),
                 OpenError::Redis(e) => IdempotencyError::store_unavailable(STORE, e),
@@ -1096,9 +1097,10 @@ impl RedisStore {
         if when != "connect" {
             tracing::error!(check = when, "{message}");
         }
-        Err(IdempotencyError::Config(format!(
-            "{message}, or opt in with RedisStoreBuilder::allow_eviction(true)"
-        )))
+        Err(IdempotencyError::config(
+            "maxmemory-policy",
+            format!("{message}, or opt in with RedisStoreBuilder::allow_eviction(true)"),
+        ))
     }
 
     /// A claim on a Redis too full to write: the read script decides what

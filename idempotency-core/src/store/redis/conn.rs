@@ -63,7 +63,7 @@ fn split_multi<'a>(
 }
 
 fn host_port(text: &str, default_port: u16) -> Result<(String, u16)> {
-    let bad = || IdempotencyError::Config(format!("invalid host:port `{text}` in the Redis URL"));
+    let bad = || IdempotencyError::config("url", format!("invalid host:port `{text}`"));
     if text.is_empty() {
         return Err(bad());
     }
@@ -91,9 +91,9 @@ impl Topology {
                 })
                 .collect::<Result<Vec<_>>>()?;
             if !path.trim_matches('/').is_empty() {
-                return Err(IdempotencyError::Config(
-                    "a Redis Cluster URL takes no database or path: a cluster has only database 0"
-                        .into(),
+                return Err(IdempotencyError::config(
+                    "url",
+                    "a Redis Cluster URL takes no database or path: a cluster has only database 0",
                 ));
             }
             return Ok((Self::Cluster(nodes), tls));
@@ -107,22 +107,23 @@ impl Topology {
                 .collect::<Result<Vec<_>>>()?;
             let mut parts = path.split('/').filter(|p| !p.is_empty());
             let service = parts.next().ok_or_else(|| {
-                IdempotencyError::Config(
-                    "a Sentinel URL names the service: redis+sentinel://host:26379/SERVICE[/DB]"
-                        .into(),
+                IdempotencyError::config(
+                    "url",
+                    "a Sentinel URL names the service: redis+sentinel://host:26379/SERVICE[/DB]",
                 )
             })?;
             let db = parts.next().unwrap_or("0");
             if parts.next().is_some() {
-                return Err(IdempotencyError::Config(format!(
-                    "unexpected path in the Sentinel URL `{path}`: expected SERVICE[/DB]"
-                )));
+                return Err(IdempotencyError::config(
+                    "url",
+                    format!("unexpected path in the Sentinel URL `{path}`: expected SERVICE[/DB]"),
+                ));
             }
             // Only for its credentials and database, which redis-rs decodes.
             let node = format!("redis://{userinfo}localhost/{db}");
-            node.as_str()
-                .into_connection_info()
-                .map_err(|e| IdempotencyError::Config(format!("invalid Sentinel URL: {e}")))?;
+            node.as_str().into_connection_info().map_err(|e| {
+                IdempotencyError::config("url", format!("invalid Sentinel URL: {e}"))
+            })?;
             return Ok((
                 Self::Sentinel {
                     sentinels,
@@ -237,7 +238,7 @@ impl Settings {
 }
 
 fn config_error(e: &RedisError) -> IdempotencyError {
-    IdempotencyError::Config(format!("invalid Redis URL: {e}"))
+    IdempotencyError::config("url", format!("invalid Redis URL: {e}"))
 }
 
 /// Where operations get their connection.
@@ -328,8 +329,9 @@ impl Connections {
     ) -> std::result::Result<Self, OpenError> {
         let (topology, tls) = Topology::parse(url).map_err(OpenError::Config)?;
         if tls && !cfg!(feature = "tls") {
-            return Err(OpenError::Config(IdempotencyError::Config(
-                "a `rediss` URL needs the `tls` feature of `idempotency`".into(),
+            return Err(OpenError::Config(IdempotencyError::config(
+                "url",
+                "a `rediss` URL needs the `tls` feature of `idempotency`",
             )));
         }
         match topology {
@@ -367,9 +369,9 @@ impl Connections {
                 node,
             } => {
                 if tls {
-                    return Err(OpenError::Config(IdempotencyError::Config(
-                        "TLS to Sentinel-managed nodes (`rediss+sentinel://`) is not supported yet"
-                            .into(),
+                    return Err(OpenError::Config(IdempotencyError::config(
+                        "url",
+                        "TLS to Sentinel-managed nodes (`rediss+sentinel://`) is not supported yet",
                     )));
                 }
                 let info = node

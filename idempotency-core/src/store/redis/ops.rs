@@ -323,8 +323,9 @@ impl RedisStore {
     /// would delete the whole database.
     pub async fn clear(&self, prefix: &str) -> Result<u64> {
         if prefix.is_empty() {
-            return Err(IdempotencyError::Config(
-                "clear: refusing an empty prefix, which would delete every key".into(),
+            return Err(IdempotencyError::config(
+                "prefix",
+                "refusing an empty prefix, which would delete every key",
             ));
         }
         let pattern = pattern(prefix);
