@@ -11,7 +11,7 @@ use common::{Instrumented, RedisServer};
 use idempotency::{
     ClaimOutcome, DuplicatePolicy, EventEnvelope, IdempotencyChecker, IdempotencyConfig,
     IdempotencyError, IdempotencyStore, InvalidKeyReason, KeyedRequest, MemoryStore, Processed,
-    ProcessingStatus, RedisStore,
+    ProcessingStatus, RedisStore, SeenSet,
 };
 use serde_json::json;
 
@@ -31,7 +31,7 @@ enum Kind {
 }
 
 async fn env(kind: Kind, config: IdempotencyConfig) -> Env {
-    let (server, store): (_, Arc<dyn IdempotencyStore>) = match kind {
+    let (server, store): (_, Arc<dyn SeenSet>) = match kind {
         Kind::Memory => (None, Arc::new(MemoryStore::new())),
         Kind::Redis => {
             let server = RedisServer::start();

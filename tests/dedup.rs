@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Instrumented, RedisServer};
 use idempotency::{
     Deduplicator, EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError,
-    IdempotencyStore, KeyExtractor, MemoryStore, Processed, ProcessingStatus, RedisStore,
+    KeyExtractor, MemoryStore, Processed, ProcessingStatus, RedisStore, SeenSet,
 };
 use serde_json::json;
 
@@ -31,7 +31,7 @@ struct Env {
 }
 
 async fn env(kind: Kind, config: IdempotencyConfig) -> Env {
-    let (server, store): (_, Arc<dyn IdempotencyStore>) = match kind {
+    let (server, store): (_, Arc<dyn SeenSet>) = match kind {
         Kind::Memory => (None, Arc::new(MemoryStore::new())),
         Kind::Redis => {
             let server = RedisServer::start();
@@ -178,8 +178,10 @@ async fn ids_get_the_checkers_key_hygiene(kind: Kind) {
         .expect("runs");
     assert!(env.dedup.is_duplicate("other").await.expect("read"));
     assert!(!env.dedup.check_and_mark("other").await.expect("mark"));
-    // `checker.deduplicator()` is the same seen-set.
-    assert!(checker.deduplicator().is_duplicate(id).await.expect("read"));
+    // A deduplicator made from the same store and the checker's config is
+    // the same seen-set.
+    let shared = Deduplicator::from_shared(env.instrumented.clone(), checker.config().clone());
+    assert!(shared.is_duplicate(id).await.expect("read"));
 
     // Invalid ids never reach the store, and fail a whole batch.
     let before = calls(&env);

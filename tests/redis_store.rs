@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::{RedisServer, ServerKind};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, Processed, RedisStore,
+    SeenSet,
 };
 use redis::AsyncCommands;
 use serde_json::json;

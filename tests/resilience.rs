@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{Instrumented, RedisServer, ServerKind};
 use idempotency::{
     CircuitState, EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyConfigBuilder,
-    IdempotencyError, IdempotencyStore, Processed, RedisStore, current_lease,
+    IdempotencyError, IdempotencyStore, Processed, RedisStore, SeenSet, current_lease,
 };
 use serde_json::json;
 
@@ -21,7 +21,7 @@ fn event(key: &str) -> EventEnvelope {
 }
 
 /// A store with short timeouts, so calls against a dead server fail quickly.
-async fn store(server: &RedisServer) -> Arc<dyn IdempotencyStore> {
+async fn store(server: &RedisServer) -> Arc<dyn SeenSet> {
     let store = RedisStore::builder(server.url())
         .connect_timeout(Duration::from_millis(300))
         .response_timeout(Duration::from_millis(300))

@@ -8,9 +8,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{RedisServer, ServerKind};
-use idempotency::{IdempotencyStore, MemoryStore, RedisStore};
+use idempotency::{MemoryStore, RedisStore};
+use idempotency_core::testing::ConformanceStore;
 
-type Backend = (Option<RedisServer>, Arc<dyn IdempotencyStore>);
+type Backend = (Option<RedisServer>, Arc<dyn ConformanceStore>);
 
 async fn memory() -> Backend {
     (None, Arc::new(MemoryStore::new()))

@@ -6,13 +6,12 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::checker::IdempotencyChecker;
 use crate::config::IdempotencyConfig;
 use crate::envelope::EventEnvelope;
 use crate::error::{IdempotencyError, Result};
 use crate::key::{canonical_json, fingerprint, sha256_hex, stored_key};
 use crate::stats::store_latency;
-use crate::store::IdempotencyStore;
+use crate::store::SeenSet;
 
 /// How a [`Deduplicator`] or the NATS dedup relay names an event: the one
 /// place where keys are derived from events.
@@ -234,7 +233,7 @@ fn bounded(key: String) -> String {
 /// when `hash_keys` is on), and a mark lives the configured `ttl`. A mark is
 /// an ordinary `COMPLETED` record with a null result, so a checker on the
 /// same store and prefix sees a marked key as already processed (and
-/// [`clear`](Self::clear) or [`IdempotencyChecker::delete_record`] undo
+/// [`clear`](Self::clear) or [`IdempotencyChecker::delete_record`](crate::IdempotencyChecker::delete_record) undo
 /// either). Any record under the key, whatever its status, counts as seen.
 ///
 /// A batch is sent in chunks of [`chunk_size`](Self::chunk_size) ids, one
@@ -273,7 +272,7 @@ fn bounded(key: String) -> String {
 /// ```
 #[derive(Clone)]
 pub struct Deduplicator {
-    store: Arc<dyn IdempotencyStore>,
+    store: Arc<dyn SeenSet>,
     config: Arc<IdempotencyConfig>,
     extractor: KeyExtractor,
     chunk_size: usize,
@@ -295,18 +294,18 @@ impl Deduplicator {
     pub const DEFAULT_CHUNK_SIZE: usize = 1000;
 
     /// A deduplicator over `store` with the default configuration.
-    pub fn new(store: impl IdempotencyStore + 'static) -> Self {
+    pub fn new(store: impl SeenSet + 'static) -> Self {
         Self::with_config(store, IdempotencyConfig::default())
     }
 
     /// A deduplicator over `store` with `config` (its `ttl`, `key_prefix`,
     /// `hash_keys` and `max_key_len` apply).
-    pub fn with_config(store: impl IdempotencyStore + 'static, config: IdempotencyConfig) -> Self {
+    pub fn with_config(store: impl SeenSet + 'static, config: IdempotencyConfig) -> Self {
         Self::from_shared(Arc::new(store), config)
     }
 
     /// A deduplicator over a store shared with checkers or other deduplicators.
-    pub fn from_shared(store: Arc<dyn IdempotencyStore>, config: IdempotencyConfig) -> Self {
+    pub fn from_shared(store: Arc<dyn SeenSet>, config: IdempotencyConfig) -> Self {
         Self {
             store,
             config: Arc::new(config),
@@ -337,12 +336,12 @@ impl Deduplicator {
     }
 
     /// The store.
-    pub fn store(&self) -> &Arc<dyn IdempotencyStore> {
+    pub fn store(&self) -> &Arc<dyn SeenSet> {
         &self.store
     }
 
     /// The storage key for `id` (prefix, optional hashing), after validating
-    /// it: the same key [`IdempotencyChecker::storage_key`] gives.
+    /// it: the same key [`IdempotencyChecker::storage_key`](crate::IdempotencyChecker::storage_key) gives.
     pub fn storage_key(&self, id: &str) -> Result<String> {
         Ok(stored_key(id, &self.config)?.storage)
     }
@@ -481,15 +480,6 @@ impl Deduplicator {
                 format!("{} answers for {keys} keys", answers.len()),
             ))
         }
-    }
-}
-
-impl IdempotencyChecker {
-    /// A [`Deduplicator`] on this checker's store and configuration (prefix,
-    /// key hashing, `ttl`): ids it marks are keys this checker treats as
-    /// processed.
-    pub fn deduplicator(&self) -> Deduplicator {
-        Deduplicator::from_shared(Arc::clone(self.store()), self.config().clone())
     }
 }
 

@@ -92,5 +92,5 @@ pub use stats::CheckerStats;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use store::redis::{PrefixSummary, RedisStore, RedisStoreBuilder};
-pub use store::{ClaimRequest, IdempotencyStore};
+pub use store::redis::{RedisStore, RedisStoreBuilder};
+pub use store::{ClaimRequest, DynStore, IdempotencyStore, SeenSet, StoreAdmin, StoreSummary};

@@ -1,20 +1,23 @@
-//! The store conformance suite: the contract of [`IdempotencyStore`] as
-//! runnable checks, shipped so that every store, in this repository or
-//! not, is held to the same rules.
+//! The store conformance suite: the contract of [`IdempotencyStore`],
+//! [`SeenSet`] and [`StoreAdmin`] as runnable checks, shipped so that every
+//! store, in this repository or not, is held to the same rules.
 //!
 //! Enabled by the `testing` feature (add `idempotency-core` with
 //! `features = ["testing"]` to your `[dev-dependencies]`). Each rule is a
 //! public async function over a store that panics, like an `assert!`, when
 //! the store breaks the rule; [`concurrent_claims_have_one_winner`] and
 //! [`concurrent_marks_have_one_winner`] take an `Arc` because they spawn tasks.
-//! The rules use keys starting with `c:` and `m:` and expect none of them to
-//! exist; give each rule an empty store.
+//! The rules use keys starting with `c:`, `m:` and `a:` and expect none of
+//! them to exist; give each rule an empty store. The record rules take
+//! `&dyn IdempotencyStore`, the `marks_*` rules `&dyn SeenSet` and the
+//! `admin_*` rules `&dyn StoreAdmin`; the macros run them all, so a store
+//! that implements only [`IdempotencyStore`] calls its rules one by one.
 //!
 //! Three ways to run them:
 //! - [`store_conformance_tests!`](crate::store_conformance_tests): one
 //!   `#[tokio::test]` per rule and store, the simplest for a store author;
 //! - [`for_each_conformance_rule!`](crate::for_each_conformance_rule): the
-//!   list of rules over `&dyn IdempotencyStore`, handed to a macro of your
+//!   list of rules, handed to a macro of your
 //!   own (to run them in one test on one costly server, say);
 //! - the functions one by one.
 //!
@@ -35,10 +38,11 @@ use serde_json::json;
 
 use crate::{
     ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyStore, Lease, ProcessingStatus,
+    SeenSet, StoreAdmin,
 };
 
 /// Calls the macro `$then` with every conformance rule that takes
-/// `&dyn IdempotencyStore`, as `$then!(rule, rule, ...);`: the names of the
+/// a reference to the store, as `$then!(rule, rule, ...);`: the names of the
 /// functions of [`testing`](crate::testing), to call as
 /// `idempotency_core::testing::$rule(store)`. The two concurrency rules,
 /// which take an `Arc`, are not in the list.
@@ -85,12 +89,15 @@ macro_rules! __conformance_rule_list {
             processing_record_outlives_a_short_ttl,
             get_and_delete,
             renewed_record_outlives_its_first_lease,
-            empty_strings_mean_absent,
+            keys_are_opaque_text,
             marks_are_new_once_and_answer_in_order,
             marks_detect_repeats_within_a_batch,
             contains_reads_without_marking,
             marks_expire_after_ttl,
             a_mark_is_a_completed_record_claimed_as_duplicate,
+            admin_lists_stuck_records_under_a_prefix,
+            admin_summarizes_records_by_status,
+            admin_clears_exactly_the_prefix,
         );
     };
 }
@@ -104,7 +111,7 @@ macro_rules! __conformance_rule_list {
 /// async fn of the module that invokes the macro, taking nothing and
 /// returning `(guard, Arc<store>)`: the guard (a server process, a
 /// temporary directory, `()`) is held until the test ends, and the store is
-/// any [`IdempotencyStore`] (a fresh one per call: the rules expect an empty
+/// any [`ConformanceStore`] (a fresh one per call: the rules expect an empty
 /// store). The tests run on tokio's multi-thread runtime, so the crate that
 /// invokes the macro needs `tokio` with the `macros` and `rt-multi-thread`
 /// features.
@@ -175,6 +182,14 @@ macro_rules! __conformance_rule_module {
         }
     };
 }
+
+/// A store with every capability the suite checks: records
+/// ([`IdempotencyStore`]), marks ([`SeenSet`]) and the operator's view
+/// ([`StoreAdmin`]). Implemented for every such type, so that stores of
+/// different types can share one `Arc<dyn ConformanceStore>`.
+pub trait ConformanceStore: SeenSet + StoreAdmin {}
+
+impl<T: SeenSet + StoreAdmin + ?Sized> ConformanceStore for T {}
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -594,21 +609,32 @@ pub async fn renewed_record_outlives_its_first_lease(store: &dyn IdempotencyStor
     assert_eq!(next.attempt, 2);
 }
 
-/// Empty event id, event type and fingerprint on a claim are stored as absent.
-pub async fn empty_strings_mean_absent(store: &dyn IdempotencyStore) {
-    let mut req = claim_request("c:empty", "t1");
-    req.event_id = Some("");
-    req.event_type = Some("");
-    req.fingerprint = Some("");
-    let lease = acquire(store, &req).await;
-    let record = store.get("c:empty").await.expect("get").expect("record");
-    assert_eq!(record.event_id, None);
-    assert_eq!(record.event_type, None);
-    assert_eq!(record.fingerprint, None);
-    store.fail(&lease, "x", LONG).await.expect("fail");
-    let mut other = claim_request("c:empty", "t2");
-    other.fingerprint = Some("other");
-    acquire(store, &other).await;
+/// Keys are opaque text: spaces, punctuation, glob and hash-tag characters
+/// and non-ASCII letters are all fine, case matters, and each key has its
+/// own record (a store that encodes keys for its backend encodes them
+/// injectively).
+pub async fn keys_are_opaque_text(store: &dyn IdempotencyStore) {
+    let keys = [
+        "c:text with spaces/slashes:colons",
+        "c:glob*?[chars]\\",
+        "c:{hash}tag",
+        "c:ünïcødé ✓",
+        "c:Case",
+        "c:case",
+        "c:dots.and=equals",
+        "c:dots_and=equals",
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        let lease = acquire(store, &claim_request(key, &format!("t{i}"))).await;
+        store
+            .complete(&lease, Some(&json!(key)), LONG)
+            .await
+            .expect("complete");
+    }
+    for key in keys {
+        let record = store.get(key).await.expect("get").expect("record");
+        assert_eq!(record.result, Some(json!(key)), "{key} has its own record");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -616,7 +642,7 @@ pub async fn empty_strings_mean_absent(store: &dyn IdempotencyStore) {
 // ---------------------------------------------------------------------------
 
 /// `mark` answers `true` once per key, `false` after, in input order.
-pub async fn marks_are_new_once_and_answer_in_order(store: &dyn IdempotencyStore) {
+pub async fn marks_are_new_once_and_answer_in_order(store: &dyn SeenSet) {
     assert_eq!(
         store.mark(&[], LONG).await.expect("mark"),
         Vec::<bool>::new()
@@ -636,7 +662,7 @@ pub async fn marks_are_new_once_and_answer_in_order(store: &dyn IdempotencyStore
 }
 
 /// `mark` answers `false` for a key repeated within one batch.
-pub async fn marks_detect_repeats_within_a_batch(store: &dyn IdempotencyStore) {
+pub async fn marks_detect_repeats_within_a_batch(store: &dyn SeenSet) {
     assert_eq!(
         store
             .mark(&["m:x", "m:y", "m:x", "m:z", "m:y", "m:x"], LONG)
@@ -648,7 +674,7 @@ pub async fn marks_detect_repeats_within_a_batch(store: &dyn IdempotencyStore) {
 
 /// `contains` only reads; any record counts as seen, and a mark never
 /// overwrites one.
-pub async fn contains_reads_without_marking(store: &dyn IdempotencyStore) {
+pub async fn contains_reads_without_marking(store: &dyn SeenSet) {
     assert_eq!(
         store.contains(&[]).await.expect("contains"),
         Vec::<bool>::new()
@@ -681,7 +707,7 @@ pub async fn contains_reads_without_marking(store: &dyn IdempotencyStore) {
 }
 
 /// A mark lives its ttl, then the key is new again.
-pub async fn marks_expire_after_ttl(store: &dyn IdempotencyStore) {
+pub async fn marks_expire_after_ttl(store: &dyn SeenSet) {
     let short = Duration::from_millis(200);
     assert_eq!(store.mark(&["m:ttl"], short).await.expect("mark"), [true]);
     let record = store.get("m:ttl").await.expect("get").expect("record");
@@ -698,7 +724,7 @@ pub async fn marks_expire_after_ttl(store: &dyn IdempotencyStore) {
 
 /// A mark is a `COMPLETED` record with a `null` result: a claim of it is a
 /// `Duplicate`, and deleting it makes the key new again.
-pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn IdempotencyStore) {
+pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn SeenSet) {
     store.mark(&["m:done"], LONG).await.expect("mark");
     let record = store.get("m:done").await.expect("get").expect("record");
     assert_eq!(record.status, ProcessingStatus::Completed);
@@ -731,7 +757,7 @@ pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn Idemp
 }
 
 /// 16 tasks mark one key at once: exactly one is told it is new.
-pub async fn concurrent_marks_have_one_winner(store: Arc<dyn IdempotencyStore>) {
+pub async fn concurrent_marks_have_one_winner(store: Arc<dyn SeenSet>) {
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let store = Arc::clone(&store);
@@ -743,4 +769,85 @@ pub async fn concurrent_marks_have_one_winner(store: Arc<dyn IdempotencyStore>) 
         winners += usize::from(task.await.expect("task"));
     }
     assert_eq!(winners, 1);
+}
+
+// ---------------------------------------------------------------------------
+// The operator's view (`StoreAdmin`), what the `idempotency` tool runs on.
+// ---------------------------------------------------------------------------
+
+/// A claim of `key` whose lease runs out after `lease`.
+fn short_lease<'a>(key: &'a str, token: &'a str, lease: Duration) -> ClaimRequest<'a> {
+    ClaimRequest {
+        lease,
+        ..claim_request(key, token)
+    }
+}
+
+/// `stuck` lists the `PROCESSING` records under the prefix whose lease ran
+/// out, sorted by key, and nothing else.
+pub async fn admin_lists_stuck_records_under_a_prefix(store: &dyn StoreAdmin) {
+    let short = Duration::from_millis(100);
+    acquire(store, &short_lease("a:stuck:2", "t1", short)).await;
+    acquire(store, &short_lease("a:stuck:1", "t2", short)).await;
+    acquire(store, &claim_request("a:stuck:live", "t3")).await;
+    acquire(store, &short_lease("a:stuckx", "t4", short)).await;
+    let done = acquire(store, &short_lease("a:stuck:done", "t5", short)).await;
+    store.complete(&done, None, LONG).await.expect("complete");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let stuck = store.stuck("a:stuck:").await.expect("stuck");
+    let keys: Vec<&str> = stuck.iter().map(|(key, _)| key.as_str()).collect();
+    assert_eq!(keys, ["a:stuck:1", "a:stuck:2"]);
+    assert_eq!(stuck[0].1.status, ProcessingStatus::Processing);
+    assert_eq!(stuck[0].1.lease_token.as_deref(), Some("t2"));
+}
+
+/// `summary` counts the records under the prefix by status, a `PROCESSING`
+/// record with a run-out lease as stuck.
+pub async fn admin_summarizes_records_by_status(store: &dyn StoreAdmin) {
+    let short = Duration::from_millis(100);
+    acquire(store, &claim_request("a:sum:live", "t1")).await;
+    acquire(store, &short_lease("a:sum:stuck", "t2", short)).await;
+    let done = acquire(store, &claim_request("a:sum:done", "t3")).await;
+    store
+        .complete(&done, Some(&json!(1)), LONG)
+        .await
+        .expect("complete");
+    let failed = acquire(store, &claim_request("a:sum:failed", "t4")).await;
+    store.fail(&failed, "boom", LONG).await.expect("fail");
+    acquire(store, &claim_request("a:sumx", "t5")).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let summary = store.summary("a:sum:").await.expect("summary");
+    assert_eq!(
+        (
+            summary.processing,
+            summary.stuck,
+            summary.completed,
+            summary.failed,
+            summary.corrupt
+        ),
+        (1, 1, 1, 1, 0),
+        "{summary:?}"
+    );
+    assert_eq!(summary.total(), 4);
+    assert_eq!(store.summary("a:none:").await.expect("summary").total(), 0);
+}
+
+/// `clear_prefix` deletes every record whose key starts with the prefix,
+/// taken literally (`*` is a character), and refuses an empty prefix.
+pub async fn admin_clears_exactly_the_prefix(store: &dyn StoreAdmin) {
+    for key in ["a:g*1", "a:g*2", "a:gx1", "a:h1"] {
+        acquire(store, &claim_request(key, "t1")).await;
+    }
+    assert_eq!(store.clear_prefix("a:g*").await.expect("clear"), 2);
+    assert!(store.get("a:g*1").await.expect("get").is_none());
+    assert!(store.get("a:gx1").await.expect("get").is_some());
+    assert!(store.get("a:h1").await.expect("get").is_some());
+    assert!(matches!(
+        store.clear_prefix("").await,
+        Err(IdempotencyError::Config {
+            option: "prefix",
+            ..
+        })
+    ));
+    assert!(store.get("a:h1").await.expect("get").is_some());
 }

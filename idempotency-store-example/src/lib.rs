@@ -20,7 +20,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use idempotency_core::record::{ClaimDecision, FinishDecision, decide_claim, decide_finish};
 use idempotency_core::{
     ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyRecord, IdempotencyStore, Lease,
-    ProcessingStatus, Result,
+    ProcessingStatus, Result, SeenSet, StoreAdmin, StoreSummary,
 };
 
 type Records = HashMap<String, IdempotencyRecord>;
@@ -243,7 +243,10 @@ impl IdempotencyStore for HashMapStore {
     async fn health(&self) -> Result<()> {
         Ok(())
     }
+}
 
+#[async_trait]
+impl SeenSet for HashMapStore {
     async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>> {
         let now = Utc::now();
         let mut records = self.lock();
@@ -267,5 +270,53 @@ impl IdempotencyStore for HashMapStore {
             .iter()
             .map(|&key| live(&mut records, key, now).is_some())
             .collect())
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for HashMapStore {
+    async fn stuck(&self, prefix: &str) -> Result<Vec<(String, IdempotencyRecord)>> {
+        let now = Utc::now();
+        let mut stuck: Vec<_> = self
+            .lock()
+            .iter()
+            .filter(|(key, r)| {
+                key.starts_with(prefix)
+                    && r.status == ProcessingStatus::Processing
+                    && r.expires_at.is_some_and(|at| at > now)
+                    && !r.is_live_processing(now)
+            })
+            .map(|(key, r)| (key.clone(), r.clone()))
+            .collect();
+        stuck.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(stuck)
+    }
+
+    async fn summary(&self, prefix: &str) -> Result<StoreSummary> {
+        let now = Utc::now();
+        let mut summary = StoreSummary::default();
+        for (key, record) in self.lock().iter() {
+            if key.starts_with(prefix) && record.expires_at.is_some_and(|at| at > now) {
+                summary.count(Some(record), now);
+            }
+        }
+        Ok(summary)
+    }
+
+    async fn clear_prefix(&self, prefix: &str) -> Result<u64> {
+        if prefix.is_empty() {
+            return Err(IdempotencyError::Config {
+                option: "prefix",
+                reason: "refusing an empty prefix, which would delete every key".to_owned(),
+            });
+        }
+        let now = Utc::now();
+        let mut deleted = 0;
+        self.lock().retain(|key, record| {
+            let keep = !key.starts_with(prefix);
+            deleted += u64::from(!keep && record.expires_at.is_some_and(|at| at > now));
+            keep
+        });
+        Ok(deleted)
     }
 }

@@ -1,4 +1,4 @@
-//! `idempotency`: inspect and repair the records of a Redis store.
+//! `idempotency`: inspect and repair the records of a store.
 //!
 //! ```text
 //! idempotency get KEY              the record of KEY as JSON (exit 1 if absent)
@@ -8,7 +8,10 @@
 //! idempotency clear --prefix P --yes   delete every key under P
 //! ```
 //!
-//! Redis is `REDIS_URL` (or `--redis-url`), default `redis://127.0.0.1:6379`.
+//! It runs on any store's [`StoreAdmin`] side; the store is chosen by the
+//! URL's scheme. Today that is Redis (`redis://`, `rediss://`,
+//! `redis+cluster://`, `redis+sentinel://`), from `REDIS_URL` (or
+//! `--redis-url`), default `redis://127.0.0.1:6379`.
 //! `--prefix` and `--hash-keys` must match the application's configuration
 //! for `get` and `delete` to find its keys. Install with
 //! `cargo install idempotency --features cli`.
@@ -16,7 +19,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use idempotency::{IdempotencyChecker, IdempotencyConfig, IdempotencyError, RedisStore};
+use std::sync::Arc;
+
+use idempotency::{
+    IdempotencyChecker, IdempotencyConfig, IdempotencyError, RedisStore, StoreAdmin,
+};
 
 /// Inspect and repair idempotency records in Redis.
 #[derive(Debug, Parser)]
@@ -79,12 +86,12 @@ async fn run(cli: Cli) -> Result<ExitCode, IdempotencyError> {
         );
         return Ok(ExitCode::from(2));
     }
-    let store = RedisStore::connect(&cli.redis_url).await?;
+    let store = open(&cli.redis_url).await?;
     let config = IdempotencyConfig::builder()
         .key_prefix(cli.prefix.as_str())
         .hash_keys(cli.hash_keys)
         .build()?;
-    let checker = IdempotencyChecker::with_config(store.clone(), config);
+    let checker = IdempotencyChecker::from_shared(store.clone(), config);
     match cli.command {
         Command::Get { key } => {
             let Some(record) = checker.get_processing_record(&key).await? else {
@@ -135,15 +142,33 @@ async fn run(cli: Cli) -> Result<ExitCode, IdempotencyError> {
             println!("completed   {}", summary.completed);
             println!("failed      {}", summary.failed);
             println!("corrupt     {}", summary.corrupt);
-            println!("memory      {} bytes", summary.memory_bytes);
-            if let Some(per_record) = summary.memory_bytes.checked_div(total) {
-                println!("per record  {per_record} bytes");
+            if let Some(memory) = summary.memory_bytes {
+                println!("memory      {memory} bytes");
+                if let Some(per_record) = memory.checked_div(total) {
+                    println!("per record  {per_record} bytes");
+                }
             }
         }
         Command::Clear { .. } => {
-            let deleted = store.clear(&cli.prefix).await?;
+            let deleted = store.clear_prefix(&cli.prefix).await?;
             println!("deleted {deleted} key(s) under `{}`", cli.prefix);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The store behind `url`, chosen by its scheme.
+async fn open(url: &str) -> Result<Arc<dyn StoreAdmin>, IdempotencyError> {
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    match scheme {
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" | "redis+sentinel"
+        | "rediss+sentinel" => Ok(Arc::new(RedisStore::connect(url).await?)),
+        _ => Err(IdempotencyError::Config {
+            option: "url",
+            reason: format!(
+                "no store for the scheme of `{url}`: expected redis://, rediss://, \
+                 redis+cluster:// or redis+sentinel://"
+            ),
+        }),
+    }
 }

@@ -742,7 +742,7 @@ impl NatsServer {
 /// timed-out command that still landed does.
 #[derive(Debug)]
 pub struct Instrumented {
-    pub inner: std::sync::Arc<dyn idempotency::IdempotencyStore>,
+    pub inner: std::sync::Arc<dyn idempotency::SeenSet>,
     pub calls: std::sync::atomic::AtomicUsize,
     pub lose_claim_replies: std::sync::atomic::AtomicBool,
     /// How many coming `complete` calls fail with `StoreUnavailable`
@@ -765,7 +765,7 @@ pub struct Instrumented {
 }
 
 impl Instrumented {
-    pub fn new(inner: std::sync::Arc<dyn idempotency::IdempotencyStore>) -> Self {
+    pub fn new(inner: std::sync::Arc<dyn idempotency::SeenSet>) -> Self {
         Self {
             inner,
             calls: Default::default(),
@@ -898,6 +898,10 @@ impl idempotency::IdempotencyStore for Instrumented {
         self.up()?;
         self.inner.health().await
     }
+}
+
+#[async_trait::async_trait]
+impl idempotency::SeenSet for Instrumented {
     async fn mark(&self, keys: &[&str], ttl: Duration) -> idempotency::Result<Vec<bool>> {
         self.count();
         self.up()?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::record::{ClaimOutcome, IdempotencyRecord, Lease};
+use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
 
 /// `now + d`, saturating instead of overflowing.
 pub(crate) fn after(
@@ -54,7 +54,15 @@ pub struct ClaimRequest<'a> {
 
 /// The storage contract every backend implements.
 ///
-/// Semantics (checked by the conformance suite in `tests/`):
+/// Keys: `key` (in [`ClaimRequest`] and every call) is any non-empty UTF-8
+/// string without control characters, prefix included, of up to a few
+/// hundred bytes (the checker's `max_key_len` plus its prefix, or a
+/// 64-character hash). Mapping it onto what the backend accepts is the
+/// store's job (NATS KV, say, allows only `[-/_=.a-zA-Z0-9]` in a key), and
+/// the mapping must be injective: two keys never share a record.
+///
+/// Semantics (checked by [`testing`](crate::testing), the conformance suite
+/// behind the `testing` feature):
 /// - [`claim`](Self::claim) is one atomic operation: absent, `FAILED`, or
 ///   `PROCESSING` with an expired lease → [`ClaimOutcome::Acquired`] with the
 ///   request's token and attempt + 1; `COMPLETED` → [`ClaimOutcome::Duplicate`];
@@ -75,12 +83,19 @@ pub struct ClaimRequest<'a> {
 /// - Lease expiry is judged by the store's own clock.
 /// - A value that is not a record is reported as
 ///   [`CorruptRecord`](crate::IdempotencyError::CorruptRecord), never a panic.
-/// - [`mark`](Self::mark) writes only where no record exists (any value at
-///   the key counts as seen) and answers in input order;
-///   [`contains`](Self::contains) only reads.
+///
+/// Two capabilities build on it: [`SeenSet`] (batch marks, what
+/// [`Deduplicator`](crate::Deduplicator) needs) and [`StoreAdmin`] (what an
+/// operator needs). Every store in this crate implements both.
+///
+/// Sharing: a checker keeps its store as a [`DynStore`] (an `Arc`), and
+/// checkers, deduplicators and tasks share one store through it.
+/// `RedisStore` is also `Clone`, as a handle: a clone shares the original's
+/// connections and server. `MemoryStore` is not `Clone` (a copy of the
+/// records would be a different store): share it through an `Arc`.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
-    /// A short name for messages: `"memory"`, `"redis"`.
+    /// A short name for messages and metrics: `"memory"`, `"redis"`.
     fn name(&self) -> &'static str;
 
     /// Claims `request.key`. See the trait docs for the outcomes.
@@ -116,21 +131,110 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
 
     /// Checks that the store answers.
     async fn health(&self) -> Result<()>;
+}
 
+/// A store shared between checkers, deduplicators and tasks.
+pub type DynStore = std::sync::Arc<dyn IdempotencyStore>;
+
+/// A seen-set over the same records: marks many keys in one call, what
+/// [`Deduplicator`](crate::Deduplicator) is built on.
+///
+/// A mark is an ordinary `COMPLETED` record with a `null` result, so a key
+/// marked here is a [`ClaimOutcome::Duplicate`] to a checker on the same
+/// store, and a key a checker completed counts as seen.
+#[async_trait]
+pub trait SeenSet: IdempotencyStore {
     /// Marks each of `keys` as seen, atomically per key: where no record
-    /// exists (whatever its status), writes a `COMPLETED` record with a null
-    /// result that lives `ttl`, like Redis `SET key doc NX PX ttl`.
+    /// exists (whatever its status), writes a `COMPLETED` record with a
+    /// `null` result that lives `ttl`.
     ///
     /// Returns one answer per key, in order: `true` where this call wrote the
     /// mark, `false` where a record already existed, including one written
-    /// by an earlier occurrence of the same key in `keys`. A mark is an
-    /// ordinary `COMPLETED` record: a later [`claim`](Self::claim) of the key
-    /// is a [`ClaimOutcome::Duplicate`]. A store that retries after a lost
-    /// reply must recognise its own applied marks (and still answer `true`).
-    /// This is what [`Deduplicator`](crate::Deduplicator) is built on.
+    /// by an earlier occurrence of the same key in `keys`. A store that
+    /// retries after a lost reply must recognise its own applied marks (and
+    /// still answer `true`).
     async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>>;
 
     /// Whether a record (of any status) exists at each of `keys`, in order.
     /// Reads only.
     async fn contains(&self, keys: &[&str]) -> Result<Vec<bool>>;
+}
+
+/// What an operator needs from a store, on any backend: the `idempotency`
+/// command-line tool's `stuck`, `stats` and `clear`. Reading and deleting
+/// one record are [`IdempotencyStore::get`] and [`IdempotencyStore::delete`].
+///
+/// `prefix` is matched literally against the start of the key (no
+/// wildcards).
+#[async_trait]
+pub trait StoreAdmin: IdempotencyStore {
+    /// Every `PROCESSING` record under `prefix` whose lease has run out (by
+    /// the store's clock): attempts that died or lost their connection.
+    /// The next delivery of such a key takes it over; until then it blocks
+    /// nothing. Sorted by key.
+    async fn stuck(&self, prefix: &str) -> Result<Vec<(String, IdempotencyRecord)>>;
+
+    /// Counts the records under `prefix` by status.
+    async fn summary(&self, prefix: &str) -> Result<StoreSummary>;
+
+    /// Deletes every record under `prefix`; returns how many. An empty
+    /// prefix is refused with [`Config`](crate::IdempotencyError::Config):
+    /// it would delete everything.
+    async fn clear_prefix(&self, prefix: &str) -> Result<u64>;
+}
+
+/// Counts of the records under a prefix, from [`StoreAdmin::summary`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct StoreSummary {
+    /// Records being processed under a live lease.
+    pub processing: u64,
+    /// `PROCESSING` records whose lease ran out (see [`StoreAdmin::stuck`]).
+    pub stuck: u64,
+    /// Completed records.
+    pub completed: u64,
+    /// Failed records, waiting for a retry.
+    pub failed: u64,
+    /// Values under the prefix that are not records.
+    pub corrupt: u64,
+    /// What those records take in the store, in bytes, where the store can
+    /// tell (Redis: the sum of `MEMORY USAGE`).
+    pub memory_bytes: Option<u64>,
+}
+
+impl StoreSummary {
+    /// Every key counted.
+    pub fn total(&self) -> u64 {
+        self.processing + self.stuck + self.completed + self.failed + self.corrupt
+    }
+
+    /// Adds one record (or non-record, `None`) to the counts, judging a
+    /// `PROCESSING` record's lease at `now`.
+    pub fn count(
+        &mut self,
+        record: Option<&IdempotencyRecord>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        let counter = match record {
+            None => &mut self.corrupt,
+            Some(r) => match r.status {
+                ProcessingStatus::Completed => &mut self.completed,
+                ProcessingStatus::Failed => &mut self.failed,
+                ProcessingStatus::Processing if r.is_live_processing(now) => &mut self.processing,
+                ProcessingStatus::Processing => &mut self.stuck,
+            },
+        };
+        *counter += 1;
+    }
+}
+
+/// The refusal of an empty prefix by [`StoreAdmin::clear_prefix`].
+pub(crate) fn check_clear_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty() {
+        return Err(crate::IdempotencyError::config(
+            "prefix",
+            "refusing an empty prefix, which would delete every key",
+        ));
+    }
+    Ok(())
 }

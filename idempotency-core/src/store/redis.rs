@@ -46,7 +46,6 @@ mod dedup;
 mod ifeq;
 mod ops;
 use conn::{Conn, Connections, OpenError, Settings};
-pub use ops::PrefixSummary;
 
 const STORE: &str = "redis";
 
@@ -1013,7 +1012,10 @@ impl IdempotencyStore for RedisStore {
     async fn health(&self) -> Result<()> {
         self.check_eviction("health").await
     }
+}
 
+#[async_trait]
+impl super::SeenSet for RedisStore {
     async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>> {
         self.mark_keys(keys, ttl).await
     }
@@ -1023,14 +1025,30 @@ impl IdempotencyStore for RedisStore {
     }
 }
 
+#[async_trait]
+impl super::StoreAdmin for RedisStore {
+    async fn stuck(&self, prefix: &str) -> Result<Vec<(String, IdempotencyRecord)>> {
+        self.stuck_records(prefix).await
+    }
+
+    async fn summary(&self, prefix: &str) -> Result<super::StoreSummary> {
+        self.summarize(prefix).await
+    }
+
+    async fn clear_prefix(&self, prefix: &str) -> Result<u64> {
+        super::check_clear_prefix(prefix)?;
+        self.unlink_prefix(prefix).await
+    }
+}
+
 impl RedisStore {
     /// The ACL rules for every command the store sends (its scripts' own
     /// included), for a least-privilege user; add a key pattern for the
     /// prefix (`~idempotency:*`). A command refused by the ACL is
     /// [`StoreRefused`](IdempotencyError::StoreRefused) with
     /// [`PermissionDenied`](StoreRefusal::PermissionDenied), naming the
-    /// command. The admin operations ([`stuck`](Self::stuck),
-    /// [`summary`](Self::summary), [`clear`](Self::clear)) also need
+    /// command. The admin operations ([`StoreAdmin`](super::StoreAdmin)'s
+    /// `stuck`, `summary` and `clear_prefix`) also need
     /// `+scan +unlink +memory|usage`, and a cluster `+cluster|slots
     /// +cluster|nodes`.
     pub const ACL_COMMANDS: &'static str =

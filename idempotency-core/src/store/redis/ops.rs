@@ -8,40 +8,15 @@
 use chrono::{DateTime, Utc};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, Value};
-use serde::Serialize;
 
 use super::conn::Conn;
 use super::{RedisStore, Reply, ms_to_time, read_script, unavailable, unexpected};
-use crate::error::{IdempotencyError, Result};
+use crate::error::Result;
 use crate::record::{IdempotencyRecord, ProcessingStatus};
+use crate::store::StoreSummary;
 
 /// How many keys one `SCAN` page asks for.
 const PAGE: usize = 500;
-
-/// Counts of the records under a prefix, from [`RedisStore::summary`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct PrefixSummary {
-    /// Records being processed under a live lease.
-    pub processing: u64,
-    /// `PROCESSING` records whose lease ran out (see [`RedisStore::stuck`]).
-    pub stuck: u64,
-    /// Completed records.
-    pub completed: u64,
-    /// Failed records, waiting for a retry.
-    pub failed: u64,
-    /// Values under the prefix that are not records.
-    pub corrupt: u64,
-    /// The sum of `MEMORY USAGE` over those keys, in bytes.
-    pub memory_bytes: u64,
-}
-
-impl PrefixSummary {
-    /// Every key counted.
-    pub fn total(&self) -> u64 {
-        self.processing + self.stuck + self.completed + self.failed + self.corrupt
-    }
-}
 
 /// `prefix` as a `SCAN MATCH` pattern matching exactly the keys it starts.
 fn pattern(prefix: &str) -> String {
@@ -273,11 +248,11 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Every `PROCESSING` record under `prefix` whose lease has run out (by
-    /// the store's clock): attempts that died or lost their connection. The
-    /// next delivery of such a key takes it over; until then it blocks
-    /// nothing but shows up here. Sorted by key.
-    pub async fn stuck(&self, prefix: &str) -> Result<Vec<(String, IdempotencyRecord)>> {
+    /// [`StoreAdmin::stuck`](crate::store::StoreAdmin::stuck).
+    pub(super) async fn stuck_records(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, IdempotencyRecord)>> {
         let now = self.server_time().await?;
         let mut stuck = Vec::new();
         self.walk(prefix, |key, record, _| {
@@ -293,41 +268,29 @@ impl RedisStore {
         Ok(stuck)
     }
 
-    /// Counts the records under `prefix` by status, with their memory.
-    pub async fn summary(&self, prefix: &str) -> Result<PrefixSummary> {
+    /// [`StoreAdmin::summary`](crate::store::StoreAdmin::summary), with
+    /// the keys' `MEMORY USAGE`.
+    pub(super) async fn summarize(&self, prefix: &str) -> Result<StoreSummary> {
         let now = self.server_time().await?;
-        let mut summary = PrefixSummary::default();
+        let mut summary = StoreSummary::default();
+        let mut memory = 0;
         self.walk(prefix, |_, record, usage| {
-            let counter = match record {
+            match record {
                 // Gone between SCAN and GET (expired or deleted).
                 None if usage == 0 => return,
-                None | Some(Err(_)) => &mut summary.corrupt,
-                Some(Ok(r)) => match r.status {
-                    ProcessingStatus::Completed => &mut summary.completed,
-                    ProcessingStatus::Failed => &mut summary.failed,
-                    ProcessingStatus::Processing if r.is_live_processing(now) => {
-                        &mut summary.processing
-                    }
-                    ProcessingStatus::Processing => &mut summary.stuck,
-                },
-            };
-            *counter += 1;
-            summary.memory_bytes += usage;
+                None | Some(Err(_)) => summary.count(None, now),
+                Some(Ok(r)) => summary.count(Some(&r), now),
+            }
+            memory += usage;
         })
         .await?;
+        summary.memory_bytes = Some(memory);
         Ok(summary)
     }
 
-    /// Deletes every key under `prefix` (with `UNLINK`, a `SCAN` page at a
-    /// time); returns how many were deleted. An empty prefix is refused: it
-    /// would delete the whole database.
-    pub async fn clear(&self, prefix: &str) -> Result<u64> {
-        if prefix.is_empty() {
-            return Err(IdempotencyError::config(
-                "prefix",
-                "refusing an empty prefix, which would delete every key",
-            ));
-        }
+    /// [`StoreAdmin::clear_prefix`](crate::store::StoreAdmin::clear_prefix)
+    /// for a non-empty prefix: `UNLINK`, a `SCAN` page at a time.
+    pub(super) async fn unlink_prefix(&self, prefix: &str) -> Result<u64> {
         let pattern = pattern(prefix);
         let mut deleted = 0;
         for node in self.nodes().await? {

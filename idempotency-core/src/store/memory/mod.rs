@@ -9,12 +9,17 @@ use chrono::{DateTime, TimeDelta, Utc};
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 
-use super::{ClaimRequest, IdempotencyStore, after};
+use self::slot::{Field, Slot, State, present};
+use super::{
+    ClaimRequest, IdempotencyStore, SeenSet, StoreAdmin, StoreSummary, after, check_clear_prefix,
+};
 use crate::error::{IdempotencyError, Result};
 use crate::record::{
     ClaimDecision, ClaimOutcome, FinishDecision, IdempotencyRecord, Lease, ProcessingStatus,
-    RecordView, decide_claim, decide_finish,
+    decide_claim, decide_finish,
 };
+
+mod slot;
 
 const SHARDS: usize = 64;
 const PURGE_EVERY: TimeDelta = TimeDelta::seconds(1);
@@ -38,6 +43,20 @@ const PURGE_EVERY: TimeDelta = TimeDelta::seconds(1);
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     hasher: Hasher,
+    clock: Clock,
+}
+
+/// Where a [`MemoryStore`] reads the time.
+#[derive(Debug, Clone, Copy)]
+enum Clock {
+    /// The system clock.
+    System,
+    /// tokio's clock, which a test can pause and advance, counted from the
+    /// UTC time the store was made.
+    Tokio {
+        origin: DateTime<Utc>,
+        start: tokio::time::Instant,
+    },
 }
 
 /// foldhash with a per-process random seed: several times faster than
@@ -54,48 +73,6 @@ struct Shard {
     last_purge: Option<DateTime<Utc>>,
 }
 
-/// One record in compact form: every text field in one allocation, and the
-/// fields each status keeps (see [`IdempotencyRecord`]) in its [`State`].
-/// The public record is built only when a caller reads one.
-struct Slot {
-    hash: u64,
-    /// The storage key, the fingerprint, the recorded key, the event id, the
-    /// event type and the lease token, end to end; an absent field is empty.
-    text: Box<str>,
-    /// Where each of the first five fields of `text` ends.
-    ends: [usize; 5],
-    attempts: u32,
-    expires_at: DateTime<Utc>,
-    state: State,
-}
-
-enum State {
-    Processing {
-        first_seen_at: DateTime<Utc>,
-        lease_expires_at: DateTime<Utc>,
-    },
-    Failed {
-        first_seen_at: DateTime<Utc>,
-        error: String,
-    },
-    Completed {
-        completed_at: DateTime<Utc>,
-        /// `None` when the handler's result could not be stored.
-        result: Option<serde_json::Value>,
-    },
-}
-
-/// The index of a field in [`Slot::text`].
-#[derive(Clone, Copy)]
-enum Field {
-    Key = 0,
-    Fingerprint,
-    RecordedKey,
-    EventId,
-    EventType,
-    Token,
-}
-
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
@@ -110,17 +87,72 @@ impl Default for MemoryStore {
     }
 }
 
-/// The empty string means "absent", as it does in the Redis scripts.
-fn present(s: &str) -> Option<&str> {
-    (!s.is_empty()).then_some(s)
-}
-
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: Hasher::default(),
+            clock: Clock::System,
+        }
+    }
+
+    /// An empty store that reads the time from tokio's clock instead of the
+    /// system's, so that a test on a runtime with paused time
+    /// (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) runs
+    /// leases and TTLs out without waiting.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), idempotency_core::IdempotencyError> {
+    /// use std::time::Duration;
+    /// use idempotency_core::{ClaimRequest, IdempotencyStore, MemoryStore};
+    ///
+    /// let store = MemoryStore::with_tokio_clock();
+    /// let hour = Duration::from_secs(3600);
+    /// let request = ClaimRequest {
+    ///     key: "k",
+    ///     recorded_key: "k",
+    ///     event_id: None,
+    ///     event_type: None,
+    ///     fingerprint: None,
+    ///     token: "t1",
+    ///     lease: hour,
+    ///     ttl: hour,
+    /// };
+    /// store.claim(&request).await?;
+    /// tokio::time::advance(Duration::from_secs(3601)).await;
+    /// assert!(store.get("k").await?.is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_tokio_clock() -> Self {
+        Self {
+            clock: Clock::Tokio {
+                origin: Utc::now(),
+                start: tokio::time::Instant::now(),
+            },
+            ..Self::new()
+        }
+    }
+
+    /// The time by this store's clock.
+    fn now(&self) -> DateTime<Utc> {
+        match self.clock {
+            Clock::System => Utc::now(),
+            Clock::Tokio { origin, start } => after(origin, start.elapsed()),
+        }
+    }
+
+    /// Calls `f` with every live slot whose key starts with `prefix`.
+    fn each_live(&self, prefix: &str, now: DateTime<Utc>, mut f: impl FnMut(&Slot)) {
+        for shard in &*self.shards {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard
+                .slots
+                .iter()
+                .filter(|s| s.expires_at > now && s.field(Field::Key).starts_with(prefix))
+                .for_each(&mut f);
         }
     }
 
@@ -145,7 +177,7 @@ impl MemoryStore {
 
     /// Removes every expired record now; returns how many were removed.
     pub fn purge_expired(&self) -> usize {
-        let now = Utc::now();
+        let now = self.now();
         self.shards
             .iter()
             .map(|s| {
@@ -169,125 +201,6 @@ impl MemoryStore {
     /// Whether no record is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl Slot {
-    /// A slot holding `fields` (in [`Field`] order) in one allocation.
-    fn new(
-        hash: u64,
-        fields: [&str; 6],
-        attempts: u32,
-        expires_at: DateTime<Utc>,
-        state: State,
-    ) -> Self {
-        let mut text = String::with_capacity(fields.iter().map(|f| f.len()).sum());
-        let mut ends = [0; 5];
-        for (i, field) in fields.iter().enumerate() {
-            text.push_str(field);
-            if let Some(end) = ends.get_mut(i) {
-                *end = text.len();
-            }
-        }
-        Self {
-            hash,
-            text: text.into_boxed_str(),
-            ends,
-            attempts,
-            expires_at,
-            state,
-        }
-    }
-
-    fn field(&self, field: Field) -> &str {
-        let i = field as usize;
-        let start = i.checked_sub(1).map_or(0, |j| self.ends[j]);
-        let end = self.ends.get(i).copied().unwrap_or(self.text.len());
-        self.text.get(start..end).unwrap_or_default()
-    }
-
-    fn is(&self, key: &str) -> bool {
-        self.field(Field::Key) == key
-    }
-
-    fn status(&self) -> ProcessingStatus {
-        match self.state {
-            State::Processing { .. } => ProcessingStatus::Processing,
-            State::Failed { .. } => ProcessingStatus::Failed,
-            State::Completed { .. } => ProcessingStatus::Completed,
-        }
-    }
-
-    fn first_seen_at(&self) -> Option<DateTime<Utc>> {
-        match self.state {
-            State::Processing { first_seen_at, .. } | State::Failed { first_seen_at, .. } => {
-                Some(first_seen_at)
-            }
-            State::Completed { .. } => None,
-        }
-    }
-
-    fn lease_expires_at(&self) -> Option<DateTime<Utc>> {
-        match self.state {
-            State::Processing {
-                lease_expires_at, ..
-            } => Some(lease_expires_at),
-            _ => None,
-        }
-    }
-
-    fn view(&self) -> RecordView<'_> {
-        RecordView {
-            status: self.status(),
-            attempts: self.attempts,
-            lease_token: present(self.field(Field::Token)),
-            lease_expires_at: self.lease_expires_at(),
-            fingerprint: present(self.field(Field::Fingerprint)),
-        }
-    }
-
-    /// Keeps only what a `COMPLETED` record keeps of the text: the key and
-    /// the fingerprint.
-    fn trim_to_completed(&mut self) {
-        let keep = self.ends[Field::Fingerprint as usize];
-        let mut text = String::from(std::mem::take(&mut self.text));
-        text.truncate(keep);
-        self.text = text.into_boxed_str();
-        for end in &mut self.ends[Field::RecordedKey as usize..] {
-            *end = keep;
-        }
-    }
-
-    /// The public record, with its expiry filled in.
-    fn snapshot(&self) -> IdempotencyRecord {
-        let text = |field| present(self.field(field)).map(str::to_owned);
-        let mut record = IdempotencyRecord {
-            idempotency_key: self.field(Field::RecordedKey).to_owned(),
-            event_id: text(Field::EventId),
-            event_type: text(Field::EventType),
-            status: self.status(),
-            result: None,
-            error: None,
-            first_seen_at: self.first_seen_at(),
-            completed_at: None,
-            attempts: self.attempts,
-            lease_token: text(Field::Token),
-            lease_expires_at: self.lease_expires_at(),
-            fingerprint: text(Field::Fingerprint),
-            expires_at: Some(self.expires_at),
-        };
-        match &self.state {
-            State::Processing { .. } => {}
-            State::Failed { error, .. } => record.error = Some(error.clone()),
-            State::Completed {
-                completed_at,
-                result,
-            } => {
-                record.completed_at = Some(*completed_at);
-                record.result.clone_from(result);
-            }
-        }
-        record
     }
 }
 
@@ -333,7 +246,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
-        let now = Utc::now();
+        let now = self.now();
         let hash = self.hasher.hash_one(request.key);
         let mut shard = self.shard(hash, now);
         let entry = shard.slots.entry(hash, |s| s.is(request.key), |s| s.hash);
@@ -379,7 +292,7 @@ impl IdempotencyStore for MemoryStore {
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
         let mut renewed = lease.clone();
-        let now = Utc::now();
+        let now = self.now();
         let hash = self.hasher.hash_one(&lease.key);
         self.shard(hash, now)
             .finish(hash, lease, ProcessingStatus::Processing, now, |slot| {
@@ -403,7 +316,7 @@ impl IdempotencyStore for MemoryStore {
         result: Option<&serde_json::Value>,
         ttl: Duration,
     ) -> Result<()> {
-        let now = Utc::now();
+        let now = self.now();
         let hash = self.hasher.hash_one(&lease.key);
         self.shard(hash, now)
             .finish(hash, lease, ProcessingStatus::Completed, now, |slot| {
@@ -417,7 +330,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
-        let now = Utc::now();
+        let now = self.now();
         let hash = self.hasher.hash_one(&lease.key);
         self.shard(hash, now)
             .finish(hash, lease, ProcessingStatus::Failed, now, |slot| {
@@ -431,7 +344,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
-        let now = Utc::now();
+        let now = self.now();
         let hash = self.hasher.hash_one(key);
         Ok(self
             .shard(hash, now)
@@ -440,7 +353,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let now = Utc::now();
+        let now = self.now();
         let hash = self.hasher.hash_one(key);
         let mut shard = self.shard(hash, now);
         Ok(match shard.slots.find_entry(hash, |s| s.is(key)) {
@@ -452,9 +365,12 @@ impl IdempotencyStore for MemoryStore {
     async fn health(&self) -> Result<()> {
         Ok(())
     }
+}
 
+#[async_trait]
+impl SeenSet for MemoryStore {
     async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>> {
-        let now = Utc::now();
+        let now = self.now();
         let expires_at = after(now, ttl);
         Ok(keys
             .iter()
@@ -487,7 +403,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn contains(&self, keys: &[&str]) -> Result<Vec<bool>> {
-        let now = Utc::now();
+        let now = self.now();
         Ok(keys
             .iter()
             .map(|&key| {
@@ -495,6 +411,48 @@ impl IdempotencyStore for MemoryStore {
                 self.shard(hash, now).live(hash, key, now).is_some()
             })
             .collect())
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for MemoryStore {
+    async fn stuck(&self, prefix: &str) -> Result<Vec<(String, IdempotencyRecord)>> {
+        let now = self.now();
+        let mut stuck = Vec::new();
+        self.each_live(prefix, now, |slot| {
+            if slot.status() == ProcessingStatus::Processing {
+                let record = slot.snapshot();
+                if !record.is_live_processing(now) {
+                    stuck.push((slot.field(Field::Key).to_owned(), record));
+                }
+            }
+        });
+        stuck.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(stuck)
+    }
+
+    async fn summary(&self, prefix: &str) -> Result<StoreSummary> {
+        let now = self.now();
+        let mut summary = StoreSummary::default();
+        self.each_live(prefix, now, |slot| {
+            summary.count(Some(&slot.snapshot()), now);
+        });
+        Ok(summary)
+    }
+
+    async fn clear_prefix(&self, prefix: &str) -> Result<u64> {
+        check_clear_prefix(prefix)?;
+        let now = self.now();
+        let mut deleted = 0;
+        for shard in &*self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard.slots.retain(|s| {
+                let keep = !s.field(Field::Key).starts_with(prefix);
+                deleted += u64::from(!keep && s.expires_at > now);
+                keep
+            });
+        }
+        Ok(deleted)
     }
 }
 
@@ -558,9 +516,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn expired_records_are_purged_so_memory_stays_bounded() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::with_tokio_clock();
         let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
         for key in &keys {
             store
@@ -569,14 +527,14 @@ mod tests {
                 .expect("claim");
         }
         assert_eq!(store.len(), 1000);
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        tokio::time::advance(Duration::from_millis(60)).await;
         assert_eq!(store.purge_expired(), 1000);
         assert!(store.is_empty());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn shards_sweep_themselves_as_they_are_used() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::with_tokio_clock();
         for i in 0..500 {
             store
                 .claim(&request(&format!("old{i}"), Duration::from_millis(10)))
@@ -585,7 +543,7 @@ mod tests {
         }
         // Past the expiry and the per-shard sweep interval, new traffic alone
         // evicts the old records: no one calls purge_expired.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tokio::time::advance(Duration::from_millis(1100)).await;
         for i in 0..2000 {
             store.get(&format!("probe{i}")).await.expect("get");
         }
