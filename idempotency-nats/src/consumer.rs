@@ -212,19 +212,17 @@ pub(crate) async fn settle(
     let (kind, counter) = match disposition {
         Disposition::Ack { .. } => (AckKind::Ack, &counters.acked),
         Disposition::Retry { busy: true, .. } => (AckKind::Nak(Some(delays.busy)), &counters.busy),
-        Disposition::Reject {
-            poison: true,
-            reason,
-        } => {
-            tracing::warn!(subject = %message.subject, %reason, "terminating a poison message");
-            (AckKind::Term, &counters.poison)
-        }
-        Disposition::Reject {
-            poison: false,
-            reason,
-        } => {
-            tracing::warn!(subject = %message.subject, %reason, "terminating a message that can never succeed");
-            (AckKind::Term, &counters.rejected)
+        Disposition::Reject { poison, reason } => {
+            let (what, counter) = if poison {
+                ("terminating a poison message", &counters.poison)
+            } else {
+                (
+                    "terminating a message that can never succeed",
+                    &counters.rejected,
+                )
+            };
+            tracing::warn!(subject = %message.subject, %reason, "{what}");
+            (AckKind::Term, counter)
         }
         other => {
             let reason = match other {
