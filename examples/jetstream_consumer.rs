@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
-use idempotency::nats::{JetStreamWorker, publish_event};
+use idempotency::nats::{JetStreamWorker, Runner, publish_event};
 use idempotency::{EventEnvelope, IdempotencyChecker, MemoryStore, RedisStore};
 use serde::{Deserialize, Serialize};
 
@@ -93,14 +93,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let stats = JetStreamWorker::new(consumer)
         .concurrency(8)
         .run(
-            checker.clone(),
-            |envelope: EventEnvelope<Order>| async move {
-                println!(
-                    "charging order {} ({} cents)",
-                    envelope.payload.order, envelope.payload.cents
-                );
-                Ok::<_, std::io::Error>(format!("charge-{}", envelope.payload.order))
-            },
+            Runner::new(
+                checker.clone(),
+                |envelope: EventEnvelope<Order>| async move {
+                    println!(
+                        "charging order {} ({} cents)",
+                        envelope.payload.order, envelope.payload.cents
+                    );
+                    Ok::<_, std::io::Error>(format!("charge-{}", envelope.payload.order))
+                },
+            ),
             async move {
                 if forever {
                     let _ = tokio::signal::ctrl_c().await;

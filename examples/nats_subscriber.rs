@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use idempotency::nats::Subscriber;
+use idempotency::nats::{Runner, Subscriber};
 use idempotency::{EventEnvelope, IdempotencyChecker, IdempotencyError, MemoryStore, RedisStore};
 use serde::{Deserialize, Serialize};
 
@@ -53,15 +53,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let subscriber = Subscriber::new(client.clone(), "quotes.requested")
         .queue_group("quoters")
         .run(
-            checker.clone(),
-            |envelope: EventEnvelope<QuoteRequest>| async move {
-                println!("computing quote for {}", envelope.event_id);
-                Ok::<_, IdempotencyError>(Quote {
-                    amount: envelope.payload.amount,
-                    fee: envelope.payload.amount / 100 + 30,
-                    quote_id: format!("quote-{}", envelope.event_id),
-                })
-            },
+            Runner::new(
+                checker.clone(),
+                |envelope: EventEnvelope<QuoteRequest>| async move {
+                    println!("computing quote for {}", envelope.event_id);
+                    Ok::<_, IdempotencyError>(Quote {
+                        amount: envelope.payload.amount,
+                        fee: envelope.payload.amount / 100 + 30,
+                        quote_id: format!("quote-{}", envelope.event_id),
+                    })
+                },
+            ),
             async move {
                 if demo {
                     tokio::time::sleep(Duration::from_secs(2)).await;

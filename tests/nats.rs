@@ -13,7 +13,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::PullConsumer, stream::Stream};
 use bytes::Bytes;
 use common::{NatsServer, RedisServer};
-use idempotency::nats::{DedupRelay, JetStreamWorker, KeyExtractor, Subscriber};
+use idempotency::nats::{DedupRelay, JetStreamWorker, KeyExtractor, Runner, Subscriber};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, ProcessingStatus,
     RedisStore, current_lease,
@@ -127,14 +127,13 @@ fn spawn_recording_worker(
 ) -> tokio::task::JoinHandle<Result<idempotency::nats::NatsStats, idempotency::nats::WorkerError>> {
     let seen = Arc::clone(executions);
     tokio::spawn(JetStreamWorker::new(consumer).run(
-        checker,
-        move |envelope: EventEnvelope<Value>| {
+        Runner::new(checker, move |envelope: EventEnvelope<Value>| {
             let seen = Arc::clone(&seen);
             async move {
                 seen.record(envelope.effective_key());
                 Ok::<_, IdempotencyError>(())
             }
-        },
+        }),
         shutdown,
     ))
 }
@@ -203,14 +202,13 @@ async fn ten_thousand_messages_with_duplicates_execute_once_per_key() {
             .concurrency(8)
             .busy_delay(Duration::from_millis(100))
             .run(
-                checker.clone(),
-                move |envelope: EventEnvelope<Value>| {
+                Runner::new(checker.clone(), move |envelope: EventEnvelope<Value>| {
                     let executions = Arc::clone(&executions);
                     async move {
                         executions.record(envelope.effective_key());
                         Ok::<_, IdempotencyError>(envelope.effective_key().len())
                     }
-                },
+                }),
                 shutdown(),
             );
         workers.push(tokio::spawn(worker));
@@ -260,8 +258,7 @@ async fn failing_handler_is_redelivered_and_runs_on_the_third_attempt() {
         JetStreamWorker::new(events.get_consumer("retry").await.expect("consumer"))
             .retry_delay(Duration::from_millis(100), Duration::from_secs(1))
             .run(
-                checker.clone(),
-                move |_: EventEnvelope<Value>| {
+                Runner::new(checker.clone(), move |_: EventEnvelope<Value>| {
                     let runs = Arc::clone(&handler_runs);
                     async move {
                         runs.fetch_add(1, Ordering::SeqCst);
@@ -271,7 +268,7 @@ async fn failing_handler_is_redelivered_and_runs_on_the_third_attempt() {
                         }
                         Ok(attempt)
                     }
-                },
+                }),
                 shutdown(),
             ),
     );
@@ -329,15 +326,14 @@ async fn crashed_worker_is_taken_over_and_never_completes_twice() {
             let checker = IdempotencyChecker::with_config(store, config());
             let _ = JetStreamWorker::new(consumer)
                 .run(
-                    checker,
-                    move |_: EventEnvelope<Value>| {
+                    Runner::new(checker, move |_: EventEnvelope<Value>| {
                         let started = started_tx.clone();
                         async move {
                             let _ = started.send(());
                             std::future::pending::<()>().await;
                             Ok::<_, IdempotencyError>(())
                         }
-                    },
+                    }),
                     std::future::pending(),
                 )
                 .await;
@@ -358,14 +354,13 @@ async fn crashed_worker_is_taken_over_and_never_completes_twice() {
         JetStreamWorker::new(events.get_consumer("crash").await.expect("consumer"))
             .busy_delay(Duration::from_millis(200))
             .run(
-                checker.clone(),
-                move |_: EventEnvelope<Value>| {
+                Runner::new(checker.clone(), move |_: EventEnvelope<Value>| {
                     let runs = Arc::clone(&handler_runs);
                     async move {
                         runs.fetch_add(1, Ordering::SeqCst);
                         Ok::<_, IdempotencyError>(current_lease().map_or(0, |lease| lease.attempt))
                     }
-                },
+                }),
                 shutdown(),
             ),
     );
@@ -444,14 +439,13 @@ async fn duplicate_requests_get_identical_replies_and_one_execution() {
     let (stop, shutdown) = shutdown_signal();
     let handler_runs = Arc::clone(&runs);
     let subscriber = tokio::spawn(Subscriber::new(client.clone(), "rpc.quote").run(
-        checker,
-        move |envelope: EventEnvelope<Value>| {
+        Runner::new(checker, move |envelope: EventEnvelope<Value>| {
             let runs = Arc::clone(&handler_runs);
             async move {
                 let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
                 Ok::<_, IdempotencyError>(json!({"quote": envelope.payload["amount"], "run": n}))
             }
-        },
+        }),
         shutdown(),
     ));
     client.flush().await.expect("flush");
@@ -506,15 +500,14 @@ async fn queue_group_of_three_executes_each_key_once() {
             Subscriber::new(member_client.clone(), "orders.created")
                 .queue_group("workers")
                 .run(
-                    checker.clone(),
-                    move |envelope: EventEnvelope<Value>| {
+                    Runner::new(checker.clone(), move |envelope: EventEnvelope<Value>| {
                         let seen = Arc::clone(&seen);
                         async move {
                             seen.record(envelope.effective_key());
                             tokio::time::sleep(Duration::from_millis(5)).await;
                             Ok::<_, IdempotencyError>(())
                         }
-                    },
+                    }),
                     shutdown(),
                 ),
         ));
@@ -677,11 +670,11 @@ async fn idempotent_functions_run_directly_and_publish_sets_the_message_id() {
     let worker = tokio::spawn(
         JetStreamWorker::new(events.get_consumer("macro").await.expect("consumer"))
             .busy_delay(Duration::from_millis(100))
-            .run_idempotent(
-                move |envelope: EventEnvelope<Value>| {
+            .run(
+                Runner::self_guarded(move |envelope: EventEnvelope<Value>| {
                     let (checker, seen) = (handler_checker.clone(), Arc::clone(&handler_seen));
                     async move { on_order(&checker, &seen, envelope).await }
-                },
+                }),
                 shutdown(),
             ),
     );
@@ -714,15 +707,14 @@ async fn progress_acks_keep_a_slow_handler_from_being_redelivered() {
         JetStreamWorker::new(events.get_consumer("slow").await.expect("consumer"))
             .busy_delay(Duration::from_millis(100))
             .run(
-                checker,
-                move |_: EventEnvelope<Value>| {
+                Runner::new(checker, move |_: EventEnvelope<Value>| {
                     let runs = Arc::clone(&handler_runs);
                     async move {
                         runs.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(3_000)).await;
                         Ok::<_, IdempotencyError>(())
                     }
-                },
+                }),
                 shutdown(),
             ),
     );
@@ -1013,14 +1005,13 @@ async fn subscriber_answers_keyless_requests_as_invalid_without_running_the_hand
     let (stop, shutdown) = shutdown_signal();
     let handler_runs = Arc::clone(&runs);
     let subscriber = tokio::spawn(Subscriber::new(client.clone(), "rpc.keyless").run(
-        checker,
-        move |_: EventEnvelope<Value>| {
+        Runner::new(checker, move |_: EventEnvelope<Value>| {
             let runs = Arc::clone(&handler_runs);
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, IdempotencyError>(())
             }
-        },
+        }),
         shutdown(),
     ));
     client.flush().await.expect("flush");
@@ -1076,14 +1067,13 @@ async fn run_until_deleted(
         JetStreamWorker::new(events.get_consumer(&subject).await.expect("consumer"))
             .heartbeat(Duration::from_millis(500))
             .run(
-                checker,
-                move |_: EventEnvelope<Value>| {
+                Runner::new(checker, move |_: EventEnvelope<Value>| {
                     let ran = ran_tx.clone();
                     async move {
                         let _ = ran.send(());
                         Ok::<_, IdempotencyError>(())
                     }
-                },
+                }),
                 std::future::pending(),
             ),
     );

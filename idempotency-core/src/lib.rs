@@ -61,6 +61,7 @@ mod breaker;
 mod cache;
 mod checker;
 mod config;
+pub mod consume;
 mod dedup;
 mod envelope;
 mod error;

@@ -11,13 +11,11 @@ use async_nats::jetstream::consumer::pull::{MessagesError, MessagesErrorKind};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt;
-use idempotency_core::IdempotencyChecker;
+use idempotency_core::consume::{Disposition, EventHandler, Runner};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-
-use crate::handler::{Disposition, EventHandler, Mode, Runner, decode};
 
 /// What a worker did with the messages it pulled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -169,10 +167,6 @@ impl Counters {
             poison: get(&self.poison),
         }
     }
-
-    pub(crate) fn poison(&self) {
-        self.poison.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// Delays for nak: `busy` while another worker holds the key; otherwise
@@ -203,7 +197,11 @@ impl Delays {
     }
 }
 
-/// Acks, naks or terms a message according to its disposition.
+/// Acks, naks or terms a message according to its disposition: ack for
+/// [`Ack`](Disposition::Ack); nak with `busy` or the backoff delay for
+/// [`Retry`](Disposition::Retry); term for [`Reject`](Disposition::Reject)
+/// (counted as poison when the message was unreadable). Dispositions added
+/// later are nak'd with backoff: never dropped.
 pub(crate) async fn settle(
     message: &Message,
     disposition: Disposition,
@@ -212,35 +210,35 @@ pub(crate) async fn settle(
 ) {
     let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
     let (kind, counter) = match disposition {
-        Disposition::Done { .. } => (AckKind::Ack, &counters.acked),
+        Disposition::Ack { .. } => (AckKind::Ack, &counters.acked),
         Disposition::Retry { busy: true, .. } => (AckKind::Nak(Some(delays.busy)), &counters.busy),
-        Disposition::Retry {
-            busy: false,
-            reason,
-        } => {
+        Disposition::Reject { poison, reason } => {
+            let (what, counter) = if poison {
+                ("terminating a poison message", &counters.poison)
+            } else {
+                (
+                    "terminating a message that can never succeed",
+                    &counters.rejected,
+                )
+            };
+            tracing::warn!(subject = %message.subject, %reason, "{what}");
+            (AckKind::Term, counter)
+        }
+        other => {
+            let reason = match other {
+                Disposition::Retry { reason, .. } => reason,
+                other => format!("{other:?}"),
+            };
             tracing::warn!(subject = %message.subject, delivered, %reason, "handler failed; the message will be redelivered");
             (
                 AckKind::Nak(Some(delays.backoff(delivered))),
                 &counters.retried,
             )
         }
-        Disposition::Reject { reason } => {
-            tracing::warn!(subject = %message.subject, %reason, "terminating a message that can never succeed");
-            (AckKind::Term, &counters.rejected)
-        }
     };
     counter.fetch_add(1, Ordering::Relaxed);
     if let Err(error) = message.ack_with(kind).await {
         tracing::warn!(%error, "could not acknowledge a message; it will be redelivered");
-    }
-}
-
-/// Terminates a message whose body cannot be handled, with a log line.
-pub(crate) async fn terminate_poison(message: &Message, reason: &str, counters: &Counters) {
-    tracing::warn!(subject = %message.subject, %reason, "terminating a poison message");
-    counters.poison();
-    if let Err(error) = message.ack_with(AckKind::Term).await {
-        tracing::warn!(%error, "could not terminate a poison message");
     }
 }
 
@@ -473,41 +471,12 @@ impl JetStreamWorker {
         self
     }
 
-    /// Runs `handler` under `checker` until `shutdown` completes.
+    /// Runs `runner` ([`Runner::new`]: a handler under a checker;
+    /// [`Runner::self_guarded`]: an `#[idempotent]` function) until
+    /// `shutdown` completes.
     pub async fn run<P, H>(
         self,
-        checker: IdempotencyChecker,
-        handler: H,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<NatsStats, WorkerError>
-    where
-        P: Serialize + DeserializeOwned + Send + 'static,
-        H: EventHandler<P>,
-    {
-        self.work(Runner::new(Mode::Checked(checker), handler), shutdown)
-            .await
-    }
-
-    /// Runs a handler that guards itself (an `#[idempotent]` function) until
-    /// `shutdown` completes. Return [`IdempotencyError`](idempotency_core::IdempotencyError)
-    /// as the error type for precise acks; other error types are treated as
-    /// handler failures (nak with backoff).
-    pub async fn run_idempotent<P, H>(
-        self,
-        handler: H,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<NatsStats, WorkerError>
-    where
-        P: Serialize + DeserializeOwned + Send + 'static,
-        H: EventHandler<P>,
-    {
-        self.work(Runner::new(Mode::SelfGuarded, handler), shutdown)
-            .await
-    }
-
-    async fn work<P, H>(
-        self,
-        runner: Arc<Runner<P, H>>,
+        runner: Runner<P, H>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<NatsStats, WorkerError>
     where
@@ -523,14 +492,16 @@ impl JetStreamWorker {
             self.heartbeat,
             shutdown,
             |message| {
-                let (runner, counters) = (Arc::clone(&runner), Arc::clone(&counters));
+                let (runner, counters) = (runner.clone(), Arc::clone(&counters));
                 async move {
-                    let envelope = match decode::<P>(&message.payload, message.headers.as_ref()) {
-                        Ok(envelope) => envelope,
-                        Err(reason) => return terminate_poison(&message, &reason, &counters).await,
-                    };
                     let disposition =
-                        with_progress(&message, progress_every, runner.run(envelope)).await;
+                        match crate::delivery(&message.payload, message.headers.as_ref()) {
+                            Ok(delivery) => {
+                                with_progress(&message, progress_every, runner.consume(delivery))
+                                    .await
+                            }
+                            Err(error) => error.into(),
+                        };
                     settle(&message, disposition, delays, &counters).await;
                 }
             },

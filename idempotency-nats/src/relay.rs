@@ -6,45 +6,13 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, Message};
-use idempotency_core::{
-    IdempotencyChecker, IdempotencyError, InvalidKeyReason, KeyExtractor, KeyedRequest, Processed,
-};
+use idempotency_core::consume::{self, Disposition, HandlerError};
+use idempotency_core::{IdempotencyChecker, IdempotencyError, KeyExtractor, KeyedRequest};
 
 use crate::NATS_MSG_ID;
 use crate::consumer::{
-    Counters, DEFAULT_HEARTBEAT, Delays, NatsStats, WorkerError, drive, settle, terminate_poison,
-    with_progress,
+    Counters, DEFAULT_HEARTBEAT, Delays, NatsStats, WorkerError, drive, settle, with_progress,
 };
-use crate::handler::{Disposition, header_key};
-
-/// The key of a relayed message by `extractor`: for
-/// [`KeyExtractor::IdempotencyKey`], an `Idempotency-Key` header (any
-/// casing) wins; otherwise the body is read as a JSON document
-/// ([`KeyExtractor::key_of_document`]). Every error is a reason to
-/// terminate the message: it can never give a key.
-fn key_of(
-    extractor: &KeyExtractor,
-    body: &[u8],
-    headers: Option<&HeaderMap>,
-) -> Result<String, String> {
-    if matches!(extractor, KeyExtractor::IdempotencyKey) {
-        match header_key(headers)? {
-            Some("") => {
-                return Err(IdempotencyError::InvalidKey {
-                    reason: InvalidKeyReason::Empty,
-                }
-                .redacted());
-            }
-            Some(key) => return Ok(key.to_owned()),
-            None => {}
-        }
-    }
-    let document: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-    extractor
-        .key_of_document(&document)
-        .map_err(|e| e.redacted())
-}
 
 /// Relays the first copy of every event from a JetStream consumer to an
 /// output subject, dropping duplicates.
@@ -148,12 +116,15 @@ impl DedupRelay {
                 let (shared, counters) = (Arc::clone(&shared), Arc::clone(&counters));
                 async move {
                     let (checker, jetstream, output, extractor) = &*shared;
-                    let key = match key_of(extractor, &message.payload, message.headers.as_ref()) {
-                        Ok(key) => key,
-                        Err(reason) => return terminate_poison(&message, &reason, &counters).await,
+                    let key = crate::delivery(&message.payload, message.headers.as_ref())
+                        .and_then(|delivery| delivery.key_by(extractor));
+                    let disposition = match key {
+                        Ok(key) => {
+                            let relayed = relay_one(checker, jetstream, output, &key, &message);
+                            with_progress(&message, progress_every, relayed).await
+                        }
+                        Err(error) => error.into(),
                     };
-                    let relayed = relay_one(checker, jetstream, output, &key, &message);
-                    let disposition = with_progress(&message, progress_every, relayed).await;
                     settle(&message, disposition, delays, &counters).await;
                 }
             },
@@ -179,6 +150,15 @@ impl From<IdempotencyError> for RelayError {
     }
 }
 
+impl HandlerError for RelayError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            Self::Idempotency(e) => e.disposition(),
+            Self::Publish(e) => Disposition::retry(e.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for RelayError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -196,83 +176,16 @@ async fn relay_one(
     message: &Message,
 ) -> Disposition {
     let request = KeyedRequest::new(key).event_type("relay");
-    let outcome = checker
-        .process_request(request, |_lease| async {
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_MSG_ID, key);
-            let ack = jetstream
-                .publish_with_headers(output.to_owned(), headers, message.payload.clone())
-                .await
-                .map_err(|e| RelayError::Publish(e.into()))?
-                .await
-                .map_err(|e| RelayError::Publish(e.into()))?;
-            Ok(ack.sequence)
-        })
-        .await;
-    match outcome {
-        Ok(Processed::Executed(_) | Processed::Replayed(_)) => Disposition::Done {
-            reply: bytes::Bytes::new(),
-        },
-        Err(RelayError::Publish(error)) => Disposition::Retry {
-            busy: false,
-            reason: error.to_string(),
-        },
-        Err(RelayError::Idempotency(error)) => crate::handler::classify(&error),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn envelope_key_prefers_header_then_idempotency_key_then_event_id() {
-        let extractor = KeyExtractor::IdempotencyKey;
-        let body = br#"{"event_id":"e1","idempotency_key":"k1","event_type":"t","payload":{}}"#;
-        assert_eq!(key_of(&extractor, body, None).as_deref(), Ok("k1"));
-        let body_without = br#"{"event_id":"e1","event_type":"t","payload":{}}"#;
-        assert_eq!(key_of(&extractor, body_without, None).as_deref(), Ok("e1"));
-        for name in ["Idempotency-Key", "idempotency-key", "IDEMPOTENCY-KEY"] {
-            let mut headers = HeaderMap::new();
-            headers.insert(name, "h1");
-            assert_eq!(
-                key_of(&extractor, body, Some(&headers)).as_deref(),
-                Ok("h1")
-            );
-        }
-        let mut twice = HeaderMap::new();
-        twice.insert("idempotency-key", "h1");
-        twice.insert("Idempotency-Key", "h2");
-        assert!(key_of(&extractor, body, Some(&twice)).is_err());
-        let mut empty = HeaderMap::new();
-        empty.insert("Idempotency-Key", "");
-        assert!(key_of(&extractor, body, Some(&empty)).is_err());
-        assert!(key_of(&extractor, b"{}", None).is_err());
-        let empty_key = br#"{"event_id":"e1","idempotency_key":""}"#;
-        assert!(key_of(&extractor, empty_key, None).is_err());
-    }
-
-    #[test]
-    fn field_keys_come_from_the_core_key_builder() {
-        let extractor = KeyExtractor::fields(["timestamp", "/user/id", "name"]);
-        let body = br#"{"timestamp":1700,"user":{"id":"u7"},"name":"view"}"#;
-        assert_eq!(
-            key_of(&extractor, body, None).as_deref(),
-            Ok(r#"[1700,"u7","view"]"#)
-        );
-        let missing = br#"{"user":{"id":"u7"},"name":"view"}"#;
-        let error = key_of(&extractor, missing, None).expect_err("no timestamp");
-        assert!(error.contains("timestamp"), "{error}");
-        assert!(key_of(&extractor, b"not json", None).is_err());
-    }
-
-    #[test]
-    fn content_hash_ignores_key_order() {
-        let key = |body: &[u8]| key_of(&KeyExtractor::ContentHash, body, None);
-        let a = key(br#"{"a":1,"b":{"c":2,"d":3}}"#);
-        let b = key(br#"{"b":{"d":3,"c":2},"a":1}"#);
-        let c = key(br#"{"a":2,"b":{"c":2,"d":3}}"#);
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-    }
+    consume::process(checker, request, |_lease| async {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MSG_ID, key);
+        let ack = jetstream
+            .publish_with_headers(output.to_owned(), headers, message.payload.clone())
+            .await
+            .map_err(|e| RelayError::Publish(e.into()))?
+            .await
+            .map_err(|e| RelayError::Publish(e.into()))?;
+        Ok::<_, RelayError>(ack.sequence)
+    })
+    .await
 }

@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
-use idempotency_core::IdempotencyChecker;
+use idempotency_core::consume::{Disposition, EventHandler, Runner};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::consumer::bounded;
-use crate::handler::{Disposition, EventHandler, Mode, Runner, decode};
 
 /// The header set on error replies: `in_progress`, `failed`, `rejected` or
 /// `invalid` (the body was not an envelope, or it had no key).
@@ -81,39 +80,12 @@ impl Subscriber {
         self
     }
 
-    /// Runs `handler` under `checker` until `shutdown` completes; in-flight
-    /// messages finish first.
+    /// Runs `runner` ([`Runner::new`]: a handler under a checker;
+    /// [`Runner::self_guarded`]: an `#[idempotent]` function) until
+    /// `shutdown` completes; in-flight messages finish first.
     pub async fn run<P, H>(
         self,
-        checker: IdempotencyChecker,
-        handler: H,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<SubscriberStats, async_nats::Error>
-    where
-        P: Serialize + DeserializeOwned + Send + 'static,
-        H: EventHandler<P>,
-    {
-        self.work(Runner::new(Mode::Checked(checker), handler), shutdown)
-            .await
-    }
-
-    /// Runs a handler that guards itself (an `#[idempotent]` function).
-    pub async fn run_idempotent<P, H>(
-        self,
-        handler: H,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<SubscriberStats, async_nats::Error>
-    where
-        P: Serialize + DeserializeOwned + Send + 'static,
-        H: EventHandler<P>,
-    {
-        self.work(Runner::new(Mode::SelfGuarded, handler), shutdown)
-            .await
-    }
-
-    async fn work<P, H>(
-        self,
-        runner: Arc<Runner<P, H>>,
+        runner: Runner<P, H>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<SubscriberStats, async_nats::Error>
     where
@@ -134,11 +106,8 @@ impl Subscriber {
             self.concurrency,
             shutdown,
             |message| {
-                let (runner, counters, client) = (
-                    Arc::clone(&runner),
-                    Arc::clone(&counters),
-                    self.client.clone(),
-                );
+                let (runner, counters, client) =
+                    (runner.clone(), Arc::clone(&counters), self.client.clone());
                 ControlFlow::Continue(Some(async move {
                     handle(&client, &runner, &counters, message).await;
                 }))
@@ -161,31 +130,45 @@ where
     P: Serialize + DeserializeOwned,
     H: EventHandler<P>,
 {
-    let (reply, status) = match decode::<P>(&message.payload, message.headers.as_ref()) {
-        Err(reason) => {
+    let disposition = match crate::delivery(&message.payload, message.headers.as_ref()) {
+        Ok(delivery) => runner.consume(delivery).await,
+        Err(error) => error.into(),
+    };
+    let (reply, status) = match disposition {
+        Disposition::Ack { reply } => {
+            counters.completed.fetch_add(1, Ordering::Relaxed);
+            (Bytes::from(reply), None)
+        }
+        Disposition::Reject {
+            poison: true,
+            reason,
+        } => {
             tracing::warn!(subject = %message.subject, %reason, "ignoring a message that is not an envelope");
             counters.invalid.fetch_add(1, Ordering::Relaxed);
             (error_body(&reason), Some("invalid"))
         }
-        Ok(envelope) => match runner.run(envelope).await {
-            Disposition::Done { reply } => {
-                counters.completed.fetch_add(1, Ordering::Relaxed);
-                (reply, None)
-            }
-            Disposition::Retry { busy, reason } => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(subject = %message.subject, %reason, "handler did not complete");
-                (
-                    error_body(&reason),
-                    Some(if busy { "in_progress" } else { "failed" }),
-                )
-            }
-            Disposition::Reject { reason } => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(subject = %message.subject, %reason, "message rejected");
-                (error_body(&reason), Some("rejected"))
-            }
-        },
+        Disposition::Reject {
+            poison: false,
+            reason,
+        } => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(subject = %message.subject, %reason, "message rejected");
+            (error_body(&reason), Some("rejected"))
+        }
+        Disposition::Retry { busy, reason } => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(subject = %message.subject, %reason, "handler did not complete");
+            (
+                error_body(&reason),
+                Some(if busy { "in_progress" } else { "failed" }),
+            )
+        }
+        other => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            let reason = format!("{other:?}");
+            tracing::warn!(subject = %message.subject, %reason, "handler did not complete");
+            (error_body(&reason), Some("failed"))
+        }
     };
     let Some(reply_to) = message.reply else {
         return;
