@@ -51,7 +51,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idempotency::http::{IDEMPOTENCY_KEY, IdempotencyLayer, idempotency_key};
+use idempotency::http::{IDEMPOTENCY_KEY_HEADER, IdempotencyLayer, idempotency_key};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, IdempotencyStore,
     KeyedRequest, MemoryStore, Processed, RedisStore, canonical_json, idempotent, sha256_hex,
@@ -179,7 +179,7 @@ async fn create_payment(
     Json(request): Json<PaymentRequest>,
 ) -> Response {
     let key = headers
-        .get(IDEMPOTENCY_KEY)
+        .get(IDEMPOTENCY_KEY_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();

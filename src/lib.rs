@@ -6,7 +6,8 @@
 //!
 //! This is the crate applications depend on; it re-exports
 //! [`idempotency-core`](idempotency_core) (envelope, checker, stores). See
-//! `IDEMPOTENCY_GUIDE.md` for the guide.
+//! the `guide` module (with every feature on, as on docs.rs; also
+//! `IDEMPOTENCY_GUIDE.md` and `docs/guide/` in the repository).
 //!
 //! # Example
 //! ```
@@ -38,6 +39,8 @@
 #[doc(inline)]
 pub use idempotency_core::*;
 
+/// See the guide's chapter `guide::attribute` for every option, each with
+/// the code it stands for written without the macro.
 #[cfg(feature = "macros")]
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 #[doc(inline)]
@@ -55,18 +58,60 @@ pub use idempotency_http as http;
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use idempotency_nats as nats;
 
-// The README and the guide are compiled and run as doctests.
+// The README is compiled and run as doctests; the guide is the `guide` module.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+/// The guide, one module per chapter: the files of `docs/guide/`, indexed by
+/// `IDEMPOTENCY_GUIDE.md`. Every Rust snippet in it is compiled and run as a
+/// doctest. Built with every feature on (as on docs.rs), since its chapters
+/// use them all.
 #[cfg(all(
-    doctest,
+    any(doc, doctest),
     feature = "http",
     feature = "nats",
     feature = "macros",
     feature = "redis",
     feature = "tls"
 ))]
-#[doc = include_str!("../IDEMPOTENCY_GUIDE.md")]
-struct GuideDoctests;
+pub mod guide {
+    #[doc = include_str!("../docs/guide/01-quick-start.md")]
+    pub mod quick_start {}
+
+    #[doc = include_str!("../docs/guide/02-concepts.md")]
+    pub mod concepts {}
+
+    #[doc = include_str!("../docs/guide/03-redis-schema.md")]
+    pub mod redis_schema {}
+
+    #[doc = include_str!("../docs/guide/04-configuration.md")]
+    pub mod configuration {}
+
+    #[doc = include_str!("../docs/guide/05-manual-guard.md")]
+    pub mod manual_guard {}
+
+    #[doc = include_str!("../docs/guide/06-attribute.md")]
+    pub mod attribute {}
+
+    #[doc = include_str!("../docs/guide/07-http.md")]
+    pub mod http {}
+
+    #[doc = include_str!("../docs/guide/08-nats.md")]
+    pub mod nats {}
+
+    #[doc = include_str!("../docs/guide/09-errors.md")]
+    pub mod errors {}
+
+    #[doc = include_str!("../docs/guide/10-deployment.md")]
+    pub mod deployment {}
+
+    #[doc = include_str!("../docs/guide/11-operations.md")]
+    pub mod operations {}
+
+    #[doc = include_str!("../docs/guide/12-troubleshooting.md")]
+    pub mod troubleshooting {}
+
+    #[doc = include_str!("../docs/guide/13-guarantees.md")]
+    pub mod guarantees {}
+}

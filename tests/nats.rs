@@ -124,7 +124,8 @@ fn spawn_recording_worker(
     checker: IdempotencyChecker,
     executions: &Arc<Executions>,
     shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-) -> tokio::task::JoinHandle<Result<idempotency::nats::NatsStats, idempotency::nats::WorkerError>> {
+) -> tokio::task::JoinHandle<Result<idempotency::nats::WorkerStats, idempotency::nats::WorkerError>>
+{
     let seen = Arc::clone(executions);
     tokio::spawn(JetStreamWorker::new(consumer).run(
         Runner::new(checker, move |envelope: EventEnvelope<Value>| {
@@ -793,7 +794,7 @@ async fn relay_until_drained(
     name: &str,
     strategy: KeyExtractor,
     messages: Vec<(Vec<(&str, &str)>, Bytes)>,
-) -> (idempotency::nats::NatsStats, Vec<Value>) {
+) -> (idempotency::nats::WorkerStats, Vec<Value>) {
     let (nats, redis) = (NatsServer::start(), RedisServer::start());
     let (_client, js) = jetstream(&nats).await;
     let input = stream(&js, &format!("IN_{name}"), &format!("in.{name}.>")).await;
@@ -932,7 +933,7 @@ async fn relay_reads_the_key_header_in_any_casing_and_never_falls_back_from_an_e
 async fn work_until_drained(
     name: &str,
     messages: Vec<(Vec<(&str, &str)>, Bytes)>,
-) -> (idempotency::nats::NatsStats, HashMap<String, usize>) {
+) -> (idempotency::nats::WorkerStats, HashMap<String, usize>) {
     let (nats, redis) = (NatsServer::start(), RedisServer::start());
     let (_client, js) = jetstream(&nats).await;
     let events = stream(&js, name, &format!("{}.>", name.to_lowercase())).await;
@@ -1046,7 +1047,7 @@ async fn subscriber_answers_keyless_requests_as_invalid_without_running_the_hand
 async fn run_until_deleted(
     name: &str,
     delete: impl AsyncFnOnce(&jetstream::Context, &Stream),
-) -> Result<idempotency::nats::NatsStats, idempotency::nats::WorkerError> {
+) -> Result<idempotency::nats::WorkerStats, idempotency::nats::WorkerError> {
     let (nats, redis) = (NatsServer::start(), RedisServer::start());
     let (_client, js) = jetstream(&nats).await;
     let subject = name.to_lowercase();

@@ -103,18 +103,18 @@ pub fn parse_idempotency_key(value: &HeaderValue) -> Result<String, KeyError> {
 ///
 /// ```
 /// use http::HeaderMap;
-/// use idempotency_http::{IDEMPOTENCY_KEY, KeyError, idempotency_key};
+/// use idempotency_http::{IDEMPOTENCY_KEY_HEADER, KeyError, idempotency_key};
 ///
 /// let mut headers = HeaderMap::new();
 /// assert_eq!(idempotency_key(&headers), Ok(None));
-/// headers.append(IDEMPOTENCY_KEY, "\"a\"".parse()?);
+/// headers.append(IDEMPOTENCY_KEY_HEADER, "\"a\"".parse()?);
 /// assert_eq!(idempotency_key(&headers), Ok(Some("a".to_owned())));
-/// headers.append(IDEMPOTENCY_KEY, "\"b\"".parse()?);
+/// headers.append(IDEMPOTENCY_KEY_HEADER, "\"b\"".parse()?);
 /// assert_eq!(idempotency_key(&headers), Err(KeyError::Multiple));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
-    let mut values = headers.get_all(crate::IDEMPOTENCY_KEY).iter();
+    let mut values = headers.get_all(crate::IDEMPOTENCY_KEY_HEADER).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
@@ -266,8 +266,8 @@ mod tests {
     #[test]
     fn two_header_lines_are_refused() {
         let mut headers = HeaderMap::new();
-        headers.append(crate::IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
-        headers.append(crate::IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
+        headers.append(crate::IDEMPOTENCY_KEY_HEADER, HeaderValue::from_static("a"));
+        headers.append(crate::IDEMPOTENCY_KEY_HEADER, HeaderValue::from_static("a"));
         assert_eq!(idempotency_key(&headers), Err(KeyError::Multiple));
     }
 }

@@ -21,7 +21,7 @@ use crate::key::idempotency_key;
 use crate::response::{StoredResponse, problem, retry_later};
 
 /// The request header carrying the key.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub const IDEMPOTENCY_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// The statuses whose responses are not stored by default (see
 /// [`IdempotencyLayer::retryable_statuses`]): the attempt is released and a

@@ -68,7 +68,7 @@ mod response;
 
 pub use key::{KeyError, MAX_KEY_LEN, idempotency_key, parse_idempotency_key};
 pub use layer::{
-    DEFAULT_MAX_RETRY_AFTER, DEFAULT_RETRYABLE_STATUSES, IDEMPOTENCY_KEY, IdempotencyLayer,
+    DEFAULT_MAX_RETRY_AFTER, DEFAULT_RETRYABLE_STATUSES, IDEMPOTENCY_KEY_HEADER, IdempotencyLayer,
     IdempotencyService,
 };
 pub use response::{BODY_OMITTED, REPLAYED};

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 /// What a worker did with the messages it pulled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct NatsStats {
+pub struct WorkerStats {
     /// Messages acked: handled now, or duplicates of handled events.
     pub acked: u64,
     /// Messages nak'd after a handler error or a store outage, for redelivery.
@@ -55,7 +55,7 @@ pub enum WorkerError {
         /// The consumer's name.
         consumer: String,
         /// What the worker did before it stopped.
-        stats: NatsStats,
+        stats: WorkerStats,
     },
     /// Pulling failed for good: the pull could not be started, or the
     /// server ended it (a push consumer, a pull over the consumer's limits).
@@ -65,7 +65,7 @@ pub enum WorkerError {
         /// The consumer's name.
         consumer: String,
         /// What the worker did before it stopped.
-        stats: NatsStats,
+        stats: WorkerStats,
         /// The client's error.
         source: async_nats::Error,
     },
@@ -73,7 +73,7 @@ pub enum WorkerError {
 
 impl WorkerError {
     /// What the worker did before it stopped.
-    pub fn stats(&self) -> NatsStats {
+    pub fn stats(&self) -> WorkerStats {
         match self {
             Self::ConsumerDeleted { stats, .. } | Self::Pull { stats, .. } => *stats,
         }
@@ -121,7 +121,7 @@ pub(crate) enum Stopped {
 
 impl Stopped {
     /// The public error, logged at `ERROR`.
-    pub(crate) fn into_error(self, consumer: &PullConsumer, stats: NatsStats) -> WorkerError {
+    pub(crate) fn into_error(self, consumer: &PullConsumer, stats: WorkerStats) -> WorkerError {
         let info = consumer.cached_info();
         let (stream, consumer) = (info.stream_name.clone(), info.name.clone());
         let error = match self {
@@ -157,9 +157,9 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self) -> NatsStats {
+    pub(crate) fn snapshot(&self) -> WorkerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        NatsStats {
+        WorkerStats {
             acked: get(&self.acked),
             retried: get(&self.retried),
             busy: get(&self.busy),
@@ -478,7 +478,7 @@ impl JetStreamWorker {
         self,
         runner: Runner<P, H>,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<NatsStats, WorkerError>
+    ) -> Result<WorkerStats, WorkerError>
     where
         P: Serialize + DeserializeOwned + Send + 'static,
         H: EventHandler<P>,

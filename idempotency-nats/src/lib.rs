@@ -43,7 +43,7 @@ use idempotency_core::EventEnvelope;
 use idempotency_core::consume::{DecodeError, Delivery};
 use serde::Serialize;
 
-pub use consumer::{JetStreamWorker, NatsStats, WorkerError};
+pub use consumer::{JetStreamWorker, WorkerError, WorkerStats};
 pub use idempotency_core::KeyExtractor;
 pub use idempotency_core::consume::{EventHandler, HandlerError, IDEMPOTENCY_KEY_HEADER, Runner};
 pub use relay::DedupRelay;

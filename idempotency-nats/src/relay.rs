@@ -11,7 +11,7 @@ use idempotency_core::{IdempotencyChecker, IdempotencyError, KeyExtractor, Keyed
 
 use crate::NATS_MSG_ID;
 use crate::consumer::{
-    Counters, DEFAULT_HEARTBEAT, Delays, NatsStats, WorkerError, drive, settle, with_progress,
+    Counters, DEFAULT_HEARTBEAT, Delays, WorkerError, WorkerStats, drive, settle, with_progress,
 };
 
 /// Relays the first copy of every event from a JetStream consumer to an
@@ -102,7 +102,7 @@ impl DedupRelay {
         self,
         checker: IdempotencyChecker,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<NatsStats, WorkerError> {
+    ) -> Result<WorkerStats, WorkerError> {
         let counters = Arc::new(Counters::default());
         let shared = Arc::new((checker, self.jetstream, self.output_subject, self.extractor));
         let progress_every = self.consumer.cached_info().config.ack_wait / 2;
