@@ -78,13 +78,13 @@ impl IdempotencyChecker {
     /// - `Ok(v)` is recorded as `COMPLETED` and returned as
     ///   [`Processed::Executed`]; later calls get [`Processed::Replayed`] with
     ///   `v` decoded from the record (or [`IdempotencyError::Duplicate`] under
-    ///   [`DuplicatePolicy::Error`]).
+    ///   [`DuplicatePolicy::Error`](crate::DuplicatePolicy::Error)).
     /// - `Err(e)` is recorded as `FAILED` with `e`'s text and returned; the next
     ///   call runs the handler again.
     /// - A panic is recorded as `FAILED` and then resumed.
     /// - While another attempt runs, the call fails with
     ///   [`IdempotencyError::InProgress`] (or waits, under
-    ///   [`InProgressPolicy::Wait`]).
+    ///   [`InProgressPolicy::Wait`](crate::InProgressPolicy::Wait)).
     /// - If the store cannot be reached (or the circuit breaker is open) the
     ///   handler does not run and
     ///   [`StoreUnavailable`](IdempotencyError::StoreUnavailable) is

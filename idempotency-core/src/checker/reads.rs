@@ -91,7 +91,7 @@ impl IdempotencyChecker {
     }
 
     /// Records `result` for a lease from [`mark_processing`](Self::mark_processing).
-    /// Fails with [`IdempotencyError::LeaseLost`] if the lease was taken over.
+    /// Fails with [`IdempotencyError::LeaseLost`](crate::IdempotencyError::LeaseLost) if the lease was taken over.
     pub async fn mark_completed<T: Serialize + ?Sized>(
         &self,
         lease: &Lease,

@@ -50,7 +50,7 @@ impl<'a> KeyedRequest<'a> {
     }
 
     /// A request for an envelope's key (by [`EventEnvelope::require_key`]:
-    /// [`MissingKey`](IdempotencyError::MissingKey) for an envelope with
+    /// [`MissingKey`](crate::IdempotencyError::MissingKey) for an envelope with
     /// neither an `idempotency_key` nor an `event_id`), with its event id and
     /// type. The payload is fingerprinted when `fingerprint_payload` is true.
     pub fn from_envelope<P: Serialize>(
@@ -80,7 +80,7 @@ impl<'a> KeyedRequest<'a> {
     }
 
     /// Sets the fingerprint: a later request with the same key and a different
-    /// fingerprint fails with [`IdempotencyError::FingerprintMismatch`].
+    /// fingerprint fails with [`IdempotencyError::FingerprintMismatch`](crate::IdempotencyError::FingerprintMismatch).
     pub fn fingerprint(mut self, fingerprint: impl Into<String>) -> Self {
         self.fingerprint = Some(fingerprint.into());
         self
