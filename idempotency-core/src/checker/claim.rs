@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::instrument::Gate;
+use super::instrument::StoreCall;
 use super::{Durations, IdempotencyChecker, KeyedRequest, new_token};
 use crate::config::{InProgressPolicy, check_duration};
 use crate::error::{IdempotencyError, Result};
@@ -27,6 +27,16 @@ impl Claimed {
             Self::Acquired(_) => "acquired",
             Self::Duplicate(_) => "duplicate",
             Self::InProgress(_) => "in_progress",
+        }
+    }
+}
+
+impl From<Claimed> for ClaimOutcome {
+    fn from(claimed: Claimed) -> Self {
+        match claimed {
+            Claimed::Acquired(lease) => Self::Acquired(lease),
+            Claimed::Duplicate(record) => Self::Duplicate(record),
+            Claimed::InProgress(record) => Self::InProgress(record),
         }
     }
 }
@@ -78,7 +88,7 @@ impl IdempotencyChecker {
         loop {
             let span = tracing::debug_span!("idempotency.claim", key = %key.storage);
             let outcome = self
-                .store_call("claim", Gate::Admit, span, || {
+                .store_call(StoreCall::gated("claim"), span, || {
                     self.inner.store.claim(&claim)
                 })
                 .await;

@@ -11,7 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::claim::Claimed;
-use super::instrument::Gate;
+use super::finish::Finish;
+use super::instrument::StoreCall;
 use super::result::{storable, stored_result};
 use super::{Durations, IdempotencyChecker, KeyedRequest};
 use crate::envelope::EventEnvelope;
@@ -31,8 +32,7 @@ impl IdempotencyChecker {
         &self,
         envelope: &EventEnvelope<P>,
     ) -> Result<IdempotencyGuard> {
-        let request =
-            KeyedRequest::from_envelope(envelope, self.inner.config.fingerprint_payloads)?;
+        let request = self.envelope_request(envelope)?;
         self.guard_request(request).await
     }
 
@@ -164,7 +164,7 @@ impl IdempotencyGuard {
         let span = tracing::debug_span!("idempotency.renew", key = %lease.key);
         let renewed = self
             .checker
-            .store_call("renew", Gate::Observe, span, || {
+            .store_call(StoreCall::observed("renew"), span, || {
                 self.checker.inner.store.renew(lease, self.durations.lease)
             })
             .await?;
@@ -177,30 +177,19 @@ impl IdempotencyGuard {
     /// (anymore).
     pub async fn complete<T: Serialize + ?Sized>(mut self, result: &T) -> Result<()> {
         let value = storable(result)?;
-        self.finish_completed(Some(&value)).await
+        self.finish(Finish::Completed(Some(&value))).await
     }
 
     /// Records the attempt as `FAILED` with `error`, so the next delivery retries.
     pub async fn fail(mut self, error: &str) -> Result<()> {
-        self.finish_failed(error).await
+        self.finish(Finish::Failed(error)).await
     }
 
-    pub(super) async fn finish_completed(
-        &mut self,
-        value: Option<&serde_json::Value>,
-    ) -> Result<()> {
+    /// Records how the attempt ended; the guard then holds nothing.
+    pub(super) async fn finish(&mut self, finish: Finish<'_>) -> Result<()> {
         let result = self
             .checker
-            .complete(self.held()?, value, self.durations.ttl)
-            .await;
-        self.state = GuardState::Finished;
-        result
-    }
-
-    pub(super) async fn finish_failed(&mut self, error: &str) -> Result<()> {
-        let result = self
-            .checker
-            .fail(self.held()?, error, self.durations.ttl)
+            .finish(self.held()?, finish, self.durations.ttl)
             .await;
         self.state = GuardState::Finished;
         result
@@ -223,7 +212,7 @@ impl IdempotencyGuard {
                 tokio::time::sleep(pause).await;
                 let span = tracing::debug_span!("idempotency.renew", key = %lease.key);
                 let renewed = checker
-                    .store_call_uncounted("renew", Gate::Observe, span, || {
+                    .store_call(StoreCall::observed("renew").in_background(), span, || {
                         checker.inner.store.renew(&lease, lease_duration)
                     })
                     .await;
@@ -260,9 +249,8 @@ impl Drop for IdempotencyGuard {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let _ = checker
-                        .fail(&lease, "the attempt was dropped before it completed", ttl)
-                        .await;
+                    let dropped = Finish::Failed("the attempt was dropped before it completed");
+                    let _ = checker.finish(&lease, dropped, ttl).await;
                 });
             }
             Err(_) => tracing::warn!(

@@ -1,7 +1,7 @@
 //! The one instrumented store call: the circuit breaker's permit, a span,
 //! the latency metric, the breaker told the outcome, the error counted.
-//! Every store call the checker makes goes through [`IdempotencyChecker::store_call`]
-//! (or its uncounted form).
+//! Every store call the checker makes goes through
+//! [`IdempotencyChecker::store_call`].
 
 use std::future::Future;
 
@@ -15,62 +15,89 @@ use crate::stats::{bump, store_latency};
 
 /// How a store call meets the circuit breaker.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Gate {
+enum Gate {
     /// Ask the breaker first: while it is open the store is not called and
-    /// the call fails with [`IdempotencyError::CircuitOpen`]. For the calls
-    /// that start work or only read.
+    /// the call fails with [`IdempotencyError::CircuitOpen`].
     Admit,
-    /// Always call the store, and report the outcome to the breaker. For
-    /// writes on behalf of an attempt whose handler runs or ran (renew,
-    /// complete, fail): they record real outcomes.
+    /// Always call the store, and report the outcome to the breaker.
     Observe,
 }
 
-impl IdempotencyChecker {
-    /// Runs one store call `op` (named `name` in metrics) inside `span`,
-    /// through the breaker as `gate` says, and counts its error in
-    /// [`CheckerStats::store_errors`](crate::CheckerStats::store_errors).
-    pub(super) async fn store_call<T, Fut>(
-        &self,
-        name: &'static str,
-        gate: Gate,
-        span: tracing::Span,
-        op: impl FnOnce() -> Fut,
-    ) -> Result<T>
-    where
-        Fut: Future<Output = Result<T>>,
-    {
-        let result = self.store_call_uncounted(name, gate, span, op).await;
-        self.count_store_error(result)
+/// One kind of store call: its name in metrics, how it meets the circuit
+/// breaker, and whether its errors count in
+/// [`CheckerStats::store_errors`](crate::CheckerStats::store_errors).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StoreCall {
+    name: &'static str,
+    gate: Gate,
+    counted: bool,
+}
+
+impl StoreCall {
+    /// A call the breaker gates: those that start work or only read
+    /// (claim, get, delete, health).
+    pub(super) const fn gated(name: &'static str) -> Self {
+        Self {
+            name,
+            gate: Gate::Admit,
+            counted: true,
+        }
     }
 
-    /// [`store_call`](Self::store_call) for the background calls (lease
-    /// renewals while a handler runs, retried writes), whose failures are
-    /// logged where they are handled rather than counted.
-    pub(super) async fn store_call_uncounted<T, Fut>(
+    /// A call the breaker never refuses but is told about: writes on
+    /// behalf of an attempt whose handler runs or ran (renew, complete,
+    /// fail), which record real outcomes.
+    pub(super) const fn observed(name: &'static str) -> Self {
+        Self {
+            name,
+            gate: Gate::Observe,
+            counted: true,
+        }
+    }
+
+    /// The same call made in the background (lease renewals while a handler
+    /// runs, retried writes): its failures are logged where they are
+    /// handled rather than counted.
+    pub(super) const fn in_background(self) -> Self {
+        Self {
+            counted: false,
+            ..self
+        }
+    }
+}
+
+impl IdempotencyChecker {
+    /// Runs one store call `op` of kind `call` inside `span`: through the
+    /// breaker, timed, its outcome reported to the breaker, its error
+    /// counted.
+    pub(super) async fn store_call<T, Fut>(
         &self,
-        name: &'static str,
-        gate: Gate,
+        call: StoreCall,
         span: tracing::Span,
         op: impl FnOnce() -> Fut,
     ) -> Result<T>
     where
         Fut: Future<Output = Result<T>>,
     {
-        let permit = match gate {
-            Gate::Admit => self.admit()?,
-            Gate::Observe => None,
+        let permit = match call.gate {
+            Gate::Admit => self.admit(),
+            Gate::Observe => Ok(self.inner.breaker.as_ref().map(Breaker::unchecked)),
         };
-        let started = Instant::now();
-        let result = op().instrument(span).await;
-        store_latency(name, started);
-        match gate {
-            Gate::Admit => self.settle(permit, &result),
-            Gate::Observe => {
-                self.settle(self.inner.breaker.as_ref().map(Breaker::unchecked), &result);
+        let result = match permit {
+            Ok(permit) => {
+                let started = Instant::now();
+                let result = op().instrument(span).await;
+                store_latency(call.name, started);
+                self.settle(permit, &result);
+                result
             }
+            Err(open) => Err(open),
+        };
+        if call.counted {
+            self.count_store_error(result)
+        } else {
+            result
         }
-        result
     }
 
     /// Asks the circuit breaker for a gated store call: `Err`

@@ -148,13 +148,9 @@ impl IdempotencyChecker {
     /// fails fast without asking the store; once the cool-down is over it
     /// may be the probe that closes the breaker.
     pub async fn health_check(&self) -> Result<()> {
-        self.store_call(
-            "health",
-            instrument::Gate::Admit,
-            tracing::Span::none(),
-            || self.inner.store.health(),
-        )
-        .await
+        let call = instrument::StoreCall::gated("health");
+        self.store_call(call, tracing::Span::none(), || self.inner.store.health())
+            .await
     }
 
     /// The storage key for a raw idempotency key (prefix, optional hashing),

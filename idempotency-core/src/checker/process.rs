@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::claim::Claimed;
+use super::finish::Finish;
 use super::repair::may_land_later;
 use super::result::{replay, storable};
 use super::{IdempotencyChecker, IdempotencyGuard, KeyedRequest, new_token};
@@ -104,8 +105,7 @@ impl IdempotencyChecker {
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let request =
-            KeyedRequest::from_envelope(envelope, self.inner.config.fingerprint_payloads)?;
+        let request = self.envelope_request(envelope)?;
         self.process_request(request, handler).await
     }
 
@@ -166,7 +166,7 @@ impl IdempotencyChecker {
         handler_latency(started);
         match outcome {
             Ok(Ok(value)) => match storable(&value) {
-                Ok(json) => match guard.finish_completed(Some(&json)).await {
+                Ok(json) => match guard.finish(Finish::Completed(Some(&json))).await {
                     Ok(()) => {
                         self.remember(&key, &request, attempt, json, durations.ttl);
                         Ok(Processed::Executed(value))
@@ -188,7 +188,7 @@ impl IdempotencyChecker {
                     // The side effects happened: record the key as done with
                     // no result rather than failed, so it never runs again;
                     // duplicates get `ResultNotStored`, never a made-up value.
-                    match guard.finish_completed(None).await {
+                    match guard.finish(Finish::Completed(None)).await {
                         Ok(()) => {}
                         Err(store_error) if may_land_later(&store_error) => {
                             tracing::warn!(error = %store_error.redacted(), "could not record the completed attempt yet; retrying it in the background");
@@ -202,13 +202,13 @@ impl IdempotencyChecker {
                 }
             },
             Ok(Err(error)) => {
-                if let Err(store_error) = guard.finish_failed(&error.to_string()).await {
+                if let Err(store_error) = guard.finish(Finish::Failed(&error.to_string())).await {
                     tracing::warn!(error = %store_error.redacted(), "could not record the failed attempt; its lease will expire");
                 }
                 Err(error)
             }
             Err(panic) => {
-                if let Err(store_error) = guard.finish_failed("handler panicked").await {
+                if let Err(store_error) = guard.finish(Finish::Failed("handler panicked")).await {
                     tracing::warn!(error = %store_error.redacted(), "could not record the panicked attempt; its lease will expire");
                 }
                 std::panic::resume_unwind(panic)

@@ -4,10 +4,10 @@
 use chrono::Utc;
 use serde::Serialize;
 
-use super::claim::Claimed;
-use super::instrument::Gate;
+use super::finish::Finish;
+use super::instrument::StoreCall;
 use super::result::storable;
-use super::{IdempotencyChecker, KeyedRequest};
+use super::IdempotencyChecker;
 use crate::envelope::EventEnvelope;
 use crate::error::Result;
 use crate::key::stored_key;
@@ -18,7 +18,7 @@ impl IdempotencyChecker {
     pub async fn get_processing_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
         let key = stored_key(key, &self.inner.config)?;
         let record = self
-            .store_call("get", Gate::Admit, tracing::Span::none(), || {
+            .store_call(StoreCall::gated("get"), tracing::Span::none(), || {
                 self.inner.store.get(&key.storage)
             })
             .await?;
@@ -54,7 +54,7 @@ impl IdempotencyChecker {
         let storage = self.storage_key(key)?;
         self.forget(&storage);
         let deleted = self
-            .store_call("delete", Gate::Admit, tracing::Span::none(), || {
+            .store_call(StoreCall::gated("delete"), tracing::Span::none(), || {
                 self.inner.store.delete(&storage)
             })
             .await;
@@ -80,14 +80,9 @@ impl IdempotencyChecker {
         &self,
         envelope: &EventEnvelope<P>,
     ) -> Result<ClaimOutcome> {
-        let request =
-            KeyedRequest::from_envelope(envelope, self.inner.config.fingerprint_payloads)?;
+        let request = self.envelope_request(envelope)?;
         let (claimed, _, _) = self.claim(&request).await?;
-        Ok(match claimed {
-            Claimed::Acquired(lease) => ClaimOutcome::Acquired(lease),
-            Claimed::Duplicate(record) => ClaimOutcome::Duplicate(record),
-            Claimed::InProgress(record) => ClaimOutcome::InProgress(record),
-        })
+        Ok(claimed.into())
     }
 
     /// Records `result` for a lease from [`mark_processing`](Self::mark_processing).
@@ -98,13 +93,14 @@ impl IdempotencyChecker {
         result: &T,
     ) -> Result<()> {
         let value = storable(result)?;
-        self.complete(lease, Some(&value), self.inner.config.ttl)
-            .await
+        let completed = Finish::Completed(Some(&value));
+        self.finish(lease, completed, self.inner.config.ttl).await
     }
 
     /// Records a failure for a lease from [`mark_processing`](Self::mark_processing),
     /// so the next delivery retries.
     pub async fn mark_failed(&self, lease: &Lease, error: &str) -> Result<()> {
-        self.fail(lease, error, self.inner.config.ttl).await
+        let failed = Finish::Failed(error);
+        self.finish(lease, failed, self.inner.config.ttl).await
     }
 }

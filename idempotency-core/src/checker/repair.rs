@@ -6,7 +6,8 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::time::Instant;
 
-use super::instrument::Gate;
+use super::finish::Finish;
+use super::instrument::StoreCall;
 use super::{Durations, IdempotencyChecker};
 use crate::error::{IdempotencyError, StoreRefusal};
 use crate::record::Lease;
@@ -95,36 +96,19 @@ impl IdempotencyChecker {
         runtime.spawn(async move {
             let give_up = Instant::now() + give_up_after;
             let mut pause = Duration::from_millis(100);
-            let store = &checker.inner.store;
             while Instant::now() < give_up {
-                let written = match &write {
-                    LateWrite::Complete(result) => {
-                        checker
-                            .store_call_uncounted(
-                                "complete",
-                                Gate::Admit,
-                                tracing::Span::none(),
-                                || store.complete(&lease, result.as_ref(), durations.ttl),
-                            )
-                            .await
-                    }
+                let finish = match &write {
+                    LateWrite::Complete(result) => Finish::Completed(result.as_ref()),
                     LateWrite::Fail => {
-                        checker
-                            .store_call_uncounted(
-                                "fail",
-                                Gate::Admit,
-                                tracing::Span::none(),
-                                || {
-                                    store.fail(
-                                        &lease,
-                                        "claim outcome unknown: the store did not answer",
-                                        durations.ttl,
-                                    )
-                                },
-                            )
-                            .await
+                        Finish::Failed("claim outcome unknown: the store did not answer")
                     }
                 };
+                let call = StoreCall::gated(finish.name()).in_background();
+                let written = checker
+                    .store_call(call, tracing::Span::none(), || {
+                        checker.write(&lease, finish, durations.ttl)
+                    })
+                    .await;
                 match written {
                     Err(e) if may_land_later(&e) => {
                         tokio::time::sleep(pause).await;

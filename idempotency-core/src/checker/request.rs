@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::IdempotencyChecker;
 use crate::config::{DuplicatePolicy, InProgressPolicy};
 use crate::envelope::EventEnvelope;
 use crate::error::Result;
@@ -113,5 +114,16 @@ impl<'a> KeyedRequest<'a> {
     pub fn on_in_progress(mut self, policy: InProgressPolicy) -> Self {
         self.on_in_progress = Some(policy);
         self
+    }
+}
+
+impl IdempotencyChecker {
+    /// The request for an envelope's key, its payload fingerprinted when
+    /// the configuration says so.
+    pub(super) fn envelope_request<'a, P: Serialize>(
+        &self,
+        envelope: &'a EventEnvelope<P>,
+    ) -> Result<KeyedRequest<'a>> {
+        KeyedRequest::from_envelope(envelope, self.inner.config.fingerprint_payloads)
     }
 }
