@@ -4,10 +4,10 @@
 use chrono::Utc;
 use serde::Serialize;
 
+use super::IdempotencyChecker;
 use super::finish::Finish;
 use super::instrument::StoreCall;
 use super::result::storable;
-use super::IdempotencyChecker;
 use crate::envelope::EventEnvelope;
 use crate::error::Result;
 use crate::key::stored_key;
