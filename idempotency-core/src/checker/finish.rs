@@ -71,7 +71,7 @@ impl IdempotencyChecker {
         result
     }
 
-    /// The store write that records `finish` (not started until awaited).
+    /// The store write that records `finish`.
     pub(super) fn write<'a>(
         &'a self,
         lease: &'a Lease,
