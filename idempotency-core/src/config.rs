@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use crate::error::{IdempotencyError, Result};
+use crate::resilience::breaker::CircuitBreakerConfig;
+use crate::resilience::cache::LocalCache;
 
 /// Longest duration the stores accept (Redis `PX` takes a signed 64-bit
 /// millisecond count; we stay far below it).
@@ -119,51 +121,6 @@ pub struct IdempotencyConfig {
     pub(crate) local_cache: Option<LocalCache>,
     pub(crate) circuit_breaker: Option<CircuitBreakerConfig>,
     pub(crate) fail_open: bool,
-}
-
-/// The optional in-process cache of `COMPLETED` records (see
-/// [`IdempotencyConfigBuilder::local_cache`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalCache {
-    /// The most records kept; past it, the least useful entries are evicted.
-    pub max_entries: usize,
-    /// How long one entry may be replayed without asking the store (never
-    /// longer than the record itself lives).
-    pub ttl: Duration,
-}
-
-/// The checker's circuit breaker (see
-/// [`IdempotencyConfigBuilder::circuit_breaker`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CircuitBreakerConfig {
-    /// How many consecutive `StoreUnavailable` answers open the breaker.
-    /// Default 5.
-    pub failure_threshold: u32,
-    /// How long the breaker stays open before one probe call may test the
-    /// store. Default 2s.
-    pub open_for: Duration,
-    /// The longest cool-down: each failed probe doubles the last one, up to
-    /// this. 30s, or `open_for` when that is longer.
-    pub max_open_for: Duration,
-}
-
-/// The cap on a growing cool-down, unless `open_for` itself is longer.
-const MAX_OPEN_FOR: Duration = Duration::from_secs(30);
-
-impl CircuitBreakerConfig {
-    fn new(failure_threshold: u32, open_for: Duration) -> Self {
-        Self {
-            failure_threshold,
-            open_for,
-            max_open_for: open_for.max(MAX_OPEN_FOR),
-        }
-    }
-}
-
-impl Default for CircuitBreakerConfig {
-    fn default() -> Self {
-        Self::new(5, Duration::from_secs(2))
-    }
 }
 
 impl Default for IdempotencyConfig {

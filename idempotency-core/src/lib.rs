@@ -57,18 +57,22 @@
 //! | `testing` | the store conformance suite (`testing`, `store_conformance_tests!`, `for_each_conformance_rule!`), for store tests |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod breaker;
-mod cache;
-mod checker;
+// The data: what a call carries, what is stored, how keys are made, and
+// the errors and configuration they share.
 mod config;
-pub mod consume;
-mod dedup;
 mod envelope;
 mod error;
-mod global;
 mod key;
 pub mod record;
+// The engine, and what keeps it going when the store does not answer.
+mod checker;
+mod resilience;
 mod stats;
+// The transport-neutral consume core that every transport adapter uses.
+pub mod consume;
+// The storage boundary and its implementations, and the seen-set
+// deduplicator built on it.
+mod dedup;
 pub mod store;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -77,18 +81,19 @@ pub mod testing;
 #[doc(hidden)]
 pub mod __private;
 
-pub use breaker::CircuitState;
+pub use checker::global::{default_checker, set_default_checker};
 pub use checker::{IdempotencyChecker, IdempotencyGuard, KeyedRequest, Processed, current_lease};
 pub use config::{
-    CircuitBreakerConfig, DuplicatePolicy, DurationArg, IdempotencyConfig,
-    IdempotencyConfigBuilder, InProgressPolicy, LocalCache, parse_duration,
+    DuplicatePolicy, DurationArg, IdempotencyConfig, IdempotencyConfigBuilder, InProgressPolicy,
+    parse_duration,
 };
 pub use dedup::{Deduplicator, KeyExtractor, KeyFn};
 pub use envelope::EventEnvelope;
 pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result, StoreRefusal};
-pub use global::{default_checker, set_default_checker};
 pub use key::{canonical_json, fingerprint, sha256_hex};
 pub use record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
+pub use resilience::breaker::{CircuitBreakerConfig, CircuitState};
+pub use resilience::cache::LocalCache;
 pub use stats::CheckerStats;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]

@@ -11,8 +11,18 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use crate::config::LocalCache;
 use crate::record::{IdempotencyRecord, ProcessingStatus};
+
+/// The optional in-process cache of `COMPLETED` records (see
+/// [`IdempotencyConfigBuilder::local_cache`](crate::IdempotencyConfigBuilder::local_cache)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalCache {
+    /// The most records kept; past it, the least useful entries are evicted.
+    pub max_entries: usize,
+    /// How long one entry may be replayed without asking the store (never
+    /// longer than the record itself lives).
+    pub ttl: Duration,
+}
 
 pub(crate) struct ReplayCache {
     entries: quick_cache::sync::Cache<String, Arc<Cached>>,

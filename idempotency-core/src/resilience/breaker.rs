@@ -10,10 +10,8 @@
 //! - Closed: every call goes to the store. The hot path is one atomic load
 //!   before the call and one after it.
 //! - Open: gated calls fail at once with
-//!   [`StoreUnavailable`](crate::IdempotencyError::StoreUnavailable) (its
-//!   source says the circuit is open; see
-//!   [`IdempotencyError::is_circuit_open`](crate::IdempotencyError::is_circuit_open))
-//!   without touching the store.
+//!   [`CircuitOpen`](crate::IdempotencyError::CircuitOpen) without touching
+//!   the store.
 //! - Half-open: once the cool-down is over, exactly one call (the probe)
 //!   goes through; the others keep failing fast. Its success closes the
 //!   breaker; its failure re-opens it for twice the last cool-down, up to
@@ -29,7 +27,39 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::CircuitBreakerConfig;
+/// The checker's circuit breaker (see
+/// [`IdempotencyConfigBuilder::circuit_breaker`](crate::IdempotencyConfigBuilder::circuit_breaker)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreakerConfig {
+    /// How many consecutive `StoreUnavailable` answers open the breaker.
+    /// Default 5.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before one probe call may test the
+    /// store. Default 2s.
+    pub open_for: Duration,
+    /// The longest cool-down: each failed probe doubles the last one, up to
+    /// this. 30s, or `open_for` when that is longer.
+    pub max_open_for: Duration,
+}
+
+/// The cap on a growing cool-down, unless `open_for` itself is longer.
+const MAX_OPEN_FOR: Duration = Duration::from_secs(30);
+
+impl CircuitBreakerConfig {
+    pub(crate) fn new(failure_threshold: u32, open_for: Duration) -> Self {
+        Self {
+            failure_threshold,
+            open_for,
+            max_open_for: open_for.max(MAX_OPEN_FOR),
+        }
+    }
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self::new(5, Duration::from_secs(2))
+    }
+}
 
 /// Where the checker's circuit breaker is (see
 /// [`IdempotencyChecker::circuit_state`](crate::IdempotencyChecker::circuit_state)).

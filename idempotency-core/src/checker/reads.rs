@@ -1,0 +1,106 @@
+//! Reads and deletes by raw key, and the manual `mark_*` calls (claim,
+//! then complete or fail, with no guard and no renewal).
+
+use chrono::Utc;
+use serde::Serialize;
+
+use super::IdempotencyChecker;
+use super::finish::Finish;
+use super::instrument::StoreCall;
+use super::result::storable;
+use crate::envelope::EventEnvelope;
+use crate::error::Result;
+use crate::key::stored_key;
+use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
+
+impl IdempotencyChecker {
+    /// The record for a raw idempotency key, whatever its status.
+    pub async fn get_processing_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
+        let key = stored_key(key, &self.inner.config)?;
+        let record = self
+            .store_call(StoreCall::gated("get"), tracing::Span::none(), || {
+                self.inner.store.get(&key.storage)
+            })
+            .await?;
+        Ok(record.map(|mut record| {
+            if record.idempotency_key.is_empty() {
+                record.idempotency_key = key.recorded;
+            }
+            record
+        }))
+    }
+
+    /// Whether a new delivery of `key` should be skipped: the key is
+    /// `COMPLETED`, or `PROCESSING` under a live lease. A `FAILED` key is not a
+    /// duplicate: its retry runs.
+    ///
+    /// This is a read for dashboards and pre-checks; it decides nothing. The
+    /// atomic decision is the claim made by [`process`](Self::process),
+    /// [`guard`](Self::guard) and [`mark_processing`](Self::mark_processing).
+    /// Lease liveness is judged here by this host's clock.
+    pub async fn is_duplicate(&self, key: &str) -> Result<bool> {
+        Ok(self.get_processing_record(key).await?.is_some_and(|r| {
+            r.status == ProcessingStatus::Completed || r.is_live_processing(Utc::now())
+        }))
+    }
+
+    /// Deletes the record of a raw idempotency key (so the key is processed
+    /// again); returns whether there was one.
+    ///
+    /// With the local replay cache on, the key is also dropped from this
+    /// checker's cache (other processes' caches keep their entry until it
+    /// expires; see [`IdempotencyConfigBuilder::local_cache`](crate::IdempotencyConfigBuilder::local_cache)).
+    pub async fn delete_record(&self, key: &str) -> Result<bool> {
+        let storage = self.storage_key(key)?;
+        self.forget(&storage);
+        let deleted = self
+            .store_call(StoreCall::gated("delete"), tracing::Span::none(), || {
+                self.inner.store.delete(&storage)
+            })
+            .await;
+        // A duplicate answered by the store while the delete was in flight
+        // may have cached the record again.
+        self.forget(&storage);
+        deleted
+    }
+
+    fn forget(&self, storage: &str) {
+        if let Some(cache) = &self.inner.cache {
+            cache.remove(storage);
+        }
+    }
+
+    /// Claims the envelope's key: the low-level first step. On
+    /// [`ClaimOutcome::Acquired`] the caller must finish with
+    /// [`mark_completed`](Self::mark_completed) or
+    /// [`mark_failed`](Self::mark_failed) before the lease
+    /// (`in_progress_timeout`) runs out; nothing renews it. Prefer
+    /// [`process`](Self::process) or [`guard`](Self::guard).
+    pub async fn mark_processing<P: Serialize>(
+        &self,
+        envelope: &EventEnvelope<P>,
+    ) -> Result<ClaimOutcome> {
+        let request = self.envelope_request(envelope)?;
+        let (claimed, _, _) = self.claim(&request).await?;
+        Ok(claimed.into())
+    }
+
+    /// Records `result` for a lease from [`mark_processing`](Self::mark_processing).
+    /// Fails with [`IdempotencyError::LeaseLost`](crate::IdempotencyError::LeaseLost) if the lease was taken over.
+    pub async fn mark_completed<T: Serialize + ?Sized>(
+        &self,
+        lease: &Lease,
+        result: &T,
+    ) -> Result<()> {
+        let value = storable(result)?;
+        let completed = Finish::Completed(Some(&value));
+        self.finish(lease, completed, self.inner.config.ttl).await
+    }
+
+    /// Records a failure for a lease from [`mark_processing`](Self::mark_processing),
+    /// so the next delivery retries.
+    pub async fn mark_failed(&self, lease: &Lease, error: &str) -> Result<()> {
+        let failed = Finish::Failed(error);
+        self.finish(lease, failed, self.inner.config.ttl).await
+    }
+}
