@@ -54,7 +54,7 @@ use axum::{Json, Router};
 use idempotency::http::{IDEMPOTENCY_KEY_HEADER, IdempotencyLayer, idempotency_key};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, IdempotencyStore,
-    KeyedRequest, MemoryStore, Processed, RedisStore, canonical_json, idempotent, sha256_hex,
+    KeyedRequest, MemoryStore, Processed, RedisStore, fingerprint, idempotent,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
@@ -296,7 +296,17 @@ async fn receive_webhook(
 }
 
 async fn accept_event(State(state): State<AppState>, Json(event): Json<Value>) -> Response {
-    let id = sha256_hex(canonical_json(&event).as_bytes());
+    // The event's content hash (SHA-256 of its canonical JSON) is its key.
+    let id = match fingerprint(&event) {
+        Ok(id) => id,
+        Err(error) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": error.to_string() })),
+            )
+                .into_response();
+        }
+    };
     let counters = &state.counters;
     let outcome = state
         .dedup

@@ -141,7 +141,8 @@ async fn hashed_keys_and_bad_urls() {
     let out = cli(&server, &["--hash-keys", "get", "customer@example.com"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let got: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
-    let digest = idempotency::sha256_hex(b"customer@example.com");
+    // SHA-256 of `customer@example.com`, in lower-case hex.
+    let digest = "e233d4a29013e9d87150c6237c6777bedf379ebf1acdc5d6126fec7e8bb74fb5";
     assert_eq!(got["key"], format!("idempotency:events:{digest}"));
     assert_eq!(got["record"]["idempotency_key"], digest);
     let out = cli(&server, &["get", "customer@example.com"]);

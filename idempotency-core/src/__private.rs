@@ -2,6 +2,9 @@
 //! signatures here change without notice.
 #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+/// For the sibling crates (`idempotency-http` fingerprints requests with it).
+pub use crate::key::sha256_hex;
+
 use std::borrow::Cow;
 use std::future::Future;
 use std::time::Duration;
@@ -35,9 +38,9 @@ pub trait CheckerRef<'c> {
     fn resolve(self) -> Result<&'c IdempotencyChecker, IdempotencyError>;
 }
 
-impl<'c, T: AsRef<IdempotencyChecker> + ?Sized> CheckerRef<'c> for &'c T {
+impl<'c, T: std::borrow::Borrow<IdempotencyChecker> + ?Sized> CheckerRef<'c> for &'c T {
     fn resolve(self) -> Result<&'c IdempotencyChecker, IdempotencyError> {
-        Ok(self.as_ref())
+        Ok(self.borrow())
     }
 }
 

@@ -68,7 +68,10 @@ pub(crate) fn check_duration(option: &'static str, duration: Duration) -> Result
     Err(IdempotencyError::config(option, reason))
 }
 
-/// A duration given either as a [`Duration`] or as text like `"24h"`.
+/// A duration given to a builder setter, either as a [`Duration`] or as
+/// text like `"24h"` (parsed by [`parse_duration`] when the configuration
+/// is built). Not exported: the setters take `impl Into<DurationArg>`,
+/// which a `Duration`, a `&str` and a `String` are.
 #[derive(Debug, Clone)]
 pub enum DurationArg {
     /// An exact duration.

@@ -24,7 +24,7 @@ use crate::store::SeenSet;
 /// that passes validation (keep `max_key_len` at 64 or more).
 ///
 /// ```
-/// use idempotency_core::{EventEnvelope, KeyExtractor, sha256_hex};
+/// use idempotency_core::{EventEnvelope, KeyExtractor};
 /// use serde_json::json;
 ///
 /// let event = EventEnvelope::new("page.viewed", json!({"user": "u-7", "page": {"id": 42}}))
@@ -41,7 +41,8 @@ use crate::store::SeenSet;
 /// // A long derived key is hashed.
 /// let long = EventEnvelope::new("t", json!({"user": "u".repeat(300)}));
 /// let key = KeyExtractor::fields(["user"]).key_of(&long)?;
-/// assert_eq!(key, sha256_hex(format!(r#"["{}"]"#, "u".repeat(300)).as_bytes()));
+/// assert_eq!(key.len(), 64);
+/// assert!(key.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
 /// # Ok::<(), idempotency_core::IdempotencyError>(())
 /// ```
 #[derive(Clone, Default)]

@@ -20,7 +20,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Canonical JSON of `value`: no whitespace, object keys sorted at every level.
 /// Two values that are equal as JSON have the same canonical text.
-pub fn canonical_json(value: &serde_json::Value) -> String {
+pub(crate) fn canonical_json(value: &serde_json::Value) -> String {
     let mut out = String::new();
     write_canonical(value, &mut out);
     out

@@ -84,13 +84,12 @@ pub mod __private;
 pub use checker::global::{default_checker, set_default_checker};
 pub use checker::{IdempotencyChecker, IdempotencyGuard, KeyedRequest, Processed, current_lease};
 pub use config::{
-    DuplicatePolicy, DurationArg, IdempotencyConfig, IdempotencyConfigBuilder, InProgressPolicy,
-    parse_duration,
+    DuplicatePolicy, IdempotencyConfig, IdempotencyConfigBuilder, InProgressPolicy, parse_duration,
 };
 pub use dedup::{Deduplicator, KeyExtractor, KeyFn};
 pub use envelope::EventEnvelope;
 pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result, StoreRefusal};
-pub use key::{canonical_json, fingerprint, sha256_hex};
+pub use key::fingerprint;
 pub use record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
 pub use resilience::breaker::{CircuitBreakerConfig, CircuitState};
 pub use resilience::cache::LocalCache;

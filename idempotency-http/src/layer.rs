@@ -11,7 +11,7 @@ use http::{HeaderName, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use idempotency_core::{
     DuplicatePolicy, IdempotencyChecker, IdempotencyError, InProgressPolicy, KeyedRequest,
-    Processed, ProcessingStatus, StoreRefusal, sha256_hex,
+    Processed, ProcessingStatus, StoreRefusal,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -412,13 +412,15 @@ where
         .uri
         .path_and_query()
         .map_or(path, |target| target.as_str());
-    let stored_key = sha256_hex(format!("{method}\n{path}\n{scope}\n{key}").as_bytes());
+    let stored_key = idempotency_core::__private::sha256_hex(
+        format!("{method}\n{path}\n{scope}\n{key}").as_bytes(),
+    );
     let mut fingerprint_input = format!("{method}\n{target}\n").into_bytes();
     fingerprint_input.extend_from_slice(&body);
     let attempt = AttemptRequest {
         operation: format!("{method} {path}"),
         stored_key,
-        fingerprint: sha256_hex(&fingerprint_input),
+        fingerprint: idempotency_core::__private::sha256_hex(&fingerprint_input),
         parts,
         body,
     };

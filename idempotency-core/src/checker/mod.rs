@@ -80,12 +80,6 @@ pub struct IdempotencyChecker {
     inner: Arc<Inner>,
 }
 
-impl AsRef<IdempotencyChecker> for IdempotencyChecker {
-    fn as_ref(&self) -> &IdempotencyChecker {
-        self
-    }
-}
-
 impl std::fmt::Debug for IdempotencyChecker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyChecker")
