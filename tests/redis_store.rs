@@ -198,54 +198,6 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     assert_eq!(doc["error"], "boom");
 }
 
-/// Documents written before the fast claim path (a COMPLETED record with no
-/// `ttl_ms`, a claim with absolute lease times) are still read correctly:
-/// the claim falls back to the script, which reports the expiry.
-#[tokio::test]
-async fn documents_of_the_earlier_schema_are_still_understood() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect");
-    let checker = IdempotencyChecker::new(store);
-    let mut redis = server.client().await;
-    let _: () = redis
-        .set_ex(
-            "idempotency:events:legacy-done",
-            r#"{"status":"COMPLETED","completed_at":1700000000000,"attempts":2,"result":{"ok":true}}"#,
-            600,
-        )
-        .await
-        .expect("SET");
-    match checker
-        .mark_processing(&event("legacy-done"))
-        .await
-        .expect("claim")
-    {
-        idempotency::ClaimOutcome::Duplicate(record) => {
-            assert_eq!(record.attempts, 2);
-            assert_eq!(record.result, Some(json!({"ok": true})));
-            let left = record.expires_at.expect("expiry from PTTL") - chrono::Utc::now();
-            assert!(
-                left > chrono::TimeDelta::seconds(590) && left <= chrono::TimeDelta::seconds(600),
-                "{left}"
-            );
-        }
-        other => panic!("expected Duplicate, got {other:?}"),
-    }
-
-    // A claim in the earlier form, whose lease ran out: taken over.
-    let _: () = redis
-        .set_ex(
-            "idempotency:events:legacy-claim",
-            r#"{"status":"PROCESSING","first_seen_at":1700000000000,"attempts":1,"lease_token":"old","lease_expires_at":1700000030000}"#,
-            600,
-        )
-        .await
-        .expect("SET");
-    let lease = acquired(&checker, &event("legacy-claim")).await;
-    assert_eq!(lease.attempt, 2);
-    assert!(lease.taken_over);
-}
-
 /// A fast-path claim whose key lost its expiry (someone ran `PERSIST`) has
 /// no clock to measure its lease against: it counts as run out and is
 /// taken over, rather than blocking the key forever.
@@ -272,7 +224,7 @@ async fn a_fast_claim_without_expiry_is_taken_over() {
     assert!(matches!(lost, IdempotencyError::LeaseLost { .. }), "{lost}");
 }
 
-/// The memory budget of issue 6: a COMPLETED record with a 100-byte result
+/// The memory budget: a COMPLETED record with a 100-byte result
 /// costs at most 350 bytes of Redis memory (`MEMORY USAGE`), with raw and
 /// with hashed keys.
 #[tokio::test]
@@ -598,9 +550,8 @@ async fn cross_process_worker() {
     common::process_each_key(&checker, &counter, worker, KEYS).await;
 }
 
-/// Issue 14 item 17: the claim and finish scripts refuse every value the
-/// reader (`get`) refuses, with `CorruptRecord`, and overwrite none of them;
-/// before, the claim script checked only the status and claimed these.
+/// The claim and finish scripts refuse every value the reader (`get`)
+/// refuses, with `CorruptRecord`, and overwrite none of them.
 #[tokio::test]
 async fn claims_refuse_every_value_the_reader_refuses() {
     use idempotency::IdempotencyStore;
@@ -658,7 +609,7 @@ async fn claims_refuse_every_value_the_reader_refuses() {
     assert_eq!(runs.load(Ordering::SeqCst), 0, "no handler ran");
 }
 
-/// Issue 14 item 17: a live `PROCESSING` record that holds
+/// A live `PROCESSING` record that holds
 /// `"status":"COMPLETED"` in a nested field is in progress, not a duplicate:
 /// the text fast path matches only the top-level status.
 #[tokio::test]
@@ -687,7 +638,7 @@ async fn a_nested_completed_status_is_not_a_duplicate() {
     assert_eq!(raw, doc);
 }
 
-/// Issue 14 item 17: the finish script's text fast path completes only a
+/// The finish script's text fast path completes only a
 /// document of the exact shape a claim writes; a held record that was
 /// altered into something the reader refuses is `CorruptRecord`, and left.
 #[tokio::test]
@@ -709,7 +660,7 @@ async fn completing_a_held_record_that_turned_corrupt_overwrites_nothing() {
     assert_eq!(now, altered);
 }
 
-/// Issue 14 item 18: a JSON `null` result is stored as `"result":null` and
+/// A JSON `null` result is stored as `"result":null` and
 /// reads back as `Some(Null)` on every read path (get, the plain `SET NX GET`
 /// duplicate, the claim script); no stored result is no `result` field and
 /// reads back as `None`.
@@ -744,8 +695,8 @@ async fn a_null_result_stays_null_and_no_result_stays_absent() {
         );
         let read = store.get(&key).await.expect("get").expect("record");
         assert_eq!(read.result, result, "{name}: get");
-        // The plain `SET NX GET` path, then the claim script (a legacy
-        // document without `ttl_ms` goes there).
+        // The plain `SET NX GET` path, then the claim script (a COMPLETED
+        // document without `ttl_ms`, as a seen-set mark is, goes there).
         let mut again = idempotency_core::testing::claim_request(&key, "t2");
         again.fingerprint = fingerprint;
         match store.claim(&again).await.expect("claim") {
@@ -754,10 +705,10 @@ async fn a_null_result_stays_null_and_no_result_stays_absent() {
             }
             other => panic!("expected Duplicate, got {other:?}"),
         }
-        let mut legacy = doc.clone();
-        legacy.as_object_mut().expect("object").remove("ttl_ms");
+        let mut untimed = doc.clone();
+        untimed.as_object_mut().expect("object").remove("ttl_ms");
         let _: () = redis
-            .set(&key, serde_json::to_string(&legacy).expect("json"))
+            .set(&key, serde_json::to_string(&untimed).expect("json"))
             .await
             .expect("SET");
         match store.claim(&again).await.expect("claim") {
@@ -802,7 +753,7 @@ async fn fill_until_out_of_memory(redis: &mut redis::aio::MultiplexedConnection)
     panic!("Redis never ran out of memory");
 }
 
-/// Issue 14 item 19: at `maxmemory` under `noeviction`, duplicates of
+/// At `maxmemory` under `noeviction`, duplicates of
 /// finished events are still replayed (a read answers them), a live claim is
 /// still in progress, and a write that is refused says why:
 /// `StoreRefused { OutOfMemory }`, not `StoreUnavailable`.
@@ -937,7 +888,7 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
     ));
 }
 
-/// Issue 14 item 20: a Redis whose `maxmemory-policy` may evict records is
+/// A Redis whose `maxmemory-policy` may evict records is
 /// refused at connect with a `Config` error naming the policy; `volatile-*`
 /// policies too (every record has a TTL).
 #[tokio::test]
@@ -985,7 +936,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
     }
 }
 
-/// Issue 14 item 20: opted in with `allow_eviction(true)`, the store
+/// Opted in with `allow_eviction(true)`, the store
 /// connects and logs the policy at ERROR, at connect and in every health
 /// check; without it, a policy changed after connect fails the health check.
 #[tokio::test]
@@ -1055,7 +1006,7 @@ async fn set_policy(port: u16, policy: &str) {
         .expect("CONFIG SET");
 }
 
-/// Issue 14 item 20 on a cluster: every master is checked, and the one
+/// On a cluster: every master is checked, and the one
 /// that may evict is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_with_one_evicting_master_is_refused_naming_it() {
@@ -1079,7 +1030,7 @@ async fn a_cluster_with_one_evicting_master_is_refused_naming_it() {
     }
 }
 
-/// Issue 14 item 20 with Sentinel: the master's policy is the one checked.
+/// With Sentinel: the master's policy is the one checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_master_that_may_evict_is_refused() {
     let setup = common::RedisSentinel::start();
@@ -1153,7 +1104,7 @@ async fn completing_a_claim_takes_the_finish_scripts_text_path() {
     assert_eq!(doc["result"], json!(2));
 }
 
-/// Issue 16: where the server has `SET ... IFEQ` (Valkey 9), every
+/// Where the server has `SET ... IFEQ` (Valkey 9), every
 /// completion of a lease whose document the store remembers is one plain
 /// `SET ... IFEQ`: after a fast claim, a retried claim, a claim by the claim
 /// script, and a renewal. On Redis 7 each is the finish script.
@@ -1248,7 +1199,7 @@ async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() 
     }
 }
 
-/// Issue 16: the remembered document is only a shortcut. When the stored
+/// The remembered document is only a shortcut. When the stored
 /// one differs (rewritten with the same meaning, taken over, completed by an
 /// earlier try), the finish script decides, as on Redis 7.
 #[tokio::test]

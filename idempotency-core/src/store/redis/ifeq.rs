@@ -13,7 +13,15 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
+use redis::Value;
+
+use super::RedisStore;
+use super::wire::{millis, push_json_str};
+use crate::error::Result;
+use crate::record::Lease;
 
 // Whether the server has `SET ... IFEQ`: 0 (the default) is not known yet,
 // decided by the first completion that tries it.
@@ -193,7 +201,7 @@ pub(super) fn completed_doc(
     let _ = write!(doc, ",\"ttl_ms\":{ttl_ms}");
     if let Some(fingerprint) = &held.fingerprint {
         doc.push_str(",\"fingerprint\":");
-        super::push_json_str(&mut doc, fingerprint)?;
+        push_json_str(&mut doc, fingerprint)?;
     }
     if !result.is_empty() {
         doc.push_str(",\"result\":");
@@ -208,6 +216,105 @@ pub(super) fn completed_doc(
 pub(super) fn unknown_option(e: &redis::RedisError) -> bool {
     e.detail().is_some_and(|d| d.starts_with("syntax error"))
         || (e.code().is_none() && e.to_string().contains("syntax error"))
+}
+
+impl RedisStore {
+    /// Completes with `SET key <COMPLETED doc> IFEQ <held doc> PX ttl`: one
+    /// plain command, applied only when the key still holds exactly the
+    /// document the claim (or the last renewal) wrote. `completed_at` is
+    /// this host's clock (only a script can read the store's).
+    pub(super) async fn complete_ifeq(
+        &self,
+        lease: &Lease,
+        held: &HeldDoc,
+        ttl: Duration,
+        result: &str,
+    ) -> Result<IfeqReply> {
+        let ttl_ms = millis(ttl);
+        let doc = completed_doc(Utc::now().timestamp_millis(), held, ttl_ms, result)?;
+        let mut cmd =
+            redis::Cmd::with_capacity(7, 64 + lease.key.len() + doc.len() + held.doc.len());
+        cmd.arg("SET")
+            .arg(&lease.key)
+            .arg(&doc)
+            .arg("IFEQ")
+            .arg(&held.doc)
+            .arg("PX")
+            .arg(ttl_ms);
+        let retried = std::sync::atomic::AtomicBool::new(false);
+        let reply = self
+            .run(&lease.key, |mut conn, again| {
+                if again {
+                    retried.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                let cmd = &cmd;
+                async move {
+                    match cmd.query_async::<Value>(&mut conn).await {
+                        Ok(Value::Okay) => Ok(IfeqReply::Applied),
+                        Ok(_) => Ok(IfeqReply::Mismatch { retried: false }),
+                        Err(e) if unknown_option(&e) => Ok(IfeqReply::Unsupported),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await?;
+        Ok(match reply {
+            IfeqReply::Applied => {
+                self.ifeq.set_supported(true);
+                IfeqReply::Applied
+            }
+            IfeqReply::Mismatch { .. } => {
+                self.ifeq.set_supported(true);
+                IfeqReply::Mismatch {
+                    retried: retried.load(std::sync::atomic::Ordering::Relaxed),
+                }
+            }
+            IfeqReply::Unsupported => IfeqReply::Unsupported,
+        })
+    }
+
+    /// Whether the server has `SET ... IFEQ`, by trying it on a key that
+    /// does not exist (`IFEQ` never creates one). `ERR syntax error`: no;
+    /// any other refusal (an ACL user's key patterns) leaves it to the
+    /// first completion.
+    pub(super) async fn probe_ifeq(&self) {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg("idempotency:capability-probe")
+            .arg("x")
+            .arg("IFEQ")
+            .arg("never stored")
+            .arg("PX")
+            .arg(1000);
+        let mut conn = self.conns.get();
+        let probe = cmd.query_async::<Value>(&mut conn);
+        match tokio::time::timeout(self.op_timeout, probe).await {
+            Ok(Ok(_)) => self.ifeq.set_supported(true),
+            Ok(Err(e)) if unknown_option(&e) => self.ifeq.set_supported(false),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "SET IFEQ probe refused; the first completion decides");
+            }
+            Err(_) => tracing::debug!("SET IFEQ probe timed out; the first completion decides"),
+        }
+    }
+
+    /// Whether completions take `SET ... IFEQ` (`Some(true)`), the finish
+    /// script (`Some(false)`), or are not known yet (`None`: the first
+    /// completion decides).
+    #[doc(hidden)]
+    pub fn completes_with_set_ifeq(&self) -> Option<bool> {
+        self.ifeq.supported()
+    }
+}
+
+/// What a `SET ... IFEQ` completion found.
+pub(super) enum IfeqReply {
+    /// Written.
+    Applied,
+    /// The key does not hold the remembered document; `retried`: an earlier
+    /// try of this call may have been applied.
+    Mismatch { retried: bool },
+    /// The server has no `IFEQ`.
+    Unsupported,
 }
 
 #[cfg(test)]
