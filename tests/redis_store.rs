@@ -1071,11 +1071,11 @@ async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &
     field("calls") - field("failed_calls")
 }
 
-/// The stricter shapes keep the hot paths hot: completing a claim that the
-/// plain `SET NX` or the claim script wrote takes the finish script's text
-/// path (which never reads the key's expiry), not the decoding one.
+/// Completing a claim that the plain `SET NX` or the claim script wrote
+/// compares the stored bytes with the claim's (which never reads the key's
+/// expiry), not the decoding finish script.
 #[tokio::test]
-async fn completing_a_claim_takes_the_finish_scripts_text_path() {
+async fn completing_a_claim_compares_its_document_and_decodes_nothing() {
     let server = RedisServer::start();
     let checker = checker(&server).await;
     let mut redis = server.client().await;
@@ -1087,7 +1087,7 @@ async fn completing_a_claim_takes_the_finish_scripts_text_path() {
     assert_eq!(command_calls(&mut redis, "pexpiretime").await, 0);
 
     // A failed attempt (the decoding path: one PEXPIRETIME), then a retry
-    // claimed by the claim script and completed on the text path.
+    // claimed by the claim script and completed by comparison.
     let e = event("hot-2");
     let lease = acquired(&checker, &e).await;
     checker.mark_failed(&lease, "boom").await.expect("fail");
@@ -1107,9 +1107,10 @@ async fn completing_a_claim_takes_the_finish_scripts_text_path() {
 /// Where the server has `SET ... IFEQ` (Valkey 9), every
 /// completion of a lease whose document the store remembers is one plain
 /// `SET ... IFEQ`: after a fast claim, a retried claim, a claim by the claim
-/// script, and a renewal. On Redis 7 each is the finish script.
+/// script, and a renewal. On Redis 7 each is one script (the same
+/// comparison).
 #[tokio::test]
-async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() {
+async fn completions_take_set_ifeq_on_valkey_and_a_script_on_redis_7() {
     use idempotency::IdempotencyStore;
     for kind in ServerKind::ALL {
         let server = RedisServer::start_kind(kind);
@@ -1132,7 +1133,7 @@ async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() 
             assert_eq!(
                 scripts,
                 u64::from(!ifeq),
-                "{kind:?}, {how}: finish scripts run by one completion"
+                "{kind:?}, {how}: scripts run by one completion"
             );
             let record = store.get(&lease.key).await.expect("get").expect("record");
             assert_eq!(record.status, idempotency::ProcessingStatus::Completed);

@@ -1,17 +1,21 @@
-//! The Lua-free completion: `SET key <COMPLETED doc> IFEQ <current doc> PX ttl`
-//! on servers that have `SET ... IFEQ` (Valkey 8.1 and later, Redis 8.4 and
-//! later).
+//! The compare-and-set completion: the COMPLETED document replaces the
+//! stored one only when the key still holds, byte for byte, the document
+//! this lease last wrote. Where the server has `SET ... IFEQ` (Valkey 8.1
+//! and later, Redis 8.4 and later) it is one plain
+//! `SET key <COMPLETED doc> IFEQ <held doc> PX ttl`; elsewhere (Redis 7, older
+//! Valkey) it is the same comparison in a four-line script
+//! (`lua/complete_if_equal.lua`) that decodes nothing.
 //!
-//! `IFEQ` compares the whole value byte for byte, so the store remembers, per
-//! held lease, the exact document it (or its last renewal) wrote: the claim
-//! the client's `SET NX` wrote, the document the claim script returns, or the
-//! one the renew script returns. A completion whose `IFEQ` does not match
-//! (a retried try whose first one was applied, a document another script
-//! rewrote, a lost lease) falls back to the finish script, which decides it.
+//! So the store remembers, per held lease, the exact document it (or its last
+//! renewal) wrote: the claim the client's `SET NX` wrote, the document the
+//! claim script returns, or the one the renew script returns. A completion
+//! whose comparison fails (a retried try whose first one was applied, a
+//! document another script rewrote, a lost lease) falls back to the finish
+//! script, which decides it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 
 use std::time::Duration;
 
@@ -19,6 +23,7 @@ use chrono::{DateTime, Utc};
 use redis::Value;
 
 use super::RedisStore;
+use super::scripts::{eval, evalsha};
 use super::wire::{millis, push_json_str};
 use crate::error::Result;
 use crate::record::Lease;
@@ -27,7 +32,7 @@ use crate::record::Lease;
 // decided by the first completion that tries it.
 /// It has: completions take the `IFEQ` path.
 const YES: u8 = 1;
-/// It has not (Redis 7, Valkey before 8.1): completions take the finish script.
+/// It has not (Redis 7, Valkey before 8.1): completions compare in a script.
 const NO: u8 = 2;
 
 /// How many held documents the store remembers at most. Entries leave when
@@ -71,11 +76,6 @@ fn slot(key: &str, token: &str) -> String {
 }
 
 impl Ifeq {
-    /// Whether completions may try `IFEQ` (supported, or not known yet).
-    pub(super) fn may_use(&self) -> bool {
-        self.support.load(Ordering::Relaxed) != NO
-    }
-
     /// Whether the server is known to have `IFEQ`.
     pub(super) fn supported(&self) -> Option<bool> {
         match self.support.load(Ordering::Relaxed) {
@@ -89,9 +89,6 @@ impl Ifeq {
     pub(super) fn set_supported(&self, yes: bool) {
         self.support
             .store(if yes { YES } else { NO }, Ordering::Relaxed);
-        if !yes {
-            self.lock().clear();
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldDoc>> {
@@ -100,9 +97,6 @@ impl Ifeq {
 
     /// Remembers the document now stored for the lease `(key, token)`.
     pub(super) fn remember(&self, key: &str, token: &str, held: HeldDoc) {
-        if !self.may_use() {
-            return;
-        }
         let mut map = self.lock();
         if map.len() >= MAX_HELD {
             // Not remembered: this lease completes through the finish
@@ -130,9 +124,6 @@ impl Ifeq {
         expires_at: DateTime<Utc>,
         attempts: u32,
     ) {
-        if !self.may_use() {
-            return;
-        }
         let existing = self.lock().get(&slot(key, token)).cloned();
         let fingerprint = match existing {
             Some(held) => held.fingerprint,
@@ -157,9 +148,6 @@ impl Ifeq {
 
     /// Takes the remembered document of `(key, token)` out of the map.
     pub(super) fn take(&self, key: &str, token: &str) -> Option<HeldDoc> {
-        if !self.may_use() {
-            return None;
-        }
         self.lock().remove(&slot(key, token))
     }
 
@@ -219,11 +207,11 @@ pub(super) fn unknown_option(e: &redis::RedisError) -> bool {
 }
 
 impl RedisStore {
-    /// Completes with `SET key <COMPLETED doc> IFEQ <held doc> PX ttl`: one
-    /// plain command, applied only when the key still holds exactly the
-    /// document the claim (or the last renewal) wrote. `completed_at` is
-    /// this host's clock (only a script can read the store's).
-    pub(super) async fn complete_ifeq(
+    /// Completes `lease` with its COMPLETED document when the key still
+    /// holds exactly `held`'s document: `SET key <doc> IFEQ <held> PX ttl`
+    /// where the server has it, else the compare script. `completed_at` is
+    /// this host's clock on both paths, so both write the same bytes.
+    pub(super) async fn complete_if_equal(
         &self,
         lease: &Lease,
         held: &HeldDoc,
@@ -232,45 +220,63 @@ impl RedisStore {
     ) -> Result<IfeqReply> {
         let ttl_ms = millis(ttl);
         let doc = completed_doc(Utc::now().timestamp_millis(), held, ttl_ms, result)?;
-        let mut cmd =
-            redis::Cmd::with_capacity(7, 64 + lease.key.len() + doc.len() + held.doc.len());
-        cmd.arg("SET")
-            .arg(&lease.key)
-            .arg(&doc)
-            .arg("IFEQ")
-            .arg(&held.doc)
-            .arg("PX")
-            .arg(ttl_ms);
-        let retried = std::sync::atomic::AtomicBool::new(false);
-        let reply = self
-            .run(&lease.key, |mut conn, again| {
-                if again {
-                    retried.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                let cmd = &cmd;
-                async move {
-                    match cmd.query_async::<Value>(&mut conn).await {
-                        Ok(Value::Okay) => Ok(IfeqReply::Applied),
-                        Ok(_) => Ok(IfeqReply::Mismatch { retried: false }),
-                        Err(e) if unknown_option(&e) => Ok(IfeqReply::Unsupported),
-                        Err(e) => Err(e),
+        let retried = AtomicBool::new(false);
+        loop {
+            let native = self.ifeq.supported() != Some(false);
+            let cmd = if native {
+                let mut cmd =
+                    redis::Cmd::with_capacity(7, 64 + lease.key.len() + doc.len() + held.doc.len());
+                cmd.arg("SET")
+                    .arg(&lease.key)
+                    .arg(&doc)
+                    .arg("IFEQ")
+                    .arg(&held.doc)
+                    .arg("PX")
+                    .arg(ttl_ms);
+                cmd
+            } else {
+                let mut cmd = evalsha(&self.scripts.complete_if_equal, &lease.key);
+                cmd.arg(&held.doc).arg(&doc).arg(ttl_ms);
+                cmd
+            };
+            let applied = self
+                .run(&lease.key, |mut conn, again| {
+                    if again {
+                        retried.store(true, Ordering::Relaxed);
                     }
-                }
-            })
-            .await?;
-        Ok(match reply {
-            IfeqReply::Applied => {
+                    let cmd = &cmd;
+                    async move {
+                        let reply = if native {
+                            cmd.query_async::<Value>(&mut conn).await
+                        } else {
+                            eval(&mut conn, &self.scripts.complete_if_equal, cmd).await
+                        };
+                        match reply {
+                            Ok(Value::Okay) => Ok(Some(true)),
+                            Ok(_) => Ok(Some(false)),
+                            Err(e) if native && unknown_option(&e) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
+                })
+                .await?;
+            let Some(applied) = applied else {
+                // No `IFEQ` here (an unsupported option is never applied):
+                // the same comparison, in the script.
+                self.ifeq.set_supported(false);
+                continue;
+            };
+            if native {
                 self.ifeq.set_supported(true);
+            }
+            return Ok(if applied {
                 IfeqReply::Applied
-            }
-            IfeqReply::Mismatch { .. } => {
-                self.ifeq.set_supported(true);
+            } else {
                 IfeqReply::Mismatch {
-                    retried: retried.load(std::sync::atomic::Ordering::Relaxed),
+                    retried: retried.load(Ordering::Relaxed),
                 }
-            }
-            IfeqReply::Unsupported => IfeqReply::Unsupported,
-        })
+            });
+        }
     }
 
     /// Whether the server has `SET ... IFEQ`, by trying it on a key that
@@ -297,7 +303,7 @@ impl RedisStore {
         }
     }
 
-    /// Whether completions take `SET ... IFEQ` (`Some(true)`), the finish
+    /// Whether completions take `SET ... IFEQ` (`Some(true)`), the compare
     /// script (`Some(false)`), or are not known yet (`None`: the first
     /// completion decides).
     #[doc(hidden)]
@@ -306,15 +312,13 @@ impl RedisStore {
     }
 }
 
-/// What a `SET ... IFEQ` completion found.
+/// What a compare-and-set completion found.
 pub(super) enum IfeqReply {
     /// Written.
     Applied,
     /// The key does not hold the remembered document; `retried`: an earlier
     /// try of this call may have been applied.
     Mismatch { retried: bool },
-    /// The server has no `IFEQ`.
-    Unsupported,
 }
 
 #[cfg(test)]
@@ -351,15 +355,15 @@ mod tests {
     }
 
     #[test]
-    fn leases_are_remembered_per_key_and_token_and_forgotten_without_ifeq() {
+    fn leases_are_remembered_per_key_and_token_on_every_server() {
         let ifeq = Ifeq::default();
         ifeq.remember("k1", "t", held(1, None));
         ifeq.remember("k2", "t", held(2, None));
         assert_eq!(ifeq.take("k2", "t").map(|h| h.attempts), Some(2));
         assert!(ifeq.take("k2", "t").is_none());
         ifeq.set_supported(false);
-        assert_eq!(ifeq.len(), 0);
-        ifeq.remember("k3", "t", held(1, None));
-        assert!(ifeq.take("k3", "t").is_none());
+        assert_eq!(ifeq.len(), 1);
+        ifeq.remember("k3", "t", held(3, None));
+        assert_eq!(ifeq.take("k3", "t").map(|h| h.attempts), Some(3));
     }
 }

@@ -23,9 +23,11 @@
 //! Claim, renew, complete, fail and read are Lua scripts run with `EVALSHA`
 //! (loaded once, reloaded transparently after a `SCRIPT FLUSH`): one round
 //! trip each, every one touching a single key, so Redis Cluster works
-//! unchanged. Where the server has `SET ... IFEQ` (Valkey 8.1 and later,
-//! Redis 8.4 and later; found at connect), a completion is one plain
-//! `SET ... IFEQ` instead (see the `ifeq` module).
+//! unchanged. A completion first replaces the document only if the key
+//! still holds, byte for byte, the one the lease last wrote: one plain
+//! `SET ... IFEQ` where the server has it (Valkey 8.1 and later, Redis 8.4
+//! and later; found at connect), else a script that only compares (see the
+//! `ifeq` module); the finish script decides what that cannot.
 
 use std::sync::Arc;
 use std::time::Duration;

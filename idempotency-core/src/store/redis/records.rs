@@ -182,9 +182,8 @@ impl IdempotencyStore for RedisStore {
         };
         let mut retried = false;
         if let Some(held) = self.ifeq.take(&lease.key, &lease.token) {
-            match self.complete_ifeq(lease, &held, ttl, &result).await? {
+            match self.complete_if_equal(lease, &held, ttl, &result).await? {
                 IfeqReply::Applied => return Ok(()),
-                IfeqReply::Unsupported => self.ifeq.set_supported(false),
                 // Not our document (any more): the finish script decides,
                 // told whether an earlier try may have been applied.
                 IfeqReply::Mismatch { retried: r } => retried = r,
@@ -311,9 +310,7 @@ impl RedisStore {
                     expires_at: ms_to_time(reply.int(1)?),
                     taken_over: reply.int(2)? == 1,
                 };
-                if self.ifeq.may_use()
-                    && let Some(doc) = reply.rest.into_iter().nth(3)
-                {
+                if let Some(doc) = reply.rest.into_iter().nth(3) {
                     let doc = text(request.key, doc)?;
                     if let Ok(parsed) = serde_json::from_str::<ifeq::FingerprintOnly>(&doc) {
                         self.ifeq.remember(

@@ -22,13 +22,15 @@ const RENEW: &str = concat!(
     include_str!("lua/renew.lua")
 );
 
-/// Completes or fails a held lease. Its hot path runs ahead of the prelude,
-/// so that a call taking it does not pay for defining the helpers.
+/// Fails a held lease, or completes one the compare-and-set could not.
 const FINISH: &str = concat!(
-    include_str!("lua/finish_hot.lua"),
     include_str!("lua/prelude.lua"),
     include_str!("lua/finish.lua")
 );
+
+/// `SET ... IFEQ` for servers without it: completes a lease whose claim is
+/// untouched, decoding nothing.
+const COMPLETE_IF_EQUAL: &str = include_str!("lua/complete_if_equal.lua");
 
 /// Reads a record, its expiry and the store's clock.
 pub(super) const READ: &str = concat!(
@@ -48,6 +50,7 @@ pub(super) struct Scripts {
     pub(super) claim: Script,
     pub(super) renew: Script,
     pub(super) finish: Script,
+    pub(super) complete_if_equal: Script,
     pub(super) read: Script,
 }
 
@@ -57,6 +60,7 @@ impl Scripts {
             claim: Script::new(CLAIM),
             renew: Script::new(RENEW),
             finish: Script::new(FINISH),
+            complete_if_equal: Script::new(COMPLETE_IF_EQUAL),
             read: Script::new(READ),
         }
     }

@@ -1,4 +1,17 @@
--- The rest of the finish script, after finish_hot.lua and the prelude.
+-- The finish script (after the prelude): fails a held lease, or completes
+-- one whose document the client could not compare (not remembered, or not
+-- equal: a retried try whose first one was applied, a rewritten document, a
+-- lost lease).
+-- KEYS[1] key; ARGV token, ttl_ms, status ('COMPLETED' | 'FAILED'), payload
+-- (the result's JSON text, or the error text), retried ('1' when an earlier
+-- try of this same call may have been applied).
+--
+-- A `COMPLETED` record keeps only `status`, `completed_at`, `attempts`
+-- (left out when 1), `ttl_ms` (so a replay knows when the record expires
+-- without asking), `fingerprint` and `result`: no token. So a second
+-- `complete` by the same holder is recognised only when it is flagged as a
+-- retry.
+local token, target = ARGV[1], ARGV[3]
 local raw, rec = load(KEYS[1])
 if rec == false then return {'corrupt', raw} end
 if not rec then return {'lost'} end
@@ -20,7 +33,10 @@ if target == 'COMPLETED' then
   doc = doc .. ',"ttl_ms":' .. int(tonumber(ARGV[2]))
   local fp = val(rec.fingerprint)
   if fp then doc = doc .. ',"fingerprint":' .. cjson.encode(fp) end
-  doc = doc .. result_field(ARGV[4]) .. '}'
+  -- An empty result payload completes without a result (it could not be
+  -- stored).
+  if ARGV[4] ~= '' then doc = doc .. ',"result":' .. ARGV[4] end
+  doc = doc .. '}'
 else
   rec.status = 'FAILED'
   rec.error = ARGV[4]
