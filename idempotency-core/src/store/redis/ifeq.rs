@@ -58,21 +58,13 @@ pub(super) struct HeldDoc {
 #[derive(Debug, Default)]
 pub(super) struct Ifeq {
     support: AtomicU8,
-    held: Mutex<HashMap<String, HeldDoc>>,
+    /// By storage key: the holding lease's token and its document. One lease
+    /// per key at a time: a later claim of the key replaces the entry.
+    held: Mutex<HashMap<String, (String, HeldDoc)>>,
     /// Until when (ms since the epoch) the map stays full without another
     /// scan: a full map of live leases is pruned at most once a second, not
     /// on every claim.
     full_until_ms: AtomicI64,
-}
-
-/// The map key of a lease: the storage key and the token (a token may be
-/// reused across keys).
-fn slot(key: &str, token: &str) -> String {
-    let mut out = String::with_capacity(key.len() + token.len() + 1);
-    out.push_str(key);
-    out.push('\0');
-    out.push_str(token);
-    out
 }
 
 impl Ifeq {
@@ -91,7 +83,7 @@ impl Ifeq {
             .store(if yes { YES } else { NO }, Ordering::Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldDoc>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, HeldDoc)>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -105,14 +97,19 @@ impl Ifeq {
             if now.timestamp_millis() < self.full_until_ms.load(Ordering::Relaxed) {
                 return;
             }
-            map.retain(|_, h| h.expires_at > now);
+            map.retain(|_, (_, h)| h.expires_at > now);
             if map.len() >= MAX_HELD {
                 self.full_until_ms
                     .store(now.timestamp_millis() + 1000, Ordering::Relaxed);
                 return;
             }
         }
-        map.insert(slot(key, token), held);
+        match map.get_mut(key) {
+            Some(entry) => *entry = (token.to_owned(), held),
+            None => {
+                map.insert(key.to_owned(), (token.to_owned(), held));
+            }
+        }
     }
 
     /// Replaces the remembered document of `(key, token)` after a renewal.
@@ -124,9 +121,13 @@ impl Ifeq {
         expires_at: DateTime<Utc>,
         attempts: u32,
     ) {
-        let existing = self.lock().get(&slot(key, token)).cloned();
+        let existing = self
+            .lock()
+            .get(key)
+            .filter(|(holder, _)| holder == token)
+            .map(|(_, held)| held.fingerprint.clone());
         let fingerprint = match existing {
-            Some(held) => held.fingerprint,
+            Some(fingerprint) => fingerprint,
             // Not remembered (claimed on a full server, or dropped): the
             // renewed document names its fingerprint.
             None => match serde_json::from_str::<FingerprintOnly>(&doc) {
@@ -147,8 +148,13 @@ impl Ifeq {
     }
 
     /// Takes the remembered document of `(key, token)` out of the map.
+    /// Another lease's entry for the key stays.
     pub(super) fn take(&self, key: &str, token: &str) -> Option<HeldDoc> {
-        self.lock().remove(&slot(key, token))
+        let mut map = self.lock();
+        if map.get(key)?.0 != token {
+            return None;
+        }
+        map.remove(key).map(|(_, held)| held)
     }
 
     /// How many documents are remembered (for tests).
@@ -361,8 +367,13 @@ mod tests {
         ifeq.remember("k2", "t", held(2, None));
         assert_eq!(ifeq.take("k2", "t").map(|h| h.attempts), Some(2));
         assert!(ifeq.take("k2", "t").is_none());
-        ifeq.set_supported(false);
+        // A later lease of the key replaces the entry; the earlier one
+        // finds nothing and leaves it.
+        ifeq.remember("k1", "t2", held(4, None));
+        assert!(ifeq.take("k1", "t").is_none());
         assert_eq!(ifeq.len(), 1);
+        ifeq.set_supported(false);
+        assert_eq!(ifeq.take("k1", "t2").map(|h| h.attempts), Some(4));
         ifeq.remember("k3", "t", held(3, None));
         assert_eq!(ifeq.take("k3", "t").map(|h| h.attempts), Some(3));
     }

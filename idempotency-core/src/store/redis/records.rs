@@ -37,21 +37,19 @@ impl IdempotencyStore for RedisStore {
         // claim script, which decides it atomically.
         let px = millis(request.ttl).max(millis(request.lease));
         let doc = fast_claim(request, px)?;
+        let mut cmd = redis::Cmd::with_capacity(7, 48 + request.key.len() + doc.len());
+        cmd.arg("SET")
+            .arg(request.key)
+            .arg(&doc)
+            .arg("NX")
+            .arg("PX")
+            .arg(px)
+            .arg("GET");
         let sent_at = Utc::now();
         let existing: Result<Option<Vec<u8>>> = self
             .run(request.key, |mut conn, _| {
-                let doc = &doc;
-                async move {
-                    redis::cmd("SET")
-                        .arg(request.key)
-                        .arg(doc)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(px)
-                        .arg("GET")
-                        .query_async(&mut conn)
-                        .await
-                }
+                let cmd = &cmd;
+                async move { cmd.query_async(&mut conn).await }
             })
             .await;
         let existing = match existing {

@@ -86,6 +86,12 @@ pub(super) fn members(request: &ClaimRequest<'_>) -> Result<String> {
             + request.event_id.map_or(0, str::len)
             + request.event_type.map_or(0, str::len),
     );
+    push_members(&mut out, request)?;
+    Ok(out)
+}
+
+/// Appends [`members`] to `out`.
+fn push_members(out: &mut String, request: &ClaimRequest<'_>) -> Result<()> {
     for (name, value) in [
         ("idempotency_key", Some(request.recorded_key)),
         ("event_id", request.event_id),
@@ -95,11 +101,11 @@ pub(super) fn members(request: &ClaimRequest<'_>) -> Result<String> {
             out.push('"');
             out.push_str(name);
             out.push_str("\":");
-            push_json_str(&mut out, value)?;
+            push_json_str(out, value)?;
             out.push(',');
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The claim document the fast path writes with `SET NX`: the descriptive
@@ -108,9 +114,14 @@ pub(super) fn members(request: &ClaimRequest<'_>) -> Result<String> {
 /// read the store's clock. Every script settles these into `first_seen_at`
 /// and `lease_expires_at` when it reads the record.
 pub(super) fn fast_claim(request: &ClaimRequest<'_>, px: u64) -> Result<String> {
-    let mut doc = String::with_capacity(160 + request.recorded_key.len());
+    let mut doc = String::with_capacity(
+        160 + request.recorded_key.len()
+            + request.event_id.map_or(0, str::len)
+            + request.event_type.map_or(0, str::len)
+            + request.fingerprint.map_or(0, str::len),
+    );
     doc.push('{');
-    doc.push_str(&members(request)?);
+    push_members(&mut doc, request)?;
     doc.push_str("\"status\":\"PROCESSING\",\"attempts\":1,\"lease_token\":");
     push_json_str(&mut doc, request.token)?;
     // Writing to a String cannot fail.
