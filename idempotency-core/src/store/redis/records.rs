@@ -17,8 +17,7 @@ use super::wire::{Reply, completed_expiry, fast_claim, members, millis, ms_to_ti
 use super::{RedisStore, STORE};
 use crate::error::{IdempotencyError, Result, StoreRefusal};
 use crate::record::{
-    ClaimDecision, ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus, RecordView,
-    decide_claim,
+    ClaimDecision, ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus, decide_claim,
 };
 use crate::store::{ClaimRequest, IdempotencyStore};
 
@@ -134,12 +133,7 @@ impl IdempotencyStore for RedisStore {
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
         let mut cmd = evalsha(&self.scripts.renew, &lease.key);
         cmd.arg(&lease.token).arg(millis(lease_duration));
-        let value: Value = self
-            .run(&lease.key, |mut conn, _| {
-                let cmd = &cmd;
-                async move { eval(&mut conn, &self.scripts.renew, cmd).await }
-            })
-            .await?;
+        let value = self.script(&lease.key, &self.scripts.renew, &cmd).await?;
         let reply = Reply::parse(&lease.key, value)?;
         match reply.tag.as_str() {
             "ok" => {
@@ -197,12 +191,7 @@ impl IdempotencyStore for RedisStore {
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
         let cmd = evalsha(&self.scripts.read, key);
-        let value: Value = self
-            .run(key, |mut conn, _| {
-                let cmd = &cmd;
-                async move { eval(&mut conn, &self.scripts.read, cmd).await }
-            })
-            .await?;
+        let value = self.script(key, &self.scripts.read, &cmd).await?;
         let reply = Reply::parse(key, value)?;
         match reply.tag.as_str() {
             "found" => reply.record(key).map(Some),
@@ -247,27 +236,15 @@ impl RedisStore {
         refused: IdempotencyError,
     ) -> Result<ClaimOutcome> {
         let cmd = evalsha(&self.scripts.read, request.key);
-        let value: Value = self
-            .run(request.key, |mut conn, _| {
-                let cmd = &cmd;
-                async move { eval(&mut conn, &self.scripts.read, cmd).await }
-            })
-            .await?;
+        let value = self.script(request.key, &self.scripts.read, &cmd).await?;
         let reply = Reply::parse(request.key, value)?;
         if reply.tag != "found" {
             return Err(refused);
         }
         let now = ms_to_time(reply.int(2)?);
         let record = reply.record(request.key)?;
-        let view = RecordView {
-            status: record.status,
-            attempts: record.attempts,
-            lease_token: record.lease_token.as_deref(),
-            lease_expires_at: record.lease_expires_at,
-            fingerprint: record.fingerprint.as_deref(),
-        };
         let fingerprint = request.fingerprint.filter(|f| !f.is_empty());
-        match decide_claim(Some(view), fingerprint, request.token, now) {
+        match decide_claim(Some(record.view()), fingerprint, request.token, now) {
             ClaimDecision::Duplicate => Ok(ClaimOutcome::Duplicate(record)),
             ClaimDecision::InProgress => Ok(ClaimOutcome::InProgress(record)),
             ClaimDecision::AlreadyHeld => Ok(ClaimOutcome::Acquired(Lease {
@@ -292,12 +269,7 @@ impl RedisStore {
             .arg(millis(request.ttl))
             .arg(request.fingerprint.unwrap_or(""))
             .arg(members(request)?);
-        let value: Value = self
-            .run(request.key, |mut conn, _| {
-                let cmd = &cmd;
-                async move { eval(&mut conn, &self.scripts.claim, cmd).await }
-            })
-            .await?;
+        let value = self.script(request.key, &self.scripts.claim, &cmd).await?;
         let reply = Reply::parse(request.key, value)?;
         match reply.tag.as_str() {
             "acquired" => {

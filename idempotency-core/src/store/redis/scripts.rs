@@ -6,9 +6,11 @@
 //! which refuses exactly what the reader (serde's
 //! [`IdempotencyRecord`](crate::IdempotencyRecord)) refuses.
 
-use redis::Script;
+use redis::{Script, Value};
 
+use super::RedisStore;
 use super::conn::Conn;
+use crate::error::Result;
 
 /// Claims a key: every case, decided atomically.
 const CLAIM: &str = concat!(
@@ -87,6 +89,22 @@ pub(super) async fn eval<T: redis::FromRedisValue>(
             cmd.query_async(conn).await
         }
         result => result,
+    }
+}
+
+impl RedisStore {
+    /// Runs the [`evalsha`] command `cmd` of `script` on `key`, with the
+    /// store's retries (see [`eval`]).
+    pub(super) async fn script(
+        &self,
+        key: &str,
+        script: &Script,
+        cmd: &redis::Cmd,
+    ) -> Result<Value> {
+        self.run(key, |mut conn, _| async move {
+            eval(&mut conn, script, cmd).await
+        })
+        .await
     }
 }
 
