@@ -199,54 +199,6 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     assert_eq!(doc["error"], "boom");
 }
 
-/// Documents written before the fast claim path (a COMPLETED record with no
-/// `ttl_ms`, a claim with absolute lease times) are still read correctly:
-/// the claim falls back to the script, which reports the expiry.
-#[tokio::test]
-async fn documents_of_the_earlier_schema_are_still_understood() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect");
-    let checker = IdempotencyChecker::new(store);
-    let mut redis = server.client().await;
-    let _: () = redis
-        .set_ex(
-            "idempotency:events:legacy-done",
-            r#"{"status":"COMPLETED","completed_at":1700000000000,"attempts":2,"result":{"ok":true}}"#,
-            600,
-        )
-        .await
-        .expect("SET");
-    match checker
-        .mark_processing(&event("legacy-done"))
-        .await
-        .expect("claim")
-    {
-        idempotency::ClaimOutcome::Duplicate(record) => {
-            assert_eq!(record.attempts, 2);
-            assert_eq!(record.result, Some(json!({"ok": true})));
-            let left = record.expires_at.expect("expiry from PTTL") - chrono::Utc::now();
-            assert!(
-                left > chrono::TimeDelta::seconds(590) && left <= chrono::TimeDelta::seconds(600),
-                "{left}"
-            );
-        }
-        other => panic!("expected Duplicate, got {other:?}"),
-    }
-
-    // A claim in the earlier form, whose lease ran out: taken over.
-    let _: () = redis
-        .set_ex(
-            "idempotency:events:legacy-claim",
-            r#"{"status":"PROCESSING","first_seen_at":1700000000000,"attempts":1,"lease_token":"old","lease_expires_at":1700000030000}"#,
-            600,
-        )
-        .await
-        .expect("SET");
-    let lease = acquired(&checker, &event("legacy-claim")).await;
-    assert_eq!(lease.attempt, 2);
-    assert!(lease.taken_over);
-}
-
 /// A fast-path claim whose key lost its expiry (someone ran `PERSIST`) has
 /// no clock to measure its lease against: it counts as run out and is
 /// taken over, rather than blocking the key forever.
@@ -273,7 +225,7 @@ async fn a_fast_claim_without_expiry_is_taken_over() {
     assert!(matches!(lost, IdempotencyError::LeaseLost { .. }), "{lost}");
 }
 
-/// The memory budget of issue 6: a COMPLETED record with a 100-byte result
+/// The memory budget: a COMPLETED record with a 100-byte result
 /// costs at most 350 bytes of Redis memory (`MEMORY USAGE`), with raw and
 /// with hashed keys.
 #[tokio::test]
@@ -599,9 +551,8 @@ async fn cross_process_worker() {
     common::process_each_key(&checker, &counter, worker, KEYS).await;
 }
 
-/// Issue 14 item 17: the claim and finish scripts refuse every value the
-/// reader (`get`) refuses, with `CorruptRecord`, and overwrite none of them;
-/// before, the claim script checked only the status and claimed these.
+/// The claim and finish scripts refuse every value the reader (`get`)
+/// refuses, with `CorruptRecord`, and overwrite none of them.
 #[tokio::test]
 async fn claims_refuse_every_value_the_reader_refuses() {
     use idempotency::IdempotencyStore;
@@ -659,7 +610,7 @@ async fn claims_refuse_every_value_the_reader_refuses() {
     assert_eq!(runs.load(Ordering::SeqCst), 0, "no handler ran");
 }
 
-/// Issue 14 item 17: a live `PROCESSING` record that holds
+/// A live `PROCESSING` record that holds
 /// `"status":"COMPLETED"` in a nested field is in progress, not a duplicate:
 /// the text fast path matches only the top-level status.
 #[tokio::test]
@@ -688,7 +639,7 @@ async fn a_nested_completed_status_is_not_a_duplicate() {
     assert_eq!(raw, doc);
 }
 
-/// Issue 14 item 17: the finish script's text fast path completes only a
+/// The finish script's text fast path completes only a
 /// document of the exact shape a claim writes; a held record that was
 /// altered into something the reader refuses is `CorruptRecord`, and left.
 #[tokio::test]
@@ -710,7 +661,7 @@ async fn completing_a_held_record_that_turned_corrupt_overwrites_nothing() {
     assert_eq!(now, altered);
 }
 
-/// Issue 14 item 18: a JSON `null` result is stored as `"result":null` and
+/// A JSON `null` result is stored as `"result":null` and
 /// reads back as `Some(Null)` on every read path (get, the plain `SET NX GET`
 /// duplicate, the claim script); no stored result is no `result` field and
 /// reads back as `None`.
@@ -745,8 +696,8 @@ async fn a_null_result_stays_null_and_no_result_stays_absent() {
         );
         let read = store.get(&key).await.expect("get").expect("record");
         assert_eq!(read.result, result, "{name}: get");
-        // The plain `SET NX GET` path, then the claim script (a legacy
-        // document without `ttl_ms` goes there).
+        // The plain `SET NX GET` path, then the claim script (a COMPLETED
+        // document without `ttl_ms`, as a seen-set mark is, goes there).
         let mut again = idempotency_core::testing::claim_request(&key, "t2");
         again.fingerprint = fingerprint;
         match store.claim(&again).await.expect("claim") {
@@ -755,10 +706,10 @@ async fn a_null_result_stays_null_and_no_result_stays_absent() {
             }
             other => panic!("expected Duplicate, got {other:?}"),
         }
-        let mut legacy = doc.clone();
-        legacy.as_object_mut().expect("object").remove("ttl_ms");
+        let mut untimed = doc.clone();
+        untimed.as_object_mut().expect("object").remove("ttl_ms");
         let _: () = redis
-            .set(&key, serde_json::to_string(&legacy).expect("json"))
+            .set(&key, serde_json::to_string(&untimed).expect("json"))
             .await
             .expect("SET");
         match store.claim(&again).await.expect("claim") {
@@ -803,7 +754,7 @@ async fn fill_until_out_of_memory(redis: &mut redis::aio::MultiplexedConnection)
     panic!("Redis never ran out of memory");
 }
 
-/// Issue 14 item 19: at `maxmemory` under `noeviction`, duplicates of
+/// At `maxmemory` under `noeviction`, duplicates of
 /// finished events are still replayed (a read answers them), a live claim is
 /// still in progress, and a write that is refused says why:
 /// `StoreRefused { OutOfMemory }`, not `StoreUnavailable`.
@@ -938,7 +889,7 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
     ));
 }
 
-/// Issue 14 item 20: a Redis whose `maxmemory-policy` may evict records is
+/// A Redis whose `maxmemory-policy` may evict records is
 /// refused at connect with a `Config` error naming the policy; `volatile-*`
 /// policies too (every record has a TTL).
 #[tokio::test]
@@ -986,7 +937,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
     }
 }
 
-/// Issue 14 item 20: opted in with `allow_eviction(true)`, the store
+/// Opted in with `allow_eviction(true)`, the store
 /// connects and logs the policy at ERROR, at connect and in every health
 /// check; without it, a policy changed after connect fails the health check.
 #[tokio::test]
@@ -1056,7 +1007,7 @@ async fn set_policy(port: u16, policy: &str) {
         .expect("CONFIG SET");
 }
 
-/// Issue 14 item 20 on a cluster: every master is checked, and the one
+/// On a cluster: every master is checked, and the one
 /// that may evict is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_with_one_evicting_master_is_refused_naming_it() {
@@ -1080,7 +1031,7 @@ async fn a_cluster_with_one_evicting_master_is_refused_naming_it() {
     }
 }
 
-/// Issue 14 item 20 with Sentinel: the master's policy is the one checked.
+/// With Sentinel: the master's policy is the one checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_master_that_may_evict_is_refused() {
     let setup = common::RedisSentinel::start();
@@ -1121,11 +1072,11 @@ async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &
     field("calls") - field("failed_calls")
 }
 
-/// The stricter shapes keep the hot paths hot: completing a claim that the
-/// plain `SET NX` or the claim script wrote takes the finish script's text
-/// path (which never reads the key's expiry), not the decoding one.
+/// Completing a claim that the plain `SET NX` or the claim script wrote
+/// compares the stored bytes with the claim's (which never reads the key's
+/// expiry), not the decoding finish script.
 #[tokio::test]
-async fn completing_a_claim_takes_the_finish_scripts_text_path() {
+async fn completing_a_claim_compares_its_document_and_decodes_nothing() {
     let server = RedisServer::start();
     let checker = checker(&server).await;
     let mut redis = server.client().await;
@@ -1137,7 +1088,7 @@ async fn completing_a_claim_takes_the_finish_scripts_text_path() {
     assert_eq!(command_calls(&mut redis, "pexpiretime").await, 0);
 
     // A failed attempt (the decoding path: one PEXPIRETIME), then a retry
-    // claimed by the claim script and completed on the text path.
+    // claimed by the claim script and completed by comparison.
     let e = event("hot-2");
     let lease = acquired(&checker, &e).await;
     checker.mark_failed(&lease, "boom").await.expect("fail");
@@ -1154,12 +1105,13 @@ async fn completing_a_claim_takes_the_finish_scripts_text_path() {
     assert_eq!(doc["result"], json!(2));
 }
 
-/// Issue 16: where the server has `SET ... IFEQ` (Valkey 9), every
+/// Where the server has `SET ... IFEQ` (Valkey 9), every
 /// completion of a lease whose document the store remembers is one plain
 /// `SET ... IFEQ`: after a fast claim, a retried claim, a claim by the claim
-/// script, and a renewal. On Redis 7 each is the finish script.
+/// script, and a renewal. On Redis 7 each is one script (the same
+/// comparison).
 #[tokio::test]
-async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() {
+async fn completions_take_set_ifeq_on_valkey_and_a_script_on_redis_7() {
     use idempotency::IdempotencyStore;
     for kind in ServerKind::ALL {
         let server = RedisServer::start_kind(kind);
@@ -1182,7 +1134,7 @@ async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() 
             assert_eq!(
                 scripts,
                 u64::from(!ifeq),
-                "{kind:?}, {how}: finish scripts run by one completion"
+                "{kind:?}, {how}: scripts run by one completion"
             );
             let record = store.get(&lease.key).await.expect("get").expect("record");
             assert_eq!(record.status, idempotency::ProcessingStatus::Completed);
@@ -1249,7 +1201,7 @@ async fn completions_take_set_ifeq_on_valkey_and_the_finish_script_on_redis_7() 
     }
 }
 
-/// Issue 16: the remembered document is only a shortcut. When the stored
+/// The remembered document is only a shortcut. When the stored
 /// one differs (rewritten with the same meaning, taken over, completed by an
 /// earlier try), the finish script decides, as on Redis 7.
 #[tokio::test]

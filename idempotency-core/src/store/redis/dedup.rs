@@ -15,24 +15,13 @@ use std::time::Duration;
 use chrono::Utc;
 use redis::{Pipeline, RedisResult, Value};
 
+use super::RedisStore;
 use super::conn::Conn;
-use super::{RedisStore, millis, unexpected};
+use super::retry::unexpected;
+use super::scripts::REMARK;
+use super::wire::millis;
 use crate::error::Result;
 use crate::record::IdempotencyRecord;
-
-/// The retried form of one mark. KEYS[1] key; ARGV doc, ttl_ms.
-/// 1 when the key is now marked by this call (written now, or by the
-/// earlier try: the stored document is this call's own), else 0.
-const REMARK: &str = r"
-local ok, v = pcall(redis.call, 'GET', KEYS[1])
-if not ok then return 0 end
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if v == ARGV[1] then return 1 end
-return 0
-";
 
 /// The document of this call's marks.
 fn mark_doc() -> Result<String> {

@@ -1,25 +1,38 @@
-//! The Lua-free completion: `SET key <COMPLETED doc> IFEQ <current doc> PX ttl`
-//! on servers that have `SET ... IFEQ` (Valkey 8.1 and later, Redis 8.4 and
-//! later).
+//! The compare-and-set completion: the COMPLETED document replaces the
+//! stored one only when the key still holds, byte for byte, the document
+//! this lease last wrote. Where the server has `SET ... IFEQ` (Valkey 8.1
+//! and later, Redis 8.4 and later) it is one plain
+//! `SET key <COMPLETED doc> IFEQ <held doc> PX ttl`; elsewhere (Redis 7, older
+//! Valkey) it is the same comparison in a four-line script
+//! (`lua/complete_if_equal.lua`) that decodes nothing.
 //!
-//! `IFEQ` compares the whole value byte for byte, so the store remembers, per
-//! held lease, the exact document it (or its last renewal) wrote: the claim
-//! the client's `SET NX` wrote, the document the claim script returns, or the
-//! one the renew script returns. A completion whose `IFEQ` does not match
-//! (a retried try whose first one was applied, a document another script
-//! rewrote, a lost lease) falls back to the finish script, which decides it.
+//! So the store remembers, per held lease, the exact document it (or its last
+//! renewal) wrote: the claim the client's `SET NX` wrote, the document the
+//! claim script returns, or the one the renew script returns. A completion
+//! whose comparison fails (a retried try whose first one was applied, a
+//! document another script rewrote, a lost lease) falls back to the finish
+//! script, which decides it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use redis::Value;
+
+use super::RedisStore;
+use super::scripts::{eval, evalsha};
+use super::wire::{millis, push_json_str};
+use crate::error::Result;
+use crate::record::Lease;
 
 // Whether the server has `SET ... IFEQ`: 0 (the default) is not known yet,
 // decided by the first completion that tries it.
 /// It has: completions take the `IFEQ` path.
 const YES: u8 = 1;
-/// It has not (Redis 7, Valkey before 8.1): completions take the finish script.
+/// It has not (Redis 7, Valkey before 8.1): completions compare in a script.
 const NO: u8 = 2;
 
 /// How many held documents the store remembers at most. Entries leave when
@@ -45,29 +58,16 @@ pub(super) struct HeldDoc {
 #[derive(Debug, Default)]
 pub(super) struct Ifeq {
     support: AtomicU8,
-    held: Mutex<HashMap<String, HeldDoc>>,
+    /// By storage key: the holding lease's token and its document. One lease
+    /// per key at a time: a later claim of the key replaces the entry.
+    held: Mutex<HashMap<String, (String, HeldDoc)>>,
     /// Until when (ms since the epoch) the map stays full without another
     /// scan: a full map of live leases is pruned at most once a second, not
     /// on every claim.
     full_until_ms: AtomicI64,
 }
 
-/// The map key of a lease: the storage key and the token (a token may be
-/// reused across keys).
-fn slot(key: &str, token: &str) -> String {
-    let mut out = String::with_capacity(key.len() + token.len() + 1);
-    out.push_str(key);
-    out.push('\0');
-    out.push_str(token);
-    out
-}
-
 impl Ifeq {
-    /// Whether completions may try `IFEQ` (supported, or not known yet).
-    pub(super) fn may_use(&self) -> bool {
-        self.support.load(Ordering::Relaxed) != NO
-    }
-
     /// Whether the server is known to have `IFEQ`.
     pub(super) fn supported(&self) -> Option<bool> {
         match self.support.load(Ordering::Relaxed) {
@@ -81,20 +81,14 @@ impl Ifeq {
     pub(super) fn set_supported(&self, yes: bool) {
         self.support
             .store(if yes { YES } else { NO }, Ordering::Relaxed);
-        if !yes {
-            self.lock().clear();
-        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldDoc>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, HeldDoc)>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Remembers the document now stored for the lease `(key, token)`.
     pub(super) fn remember(&self, key: &str, token: &str, held: HeldDoc) {
-        if !self.may_use() {
-            return;
-        }
         let mut map = self.lock();
         if map.len() >= MAX_HELD {
             // Not remembered: this lease completes through the finish
@@ -103,14 +97,19 @@ impl Ifeq {
             if now.timestamp_millis() < self.full_until_ms.load(Ordering::Relaxed) {
                 return;
             }
-            map.retain(|_, h| h.expires_at > now);
+            map.retain(|_, (_, h)| h.expires_at > now);
             if map.len() >= MAX_HELD {
                 self.full_until_ms
                     .store(now.timestamp_millis() + 1000, Ordering::Relaxed);
                 return;
             }
         }
-        map.insert(slot(key, token), held);
+        match map.get_mut(key) {
+            Some(entry) => *entry = (token.to_owned(), held),
+            None => {
+                map.insert(key.to_owned(), (token.to_owned(), held));
+            }
+        }
     }
 
     /// Replaces the remembered document of `(key, token)` after a renewal.
@@ -122,12 +121,13 @@ impl Ifeq {
         expires_at: DateTime<Utc>,
         attempts: u32,
     ) {
-        if !self.may_use() {
-            return;
-        }
-        let existing = self.lock().get(&slot(key, token)).cloned();
+        let existing = self
+            .lock()
+            .get(key)
+            .filter(|(holder, _)| holder == token)
+            .map(|(_, held)| held.fingerprint.clone());
         let fingerprint = match existing {
-            Some(held) => held.fingerprint,
+            Some(fingerprint) => fingerprint,
             // Not remembered (claimed on a full server, or dropped): the
             // renewed document names its fingerprint.
             None => match serde_json::from_str::<FingerprintOnly>(&doc) {
@@ -148,11 +148,13 @@ impl Ifeq {
     }
 
     /// Takes the remembered document of `(key, token)` out of the map.
+    /// Another lease's entry for the key stays.
     pub(super) fn take(&self, key: &str, token: &str) -> Option<HeldDoc> {
-        if !self.may_use() {
+        let mut map = self.lock();
+        if map.get(key)?.0 != token {
             return None;
         }
-        self.lock().remove(&slot(key, token))
+        map.remove(key).map(|(_, held)| held)
     }
 
     /// How many documents are remembered (for tests).
@@ -170,30 +172,48 @@ pub(super) struct FingerprintOnly {
     pub(super) fingerprint: Option<String>,
 }
 
+/// How every COMPLETED document starts, up to its `completed_at`
+/// milliseconds (the compare script writes the same head).
+const COMPLETED_HEAD: &str = "{\"status\":\"COMPLETED\",\"completed_at\":";
+
 /// The COMPLETED document, byte for byte as the finish script writes it:
 /// the status first (the claim script's duplicate test reads it there),
 /// `attempts` only when not 1, `ttl_ms` before the result, and the result's
 /// JSON text spliced in last (absent when `result` is empty).
-pub(super) fn completed_doc(
+#[cfg(test)]
+fn completed_doc(
     completed_at_ms: i64,
     held: &HeldDoc,
     ttl_ms: u64,
     result: &str,
 ) -> crate::error::Result<String> {
+    Ok(with_time(
+        completed_at_ms,
+        &completed_tail(held, ttl_ms, result)?,
+    ))
+}
+
+/// [`COMPLETED_HEAD`], the time, then `tail`.
+fn with_time(completed_at_ms: i64, tail: &str) -> String {
+    let mut doc = String::with_capacity(COMPLETED_HEAD.len() + 16 + tail.len());
+    doc.push_str(COMPLETED_HEAD);
+    doc.push_str(&completed_at_ms.to_string());
+    doc.push_str(tail);
+    doc
+}
+
+/// The COMPLETED document after its `completed_at` milliseconds.
+fn completed_tail(held: &HeldDoc, ttl_ms: u64, result: &str) -> crate::error::Result<String> {
     use std::fmt::Write as _;
-    let mut doc = String::with_capacity(96 + result.len());
+    let mut doc = String::with_capacity(64 + result.len());
     // Writing to a String cannot fail.
-    let _ = write!(
-        doc,
-        "{{\"status\":\"COMPLETED\",\"completed_at\":{completed_at_ms}"
-    );
     if held.attempts != 1 {
         let _ = write!(doc, ",\"attempts\":{}", held.attempts);
     }
     let _ = write!(doc, ",\"ttl_ms\":{ttl_ms}");
     if let Some(fingerprint) = &held.fingerprint {
         doc.push_str(",\"fingerprint\":");
-        super::push_json_str(&mut doc, fingerprint)?;
+        push_json_str(&mut doc, fingerprint)?;
     }
     if !result.is_empty() {
         doc.push_str(",\"result\":");
@@ -208,6 +228,123 @@ pub(super) fn completed_doc(
 pub(super) fn unknown_option(e: &redis::RedisError) -> bool {
     e.detail().is_some_and(|d| d.starts_with("syntax error"))
         || (e.code().is_none() && e.to_string().contains("syntax error"))
+}
+
+impl RedisStore {
+    /// Completes `lease` with its COMPLETED document when the key still
+    /// holds exactly `held`'s document: `SET key <doc> IFEQ <held> PX ttl`
+    /// where the server has it, else the compare script. `completed_at` is
+    /// this host's clock with `IFEQ` (only a script can read the store's),
+    /// the store's in the script.
+    pub(super) async fn complete_if_equal(
+        &self,
+        lease: &Lease,
+        held: &HeldDoc,
+        ttl: Duration,
+        result: &str,
+    ) -> Result<IfeqReply> {
+        let ttl_ms = millis(ttl);
+        let tail = completed_tail(held, ttl_ms, result)?;
+        let retried = AtomicBool::new(false);
+        loop {
+            let native = self.ifeq.supported() != Some(false);
+            let cmd = if native {
+                let doc = with_time(Utc::now().timestamp_millis(), &tail);
+                let mut cmd =
+                    redis::Cmd::with_capacity(7, 64 + lease.key.len() + doc.len() + held.doc.len());
+                cmd.arg("SET")
+                    .arg(&lease.key)
+                    .arg(&doc)
+                    .arg("IFEQ")
+                    .arg(&held.doc)
+                    .arg("PX")
+                    .arg(ttl_ms);
+                cmd
+            } else {
+                let mut cmd = evalsha(&self.scripts.complete_if_equal, &lease.key);
+                cmd.arg(&held.doc).arg(&tail).arg(ttl_ms);
+                cmd
+            };
+            let applied = self
+                .run(&lease.key, |mut conn, again| {
+                    if again {
+                        retried.store(true, Ordering::Relaxed);
+                    }
+                    let cmd = &cmd;
+                    async move {
+                        let reply = if native {
+                            cmd.query_async::<Value>(&mut conn).await
+                        } else {
+                            eval(&mut conn, &self.scripts.complete_if_equal, cmd).await
+                        };
+                        match reply {
+                            Ok(Value::Okay) => Ok(Some(true)),
+                            Ok(_) => Ok(Some(false)),
+                            Err(e) if native && unknown_option(&e) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
+                })
+                .await?;
+            let Some(applied) = applied else {
+                // No `IFEQ` here (an unsupported option is never applied):
+                // the same comparison, in the script.
+                self.ifeq.set_supported(false);
+                continue;
+            };
+            if native {
+                self.ifeq.set_supported(true);
+            }
+            return Ok(if applied {
+                IfeqReply::Applied
+            } else {
+                IfeqReply::Mismatch {
+                    retried: retried.load(Ordering::Relaxed),
+                }
+            });
+        }
+    }
+
+    /// Whether the server has `SET ... IFEQ`, by trying it on a key that
+    /// does not exist (`IFEQ` never creates one). `ERR syntax error`: no;
+    /// any other refusal (an ACL user's key patterns) leaves it to the
+    /// first completion.
+    pub(super) async fn probe_ifeq(&self) {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg("idempotency:capability-probe")
+            .arg("x")
+            .arg("IFEQ")
+            .arg("never stored")
+            .arg("PX")
+            .arg(1000);
+        let mut conn = self.conns.get();
+        let probe = cmd.query_async::<Value>(&mut conn);
+        match tokio::time::timeout(self.op_timeout, probe).await {
+            Ok(Ok(_)) => self.ifeq.set_supported(true),
+            Ok(Err(e)) if unknown_option(&e) => self.ifeq.set_supported(false),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "SET IFEQ probe refused; the first completion decides");
+            }
+            Err(_) => tracing::debug!("SET IFEQ probe timed out; the first completion decides"),
+        }
+    }
+
+    /// Whether completions take `SET ... IFEQ` (`Some(true)`), the compare
+    /// script (`Some(false)`), or are not known yet (`None`: the first
+    /// completion decides).
+    #[doc(hidden)]
+    pub fn completes_with_set_ifeq(&self) -> Option<bool> {
+        self.ifeq.supported()
+    }
+}
+
+/// What a compare-and-set completion found.
+pub(super) enum IfeqReply {
+    /// Written.
+    Applied,
+    /// The key does not hold the remembered document; `retried`: an earlier
+    /// try of this call may have been applied.
+    Mismatch { retried: bool },
 }
 
 #[cfg(test)]
@@ -244,15 +381,20 @@ mod tests {
     }
 
     #[test]
-    fn leases_are_remembered_per_key_and_token_and_forgotten_without_ifeq() {
+    fn leases_are_remembered_per_key_and_token_on_every_server() {
         let ifeq = Ifeq::default();
         ifeq.remember("k1", "t", held(1, None));
         ifeq.remember("k2", "t", held(2, None));
         assert_eq!(ifeq.take("k2", "t").map(|h| h.attempts), Some(2));
         assert!(ifeq.take("k2", "t").is_none());
+        // A later lease of the key replaces the entry; the earlier one
+        // finds nothing and leaves it.
+        ifeq.remember("k1", "t2", held(4, None));
+        assert!(ifeq.take("k1", "t").is_none());
+        assert_eq!(ifeq.len(), 1);
         ifeq.set_supported(false);
-        assert_eq!(ifeq.len(), 0);
-        ifeq.remember("k3", "t", held(1, None));
-        assert!(ifeq.take("k3", "t").is_none());
+        assert_eq!(ifeq.take("k1", "t2").map(|h| h.attempts), Some(4));
+        ifeq.remember("k3", "t", held(3, None));
+        assert_eq!(ifeq.take("k3", "t").map(|h| h.attempts), Some(3));
     }
 }

@@ -1,4 +1,6 @@
-//! Operations over every record under a key prefix: what the admin CLI runs.
+//! The operator's side: operations over every record under a key prefix
+//! (what the admin CLI runs), and the eviction-policy check run at connect
+//! and by every health check.
 //!
 //! All of them walk the keyspace with `SCAN` (never `KEYS`), a page at a
 //! time, so they do not block Redis on a large database. On a cluster they
@@ -9,9 +11,12 @@ use chrono::{DateTime, Utc};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, Value};
 
+use super::RedisStore;
 use super::conn::Conn;
-use super::{RedisStore, Reply, ms_to_time, read_script, unavailable, unexpected};
-use crate::error::Result;
+use super::retry::{unavailable, unexpected};
+use super::scripts::READ;
+use super::wire::{Reply, ms_to_time};
+use crate::error::{IdempotencyError, Result};
 use crate::record::{IdempotencyRecord, ProcessingStatus};
 use crate::store::StoreSummary;
 
@@ -188,7 +193,7 @@ impl RedisStore {
     ) -> Result<Vec<(Option<Result<IdempotencyRecord>>, u64)>> {
         let mut pipe = redis::pipe();
         // Loaded first, so the EVALSHAs after it cannot miss the script.
-        pipe.cmd("SCRIPT").arg("LOAD").arg(read_script());
+        pipe.cmd("SCRIPT").arg("LOAD").arg(READ);
         let sha = self.scripts.read.get_hash();
         for key in keys {
             pipe.cmd("EVALSHA").arg(sha).arg(1).arg(key);
@@ -320,6 +325,39 @@ impl RedisStore {
             }
         }
         Ok(deleted)
+    }
+
+    /// Reads every node's `maxmemory-policy`; when one may evict records,
+    /// logs it at `ERROR` and, unless eviction was allowed, fails with
+    /// `Config` naming it.
+    pub(super) async fn check_eviction(&self, when: &'static str) -> Result<()> {
+        let evicting: Vec<String> = self
+            .eviction_policies()
+            .await?
+            .into_iter()
+            .filter(|(_, policy)| policy != "noeviction")
+            .map(|(node, policy)| format!("`{policy}` on {node}"))
+            .collect();
+        if evicting.is_empty() {
+            return Ok(());
+        }
+        let message = format!(
+            "Redis maxmemory-policy is {}: Redis may evict idempotency records, and an evicted \
+             record is a forgotten event whose next delivery runs again; set \
+             `maxmemory-policy noeviction`",
+            evicting.join(", ")
+        );
+        if self.allow_eviction {
+            tracing::error!(check = when, "{message} (accepted: allow_eviction is on)");
+            return Ok(());
+        }
+        if when != "connect" {
+            tracing::error!(check = when, "{message}");
+        }
+        Err(IdempotencyError::config(
+            "maxmemory-policy",
+            format!("{message}, or opt in with RedisStoreBuilder::allow_eviction(true)"),
+        ))
     }
 }
 

@@ -1,0 +1,367 @@
+//! The record store: [`IdempotencyStore`] for [`RedisStore`].
+//!
+//! A claim is first one plain `SET key doc NX PX .. GET`; the claim script
+//! decides every other case. A completion takes `SET ... IFEQ` where the
+//! server has it (see the `ifeq` module), else the finish script.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use redis::Value;
+
+use super::ifeq::{self, IfeqReply};
+use super::retry::unexpected;
+use super::scripts::{eval, evalsha};
+use super::wire::{Reply, completed_expiry, fast_claim, members, millis, ms_to_time, text};
+use super::{RedisStore, STORE};
+use crate::error::{IdempotencyError, Result, StoreRefusal};
+use crate::record::{
+    ClaimDecision, ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus, decide_claim,
+};
+use crate::store::{ClaimRequest, IdempotencyStore};
+
+#[async_trait]
+impl IdempotencyStore for RedisStore {
+    fn name(&self) -> &'static str {
+        STORE
+    }
+
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
+        // The common cases in one plain command: `SET NX GET` writes the
+        // claim when the key is absent, and otherwise returns the record
+        // untouched. A COMPLETED record (a duplicate) or our own claim (a
+        // retried try) is answered from that reply; anything else (a live or
+        // expired lease, a FAILED record, an unreadable value) goes to the
+        // claim script, which decides it atomically.
+        let px = millis(request.ttl).max(millis(request.lease));
+        let doc = fast_claim(request, px)?;
+        let mut cmd = redis::Cmd::with_capacity(7, 48 + request.key.len() + doc.len());
+        cmd.arg("SET")
+            .arg(request.key)
+            .arg(&doc)
+            .arg("NX")
+            .arg("PX")
+            .arg(px)
+            .arg("GET");
+        let sent_at = Utc::now();
+        let existing: Result<Option<Vec<u8>>> = self
+            .run(request.key, |mut conn, _| {
+                let cmd = &cmd;
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await;
+        let existing = match existing {
+            // A full Redis refuses every write, `SET NX GET` included; a read
+            // still answers duplicates and live claims.
+            Err(
+                refused @ IdempotencyError::StoreRefused {
+                    reason: StoreRefusal::OutOfMemory,
+                    ..
+                },
+            ) => return self.claim_when_full(request, refused).await,
+            other => other?,
+        };
+        let lease = |attempt: u32| Lease {
+            key: request.key.to_owned(),
+            token: request.token.to_owned(),
+            attempt,
+            expires_at: crate::store::after(sent_at, request.lease),
+            taken_over: false,
+        };
+        let Some(existing) = existing else {
+            let lease = lease(1);
+            self.ifeq.remember(
+                request.key,
+                request.token,
+                ifeq::HeldDoc {
+                    doc,
+                    fingerprint: request
+                        .fingerprint
+                        .filter(|f| !f.is_empty())
+                        .map(str::to_owned),
+                    attempts: 1,
+                    expires_at: lease.expires_at,
+                },
+            );
+            return Ok(ClaimOutcome::Acquired(lease));
+        };
+        let record = std::str::from_utf8(&existing)
+            .ok()
+            .and_then(|raw| Some((raw, serde_json::from_str::<IdempotencyRecord>(raw).ok()?)));
+        if let Some((raw, mut record)) = record {
+            match record.status {
+                ProcessingStatus::Completed => {
+                    if let (Some(ours), Some(theirs)) = (request.fingerprint, &record.fingerprint)
+                        && !ours.is_empty()
+                        && ours != theirs
+                    {
+                        return Err(IdempotencyError::FingerprintMismatch {
+                            key: request.key.to_owned(),
+                        });
+                    }
+                    // A record that does not say when it expires (no
+                    // `ttl_ms`: a seen-set mark) gets its expiry from the
+                    // script (PEXPIRETIME).
+                    if let Some(expires_at) = completed_expiry(raw, &record) {
+                        record.expires_at = Some(expires_at);
+                        return Ok(ClaimOutcome::Duplicate(record));
+                    }
+                }
+                ProcessingStatus::Processing
+                    if record.lease_token.as_deref() == Some(request.token) =>
+                {
+                    let lease = lease(record.attempts);
+                    self.ifeq.remember(
+                        request.key,
+                        request.token,
+                        ifeq::HeldDoc {
+                            doc: raw.to_owned(),
+                            fingerprint: record.fingerprint,
+                            attempts: record.attempts,
+                            expires_at: lease.expires_at,
+                        },
+                    );
+                    return Ok(ClaimOutcome::Acquired(lease));
+                }
+                _ => {}
+            }
+        }
+        self.claim_script(request).await
+    }
+
+    async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
+        let mut cmd = evalsha(&self.scripts.renew, &lease.key);
+        cmd.arg(&lease.token).arg(millis(lease_duration));
+        let value = self.script(&lease.key, &self.scripts.renew, &cmd).await?;
+        let reply = Reply::parse(&lease.key, value)?;
+        match reply.tag.as_str() {
+            "ok" => {
+                let renewed = Lease {
+                    expires_at: ms_to_time(reply.int(0)?),
+                    ..lease.clone()
+                };
+                if let Some(doc) = reply.rest.into_iter().nth(1) {
+                    self.ifeq.renewed(
+                        &lease.key,
+                        &lease.token,
+                        text(&lease.key, doc)?,
+                        renewed.expires_at,
+                        lease.attempt,
+                    );
+                }
+                Ok(renewed)
+            }
+            _ => {
+                self.ifeq.take(&lease.key, &lease.token);
+                Err(IdempotencyError::LeaseLost {
+                    key: lease.key.clone(),
+                })
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        result: Option<&serde_json::Value>,
+        ttl: Duration,
+    ) -> Result<()> {
+        // An empty payload completes the record without a `result` field.
+        let result = match result {
+            Some(result) => serde_json::to_string(result)?,
+            None => String::new(),
+        };
+        let mut retried = false;
+        if let Some(held) = self.ifeq.take(&lease.key, &lease.token) {
+            match self.complete_if_equal(lease, &held, ttl, &result).await? {
+                IfeqReply::Applied => return Ok(()),
+                // Not our document (any more): the finish script decides,
+                // told whether an earlier try may have been applied.
+                IfeqReply::Mismatch { retried: r } => retried = r,
+            }
+        }
+        self.finish(lease, ttl, "COMPLETED", &result, retried).await
+    }
+
+    async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
+        self.ifeq.take(&lease.key, &lease.token);
+        self.finish(lease, ttl, "FAILED", error, false).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
+        let cmd = evalsha(&self.scripts.read, key);
+        let value = self.script(key, &self.scripts.read, &cmd).await?;
+        let reply = Reply::parse(key, value)?;
+        match reply.tag.as_str() {
+            "found" => reply.record(key).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let removed: i64 = self
+            .run(key, |mut conn, _| async move {
+                redis::cmd("DEL").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(removed > 0)
+    }
+
+    /// Reads `INFO memory` from the node (every master of a cluster): an
+    /// error when Redis does not answer, and when a node's
+    /// `maxmemory-policy` may evict records (logged at `ERROR`; only logged
+    /// with [`allow_eviction`](super::RedisStoreBuilder::allow_eviction) on).
+    async fn health(&self) -> Result<()> {
+        self.check_eviction("health").await
+    }
+}
+
+#[async_trait]
+impl crate::store::SeenSet for RedisStore {
+    async fn mark(&self, keys: &[&str], ttl: Duration) -> Result<Vec<bool>> {
+        self.mark_keys(keys, ttl).await
+    }
+
+    async fn contains(&self, keys: &[&str]) -> Result<Vec<bool>> {
+        self.contains_keys(keys).await
+    }
+}
+
+#[async_trait]
+impl crate::store::StoreAdmin for RedisStore {
+    async fn stuck(&self, prefix: &str) -> Result<Vec<(String, IdempotencyRecord)>> {
+        self.stuck_records(prefix).await
+    }
+
+    async fn summary(&self, prefix: &str) -> Result<crate::store::StoreSummary> {
+        self.summarize(prefix).await
+    }
+
+    async fn clear_prefix(&self, prefix: &str) -> Result<u64> {
+        crate::store::check_clear_prefix(prefix)?;
+        self.unlink_prefix(prefix).await
+    }
+}
+
+impl RedisStore {
+    /// A claim on a Redis too full to write: the read script decides what
+    /// a read can answer (a duplicate, a live claim, our own claim, a
+    /// fingerprint mismatch); a claim that would have to write is
+    /// `refused`.
+    async fn claim_when_full(
+        &self,
+        request: &ClaimRequest<'_>,
+        refused: IdempotencyError,
+    ) -> Result<ClaimOutcome> {
+        let cmd = evalsha(&self.scripts.read, request.key);
+        let value = self.script(request.key, &self.scripts.read, &cmd).await?;
+        let reply = Reply::parse(request.key, value)?;
+        if reply.tag != "found" {
+            return Err(refused);
+        }
+        let now = ms_to_time(reply.int(2)?);
+        let record = reply.record(request.key)?;
+        let fingerprint = request.fingerprint.filter(|f| !f.is_empty());
+        match decide_claim(Some(record.view()), fingerprint, request.token, now) {
+            ClaimDecision::Duplicate => Ok(ClaimOutcome::Duplicate(record)),
+            ClaimDecision::InProgress => Ok(ClaimOutcome::InProgress(record)),
+            ClaimDecision::AlreadyHeld => Ok(ClaimOutcome::Acquired(Lease {
+                key: request.key.to_owned(),
+                token: request.token.to_owned(),
+                attempt: record.attempts,
+                expires_at: record.lease_expires_at.unwrap_or(now),
+                taken_over: false,
+            })),
+            ClaimDecision::FingerprintMismatch => Err(IdempotencyError::FingerprintMismatch {
+                key: request.key.to_owned(),
+            }),
+            ClaimDecision::Acquire { .. } => Err(refused),
+        }
+    }
+
+    /// The claim script: every case, decided atomically in Redis.
+    async fn claim_script(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
+        let mut cmd = evalsha(&self.scripts.claim, request.key);
+        cmd.arg(request.token)
+            .arg(millis(request.lease))
+            .arg(millis(request.ttl))
+            .arg(request.fingerprint.unwrap_or(""))
+            .arg(members(request)?);
+        let value = self.script(request.key, &self.scripts.claim, &cmd).await?;
+        let reply = Reply::parse(request.key, value)?;
+        match reply.tag.as_str() {
+            "acquired" => {
+                let lease = Lease {
+                    key: request.key.to_owned(),
+                    token: request.token.to_owned(),
+                    attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
+                    expires_at: ms_to_time(reply.int(1)?),
+                    taken_over: reply.int(2)? == 1,
+                };
+                if let Some(doc) = reply.rest.into_iter().nth(3) {
+                    let doc = text(request.key, doc)?;
+                    if let Ok(parsed) = serde_json::from_str::<ifeq::FingerprintOnly>(&doc) {
+                        self.ifeq.remember(
+                            request.key,
+                            request.token,
+                            ifeq::HeldDoc {
+                                doc,
+                                fingerprint: parsed.fingerprint,
+                                attempts: lease.attempt,
+                                expires_at: lease.expires_at,
+                            },
+                        );
+                    }
+                }
+                Ok(ClaimOutcome::Acquired(lease))
+            }
+            "duplicate" => {
+                let record = reply.record(request.key)?;
+                if record.status != ProcessingStatus::Completed {
+                    return Err(IdempotencyError::corrupt(
+                        request.key,
+                        "answered as a duplicate, but the record is not COMPLETED",
+                    ));
+                }
+                Ok(ClaimOutcome::Duplicate(record))
+            }
+            "in_progress" => Ok(ClaimOutcome::InProgress(reply.record(request.key)?)),
+            "mismatch" => Err(IdempotencyError::FingerprintMismatch {
+                key: request.key.to_owned(),
+            }),
+            other => Err(unexpected(format!("unexpected claim reply `{other}`"))),
+        }
+    }
+
+    /// The finish script; `retried_before`: an earlier try of this call
+    /// (a `SET ... IFEQ`) may have been applied.
+    async fn finish(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        status: &str,
+        payload: &str,
+        retried_before: bool,
+    ) -> Result<()> {
+        let value: Value = self
+            .run(&lease.key, |mut conn, retried| {
+                let mut cmd = evalsha(&self.scripts.finish, &lease.key);
+                cmd.arg(&lease.token)
+                    .arg(millis(ttl))
+                    .arg(status)
+                    .arg(payload)
+                    .arg(if retried || retried_before { "1" } else { "" });
+                async move { eval(&mut conn, &self.scripts.finish, &cmd).await }
+            })
+            .await?;
+        // `OK` (a status reply), or `{'lost'}` or `{'corrupt', reason}`.
+        if value == Value::Okay {
+            return Ok(());
+        }
+        Reply::parse(&lease.key, value)?;
+        Err(IdempotencyError::LeaseLost {
+            key: lease.key.clone(),
+        })
+    }
+}
