@@ -20,9 +20,9 @@
 //! Both read a [`RecordView`]: [`IdempotencyRecord::view`] for a store that
 //! keeps whole records, [`RecordView::new`] for one with its own layout.
 //! The store does the reading and the writing; the decision is never its own.
-//! [`MemoryStore`](crate::MemoryStore) calls them directly; the Redis store
-//! decides in Lua scripts that implement the same table and consults
-//! [`decide_claim`] on its fast path. Every store passes one conformance suite
+//! [`MemoryStore`](crate::MemoryStore) calls them directly; a store that
+//! decides on its server (the Redis store's Lua scripts) implements the same
+//! table there and is held to it by the same suite. Every store passes one conformance suite
 //! (the `testing` feature's `idempotency_core::testing`).
 
 use chrono::{DateTime, Utc};
@@ -57,11 +57,13 @@ impl std::fmt::Display for ProcessingStatus {
     }
 }
 
-/// The document stored under each key (one JSON object in Redis).
+/// The record a store keeps under each key.
 ///
-/// Timestamps are integers: milliseconds since the Unix epoch, taken from the
-/// store's clock (Redis `TIME`). Absent fields are left out of the document,
-/// never written as `null`, and each status keeps only what it needs:
+/// Timestamps are taken from the store's clock. How a store encodes the
+/// record is its own business; the serde form (JSON, timestamps as integer
+/// milliseconds since the Unix epoch, absent fields left out rather than
+/// written as `null`) is what this crate's stores use. Each status keeps
+/// only what it needs:
 ///
 /// | status | fields |
 /// |---|---|
@@ -72,12 +74,9 @@ impl std::fmt::Display for ProcessingStatus {
 /// A `COMPLETED` record is what lives longest (its whole `ttl`), so it keeps
 /// only what a replay needs: no lease, no copy of its own key.
 ///
-/// The Redis document differs in two places (see the Redis schema in the
-/// guide): a claim written by its fast
-/// path holds `lease_ms` and `claim_px` in place of `first_seen_at` and
-/// `lease_expires_at` until a script settles them, and a `COMPLETED`
-/// document adds `ttl_ms` and leaves `attempts` out when it is 1. Reads
-/// always return the fields above.
+/// A store may keep more, or keep it differently (the Redis store's
+/// document is in the guide's Redis schema chapter); reads always return the
+/// fields above.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
     /// The effective idempotency key, or its SHA-256 digest when key hashing
@@ -218,9 +217,10 @@ pub struct Lease {
     /// The attempt number (1 for the first attempt).
     pub attempt: u32,
     /// When the lease runs out unless renewed, as of the last claim or renewal.
-    /// A fresh claim on Redis (the plain `SET NX` path) measures it on this
-    /// host's clock from the moment the claim was sent, so it errs early;
-    /// other claims and renewals report the store's clock.
+    /// Stores report it on their own clock; a store whose claim cannot read
+    /// that clock (the Redis store's plain `SET NX` claim) measures it on
+    /// this host's clock from the moment the claim was sent, so it errs
+    /// early.
     pub expires_at: DateTime<Utc>,
     /// This attempt took over a `PROCESSING` record whose lease had run out:
     /// an earlier attempt died (or stalled) part-way, so some of its side
