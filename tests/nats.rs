@@ -1192,3 +1192,56 @@ async fn publish_event_refuses_an_envelope_without_a_key() {
     );
     assert_eq!(events.info().await.expect("info").state.messages, 0);
 }
+
+/// Regression: the worker asked for one pull batch per concurrency slot
+/// whatever the consumer's `max_batch`, so a consumer limited below the
+/// worker's concurrency refused every pull (`409 Exceeded MaxRequestBatch`)
+/// and the worker stopped with `WorkerError::Pull` before handling anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_pulls_within_the_consumers_max_batch() {
+    let (nats, redis) = (NatsServer::start(), RedisServer::start());
+    let (_client, js) = jetstream(&nats).await;
+    let events = stream(&js, "SMALLBATCH", "smallbatch.>").await;
+    let mut watcher = events
+        .get_or_create_consumer(
+            "small",
+            jetstream::consumer::pull::Config {
+                durable_name: Some("small".into()),
+                max_batch: 4,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("consumer");
+    let messages = (0..50)
+        .map(|i| {
+            (
+                "smallbatch.x".to_owned(),
+                format!("s-{i}"),
+                envelope_json(&format!("small-{i}"), 0),
+            )
+        })
+        .collect();
+    publish_all(&js, messages).await;
+    let checker = checker(&redis, IdempotencyConfig::default()).await;
+    let executions = Arc::new(Executions::default());
+    let (stop, shutdown) = shutdown_signal();
+    // The default concurrency, far above the consumer's max_batch.
+    let worker = spawn_recording_worker(
+        events.get_consumer("small").await.expect("consumer"),
+        checker,
+        &executions,
+        shutdown(),
+    );
+    eventually(Duration::from_secs(20), "input drained", async || {
+        worker.is_finished() || drained(&mut watcher).await
+    })
+    .await;
+    stop.send(true).expect("stop");
+    let stats = worker
+        .await
+        .expect("task")
+        .expect("the worker kept pulling");
+    assert_eq!(stats.acked, 50, "{stats:?}");
+    assert_eq!(executions.snapshot().len(), 50);
+}

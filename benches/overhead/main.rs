@@ -69,6 +69,11 @@
 //! the table again as Markdown, for `BENCHMARKS.md`. A MISS never stops the
 //! run; the program exits 0. Progress goes to stderr.
 //!
+//! `IDEMPOTENCY_BENCH_ONLY=pipelines cargo bench --bench overhead` runs the
+//! whole-pipeline phase alone (the JetStream and HTTP pairs, with their
+//! targets), in well under a minute: for working on the NATS or HTTP
+//! adapters. The load check at the end is skipped then.
+//!
 //! ## Method
 //!
 //! The Redis phases run on a multi-thread tokio runtime with 2 workers; the
@@ -213,12 +218,16 @@ fn main() {
     let cpu_before = cpu_sample();
 
     let server = RedisServer::start();
+    let mut report = Report::default();
+    if std::env::var("IDEMPOTENCY_BENCH_ONLY").as_deref() == Ok("pipelines") {
+        pipelines_alone(&server, started, &mut report);
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let mut report = Report::default();
     let mut redis_cpu_seconds = runtime.block_on(redis_phases(&server, started, &mut report));
     let valkey = RedisServer::start_kind(ServerKind::Valkey);
     redis_cpu_seconds += runtime.block_on(valkey::valkey_phases(&valkey, started, &mut report));
@@ -277,5 +286,25 @@ fn main() {
     } else {
         println!("errors: 0, anomalies: 0");
     }
+    println!("total time: {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// `IDEMPOTENCY_BENCH_ONLY=pipelines`: the whole-pipeline phase alone, on the
+/// same kind of runtime as in a full run.
+fn pipelines_alone(server: &RedisServer, started: Instant, report: &mut Report) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(pipelines::pipeline_phases(server, started, report));
+    drop(runtime);
+    report.print();
+    println!();
+    let (errors, anomalies) = (
+        ERRORS.load(Ordering::Relaxed),
+        ANOMALIES.load(Ordering::Relaxed),
+    );
+    println!("errors: {errors}, anomalies: {anomalies}");
     println!("total time: {:.1}s", started.elapsed().as_secs_f64());
 }
