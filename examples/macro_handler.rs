@@ -68,7 +68,7 @@ impl Notifier {
     #[idempotent(
         checker = self.checker,
         key = format!("notify:{}:{}", envelope.payload.tenant_id, envelope.payload.field_id),
-        in_progress_timeout = "30s",
+        lease = "30s",
         on_in_progress = "wait",
     )]
     async fn notify(&self, envelope: EventEnvelope<FieldCreated>) -> Result<u32, AppError> {

@@ -75,7 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let config = IdempotencyConfig::builder()
         .ttl("24h")
-        .in_progress_timeout("30s")
+        .lease("30s")
         .build()?;
     let checker = match std::env::var("REDIS_URL") {
         Ok(url) => {

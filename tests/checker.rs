@@ -11,7 +11,7 @@ use common::{Instrumented, RedisServer};
 use idempotency::{
     ClaimOutcome, DuplicatePolicy, EventEnvelope, IdempotencyChecker, IdempotencyConfig,
     IdempotencyError, IdempotencyStore, InvalidKeyReason, KeyedRequest, MemoryStore, Processed,
-    ProcessingStatus, RedisStore, SeenSet,
+    RecordStatus, RedisStore, SeenSet,
 };
 use serde_json::json;
 
@@ -158,11 +158,11 @@ async fn failed_attempt_is_retried_then_replayed(kind: Kind) {
     assert!(matches!(first, Err(AppError::Business(_))));
     let record = env
         .checker
-        .get_processing_record("retry-me")
+        .get_record("retry-me")
         .await
         .expect("get")
         .expect("record");
-    assert_eq!(record.status, ProcessingStatus::Failed);
+    assert_eq!(record.status, RecordStatus::Failed);
     assert_eq!(
         record.error.as_deref(),
         Some("business rule failed: card declined")
@@ -170,7 +170,7 @@ async fn failed_attempt_is_retried_then_replayed(kind: Kind) {
     assert_eq!(record.attempts, 1);
     assert!(
         !env.checker
-            .is_duplicate("retry-me")
+            .would_skip("retry-me")
             .await
             .expect("is_duplicate")
     );
@@ -196,15 +196,15 @@ async fn failed_attempt_is_retried_then_replayed(kind: Kind) {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     let record = env
         .checker
-        .get_processing_record("retry-me")
+        .get_record("retry-me")
         .await
         .expect("get")
         .expect("record");
     assert_eq!(record.attempts, 2);
-    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.status, RecordStatus::Completed);
     assert!(
         env.checker
-            .is_duplicate("retry-me")
+            .would_skip("retry-me")
             .await
             .expect("is_duplicate")
     );
@@ -214,15 +214,14 @@ async fn expired_lease_is_taken_over_and_stale_worker_loses(kind: Kind) {
     let env = env(
         kind,
         config()
-            .in_progress_timeout(Duration::from_millis(200))
+            .lease(Duration::from_millis(200))
             .build()
             .expect("config"),
     )
     .await;
     let e = event("crashy");
     // Worker A claims and then "crashes": it never renews or finishes.
-    let ClaimOutcome::Acquired(stale) = env.checker.mark_processing(&e).await.expect("claim")
-    else {
+    let ClaimOutcome::Acquired(stale) = env.checker.claim(&e).await.expect("claim") else {
         panic!("first claim must acquire");
     };
     let blocked = env
@@ -247,14 +246,14 @@ async fn expired_lease_is_taken_over_and_stale_worker_loses(kind: Kind) {
     assert_eq!(taken, Processed::Executed("B".to_owned()));
     assert_eq!(env.checker.stats().lease_takeovers, 1);
 
-    let late = env.checker.mark_completed(&stale, &"A").await;
+    let late = env.checker.complete(&stale, &"A").await;
     assert!(
         matches!(late, Err(IdempotencyError::LeaseLost { .. })),
         "{late:?}"
     );
     let record = env
         .checker
-        .get_processing_record("crashy")
+        .get_record("crashy")
         .await
         .expect("get")
         .expect("record");
@@ -264,11 +263,7 @@ async fn expired_lease_is_taken_over_and_stale_worker_loses(kind: Kind) {
 
 async fn renewal_keeps_a_slow_handler_alive(kind: Kind) {
     let lease = Duration::from_millis(300);
-    let env = env(
-        kind,
-        config().in_progress_timeout(lease).build().expect("config"),
-    )
-    .await;
+    let env = env(kind, config().lease(lease).build().expect("config")).await;
     let executions = Arc::new(AtomicUsize::new(0));
     // The handler says when it runs: from then on the key is claimed.
     let started = Arc::new(tokio::sync::Notify::new());
@@ -323,7 +318,7 @@ async fn expired_record_is_processed_again(kind: Kind) {
         kind,
         config()
             .ttl(Duration::from_millis(200))
-            .in_progress_timeout(Duration::from_millis(100))
+            .lease(Duration::from_millis(100))
             .build()
             .expect("config"),
     )
@@ -437,16 +432,16 @@ async fn dropped_guard_marks_failed_and_retry_runs(kind: Kind) {
     for _ in 0..100 {
         status = env
             .checker
-            .get_processing_record("dropped")
+            .get_record("dropped")
             .await
             .expect("get")
             .map(|r| r.status);
-        if status == Some(ProcessingStatus::Failed) {
+        if status == Some(RecordStatus::Failed) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(status, Some(ProcessingStatus::Failed));
+    assert_eq!(status, Some(RecordStatus::Failed));
     let guard = env.checker.guard(&e).await.expect("guard");
     assert!(!guard.is_duplicate(), "a dropped attempt is retryable");
     assert_eq!(guard.lease().expect("held").attempt, 2);
@@ -476,11 +471,11 @@ async fn panicking_handler_is_failed_and_panic_propagates(kind: Kind) {
     assert!(joined.expect_err("the panic propagates").is_panic());
     let record = env
         .checker
-        .get_processing_record("panics")
+        .get_record("panics")
         .await
         .expect("get")
         .expect("record");
-    assert_eq!(record.status, ProcessingStatus::Failed);
+    assert_eq!(record.status, RecordStatus::Failed);
     assert_eq!(record.error.as_deref(), Some("handler panicked"));
     let retried = env
         .checker
@@ -560,35 +555,29 @@ async fn manual_api_round_trip(kind: Kind) {
     let e = event("manual");
     assert!(
         env.checker
-            .get_processing_record("manual")
+            .get_record("manual")
             .await
             .expect("get")
             .is_none()
     );
-    let ClaimOutcome::Acquired(lease) = env.checker.mark_processing(&e).await.expect("claim")
-    else {
+    let ClaimOutcome::Acquired(lease) = env.checker.claim(&e).await.expect("claim") else {
         panic!("must acquire");
     };
-    assert!(
-        env.checker
-            .is_duplicate("manual")
-            .await
-            .expect("live lease")
-    );
+    assert!(env.checker.would_skip("manual").await.expect("live lease"));
     assert!(matches!(
-        env.checker.mark_processing(&e).await.expect("claim"),
+        env.checker.claim(&e).await.expect("claim"),
         ClaimOutcome::InProgress(_)
     ));
     env.checker
-        .mark_completed(&lease, &json!({"ok": true}))
+        .complete(&lease, &json!({"ok": true}))
         .await
         .expect("complete");
-    match env.checker.mark_processing(&e).await.expect("claim") {
+    match env.checker.claim(&e).await.expect("claim") {
         ClaimOutcome::Duplicate(record) => assert_eq!(record.result, Some(json!({"ok": true}))),
         other => panic!("expected Duplicate, got {other:?}"),
     }
     assert!(env.checker.delete_record("manual").await.expect("delete"));
-    assert!(!env.checker.is_duplicate("manual").await.expect("deleted"));
+    assert!(!env.checker.would_skip("manual").await.expect("deleted"));
     env.checker.health_check().await.expect("healthy");
 }
 
@@ -676,7 +665,7 @@ async fn cancelled_call_is_failed_and_retried(kind: Kind) {
 async fn out_of_range_durations_are_config_errors(kind: Kind) {
     let env = env(kind, config().build().expect("config")).await;
     for request in [
-        KeyedRequest::new("bad-duration").in_progress_timeout(Duration::ZERO),
+        KeyedRequest::new("bad-duration").lease(Duration::ZERO),
         KeyedRequest::new("bad-duration").ttl(Duration::ZERO),
         KeyedRequest::new("bad-duration").ttl(Duration::MAX),
     ] {
@@ -688,7 +677,7 @@ async fn out_of_range_durations_are_config_errors(kind: Kind) {
             matches!(
                 outcome,
                 Err(IdempotencyError::Config {
-                    option: "ttl" | "in_progress_timeout",
+                    option: "ttl" | "lease",
                     ..
                 })
             ),
@@ -734,11 +723,11 @@ async fn unstorable_result_never_runs_twice_nor_replays_a_made_up_value(kind: Ki
         }
         let record = env
             .checker
-            .get_processing_record(key)
+            .get_record(key)
             .await
             .expect("get")
             .expect("record");
-        assert_eq!(record.status, ProcessingStatus::Completed);
+        assert_eq!(record.status, RecordStatus::Completed);
         assert_eq!(record.result, None, "no result was stored");
         let guard = env.checker.guard(&event(key)).await.expect("guard");
         assert!(guard.is_duplicate());
@@ -778,22 +767,14 @@ async fn lose_a_claim(env: &Env, key: &str) {
 /// A claim applied by the store whose reply was lost (a timeout) must not
 /// block the key for a whole lease.
 async fn claim_with_lost_reply_is_released(kind: Kind) {
-    let env = env(
-        kind,
-        config().in_progress_timeout("60s").build().expect("config"),
-    )
-    .await;
+    let env = env(kind, config().lease("60s").build().expect("config")).await;
     lose_a_claim(&env, "lost-reply").await;
     let mut released = None;
     for _ in 0..100 {
-        let record = env
-            .checker
-            .get_processing_record("lost-reply")
-            .await
-            .expect("get");
+        let record = env.checker.get_record("lost-reply").await.expect("get");
         if record
             .as_ref()
-            .is_some_and(|r| r.status == ProcessingStatus::Failed)
+            .is_some_and(|r| r.status == RecordStatus::Failed)
         {
             released = record;
             break;
@@ -819,7 +800,7 @@ async fn claim_lost_before_an_outage_is_released_when_the_store_returns(kind: Ki
     let env = env(
         kind,
         config()
-            .in_progress_timeout("60s")
+            .lease("60s")
             .circuit_breaker(2, "100ms")
             .build()
             .expect("config"),
@@ -839,7 +820,7 @@ async fn claim_lost_before_an_outage_is_released_when_the_store_returns(kind: Ki
         .expect("the claim landed");
     assert_eq!(
         orphan.status,
-        ProcessingStatus::Processing,
+        RecordStatus::Processing,
         "not released while down"
     );
     env.instrumented.down.store(false, Ordering::SeqCst);
@@ -851,7 +832,7 @@ async fn claim_lost_before_an_outage_is_released_when_the_store_returns(kind: Ki
             .await
             .expect("get")
             .expect("record");
-        if record.status == ProcessingStatus::Failed {
+        if record.status == RecordStatus::Failed {
             break;
         }
         assert!(
@@ -989,11 +970,11 @@ async fn a_completion_refused_for_memory_is_recorded_later_and_never_runs_twice(
         loop {
             let record = env
                 .checker
-                .get_processing_record(key)
+                .get_record(key)
                 .await
                 .expect("get")
                 .expect("record");
-            if record.status == ProcessingStatus::Completed {
+            if record.status == RecordStatus::Completed {
                 break;
             }
             assert!(
@@ -1137,7 +1118,7 @@ async fn local_cache_honours_record_ttl_and_status(kind: Kind) {
     // InProgress, and once it completes elsewhere the store's answer fills
     // the cache.
     let p = event("held-elsewhere");
-    let lease = match env.checker.mark_processing(&p).await.expect("claim") {
+    let lease = match env.checker.claim(&p).await.expect("claim") {
         ClaimOutcome::Acquired(lease) => lease,
         other => panic!("expected Acquired, got {other:?}"),
     };

@@ -41,7 +41,7 @@ async fn get_delete_stuck_stats_and_clear() {
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url()).await.expect("connect");
     let config = idempotency::IdempotencyConfig::builder()
-        .in_progress_timeout("100ms")
+        .lease("100ms")
         .build()
         .expect("config");
     let checker = IdempotencyChecker::with_config(store, config);
@@ -51,7 +51,7 @@ async fn get_delete_stuck_stats_and_clear() {
     // A dead attempt: claimed, never finished, lease run out.
     let dead = EventEnvelope::new("order.shipped", json!({})).with_idempotency_key("dead");
     assert!(matches!(
-        checker.mark_processing(&dead).await.expect("claim"),
+        checker.claim(&dead).await.expect("claim"),
         ClaimOutcome::Acquired(_)
     ));
     tokio::time::sleep(Duration::from_millis(200)).await;

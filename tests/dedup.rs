@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Instrumented, RedisServer};
 use idempotency::{
     Deduplicator, EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError,
-    KeyExtractor, MemoryStore, Processed, ProcessingStatus, RedisStore, SeenSet,
+    KeyExtractor, MemoryStore, Processed, RecordStatus, RedisStore, SeenSet,
 };
 use serde_json::json;
 
@@ -58,13 +58,16 @@ fn calls(env: &Env) -> usize {
 async fn single_ids_are_new_once(kind: Kind) {
     let env = env(kind, config().build().expect("config")).await;
     let d = &env.dedup;
-    assert!(!d.is_duplicate("a").await.expect("read"));
+    assert!(!d.is_seen("a").await.expect("read"));
     assert!(d.check_and_mark("a").await.expect("mark"), "first time");
     assert!(!d.check_and_mark("a").await.expect("mark"), "seen");
-    assert!(d.is_duplicate("a").await.expect("read"));
-    assert!(d.clear("a").await.expect("clear"));
-    assert!(!d.clear("a").await.expect("clear"), "nothing left to clear");
-    assert!(!d.is_duplicate("a").await.expect("read"));
+    assert!(d.is_seen("a").await.expect("read"));
+    assert!(d.forget("a").await.expect("clear"));
+    assert!(
+        !d.forget("a").await.expect("clear"),
+        "nothing left to clear"
+    );
+    assert!(!d.is_seen("a").await.expect("read"));
     assert!(d.check_and_mark("a").await.expect("mark"), "new again");
 }
 
@@ -103,7 +106,7 @@ async fn batches_answer_in_order_with_repeats_one_call_per_chunk(kind: Kind) {
     assert!(seen[..2500].iter().all(|&s| s));
     assert!(seen[2500..].iter().all(|&s| !s));
     assert!(
-        !dedup.is_duplicate("never-0").await.expect("read"),
+        !dedup.is_seen("never-0").await.expect("read"),
         "reads mark nothing"
     );
     assert_eq!(
@@ -154,12 +157,8 @@ async fn ids_get_the_checkers_key_hygiene(kind: Kind) {
     assert!(env.dedup.check_and_mark(id).await.expect("mark"));
 
     // A mark is a COMPLETED record: the checker replays it, the handler does not run.
-    let record = checker
-        .get_processing_record(id)
-        .await
-        .expect("get")
-        .expect("record");
-    assert_eq!(record.status, ProcessingStatus::Completed);
+    let record = checker.get_record(id).await.expect("get").expect("record");
+    assert_eq!(record.status, RecordStatus::Completed);
     let event = EventEnvelope::new("signup", json!({})).with_idempotency_key(id);
     let replayed = checker
         .process(&event, |_| async {
@@ -176,12 +175,12 @@ async fn ids_get_the_checkers_key_hygiene(kind: Kind) {
         .process(&other, |_| async { Ok::<_, IdempotencyError>(1) })
         .await
         .expect("runs");
-    assert!(env.dedup.is_duplicate("other").await.expect("read"));
+    assert!(env.dedup.is_seen("other").await.expect("read"));
     assert!(!env.dedup.check_and_mark("other").await.expect("mark"));
     // A deduplicator made from the same store and the checker's config is
     // the same seen-set.
     let shared = Deduplicator::from_shared(env.instrumented.clone(), checker.config().clone());
-    assert!(shared.is_duplicate(id).await.expect("read"));
+    assert!(shared.is_seen(id).await.expect("read"));
 
     // Invalid ids never reach the store, and fail a whole batch.
     let before = calls(&env);
@@ -200,7 +199,7 @@ async fn ids_get_the_checkers_key_hygiene(kind: Kind) {
         assert!(env.dedup.batch_check(&[bad]).await.is_err());
     }
     assert_eq!(calls(&env), before, "no store call for invalid ids");
-    assert!(!env.dedup.is_duplicate("fresh").await.expect("read"));
+    assert!(!env.dedup.is_seen("fresh").await.expect("read"));
 
     // The raw id never reaches Redis when hashing is on.
     if let Some(server) = &env.server {
@@ -225,7 +224,7 @@ async fn marks_live_for_the_configured_ttl(kind: Kind) {
             .expect("marks"),
         [true, true]
     );
-    assert!(env.dedup.is_duplicate("t1").await.expect("read"));
+    assert!(env.dedup.is_seen("t1").await.expect("read"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         env.dedup.batch_check(&["t1", "t2"]).await.expect("reads"),
@@ -242,11 +241,11 @@ async fn extractors_name_events(kind: Kind) {
         .with_event_id("evt-1")
         .with_idempotency_key("key-1");
     assert!(env.dedup.check_and_mark_event(&keyed).await.expect("mark"));
-    assert!(env.dedup.is_duplicate("key-1").await.expect("read"));
-    assert!(!env.dedup.is_duplicate("evt-1").await.expect("read"));
+    assert!(env.dedup.is_seen("key-1").await.expect("read"));
+    assert!(!env.dedup.is_seen("evt-1").await.expect("read"));
     let by_id = env.dedup.clone().with_extractor(KeyExtractor::EventId);
     assert!(by_id.check_and_mark_event(&keyed).await.expect("mark"));
-    assert!(env.dedup.is_duplicate("evt-1").await.expect("read"));
+    assert!(env.dedup.is_seen("evt-1").await.expect("read"));
 
     // Content hash: equal payloads (whatever their key order) are one event.
     let by_content = env.dedup.clone().with_extractor(KeyExtractor::ContentHash);
@@ -308,7 +307,7 @@ async fn extractors_name_events(kind: Kind) {
     let order = |n: u32| EventEnvelope::new("order.paid", json!({"order": n, "at": "now"}));
     assert!(custom.check_and_mark_event(&order(1)).await.expect("mark"));
     assert!(!custom.check_and_mark_event(&order(1)).await.expect("mark"));
-    assert!(env.dedup.is_duplicate("order.paid:1").await.expect("read"));
+    assert!(env.dedup.is_seen("order.paid:1").await.expect("read"));
 }
 
 async fn long_derived_keys_are_marked_and_keyless_events_refused(kind: Kind) {
@@ -352,7 +351,7 @@ async fn long_derived_keys_are_marked_and_keyless_events_refused(kind: Kind) {
         Err(IdempotencyError::InvalidKey { .. })
     ));
     assert_eq!(calls(&env), before, "the store was never asked");
-    assert!(!env.dedup.is_duplicate("evt-1").await.expect("read"));
+    assert!(!env.dedup.is_seen("evt-1").await.expect("read"));
 }
 
 macro_rules! per_store {

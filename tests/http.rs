@@ -489,7 +489,7 @@ async fn layer_checker_at(url: String, lease: Duration) -> IdempotencyChecker {
         store,
         IdempotencyConfig::builder()
             .key_prefix("idempotency:http:")
-            .in_progress_timeout(lease)
+            .lease(lease)
             .build()
             .expect("config"),
     )

@@ -229,18 +229,13 @@ async fn macro_and_process_behave_identically_on_redis() {
     assert_eq!(process_runs.snapshot(), expected_runs);
 
     for key in ["evt-a", "evt-b", "evt-c", "evt-d"] {
-        let from_macro = normalized(macro_checker.get_processing_record(key).await.expect("get"));
-        let from_process = normalized(
-            process_checker
-                .get_processing_record(key)
-                .await
-                .expect("get"),
-        );
+        let from_macro = normalized(macro_checker.get_record(key).await.expect("get"));
+        let from_process = normalized(process_checker.get_record(key).await.expect("get"));
         assert!(from_macro.is_some(), "{key} has a record");
         assert_eq!(from_macro, from_process, "records for {key}");
     }
     let record = macro_checker
-        .get_processing_record("evt-b")
+        .get_record("evt-b")
         .await
         .expect("get")
         .expect("record");
@@ -261,7 +256,7 @@ async fn a_borrowed_envelope_is_recorded_and_replayed_like_an_owned_one() {
         "declined run 1"
     );
     let failed = checker
-        .get_processing_record("evt-f")
+        .get_record("evt-f")
         .await
         .expect("get")
         .expect("a FAILED record");
@@ -289,7 +284,7 @@ async fn a_borrowed_envelope_is_recorded_and_replayed_like_an_owned_one() {
         "declined run 1"
     );
     let failed = checker
-        .get_processing_record("tenant-7:g")
+        .get_record("tenant-7:g")
         .await
         .expect("get")
         .expect("a FAILED record under the attribute's key");

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use common::{NatsServer, RedisServer};
 use idempotency::nats::{DedupRelay, JetStreamWorker, KeyExtractor, Runner, Subscriber};
 use idempotency::{
-    EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, ProcessingStatus,
+    EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, RecordStatus,
     RedisStore, current_lease,
 };
 use serde_json::{Value, json};
@@ -284,11 +284,11 @@ async fn failing_handler_is_redelivered_and_runs_on_the_third_attempt() {
     assert_eq!((stats.retried, stats.acked), (2, 1), "{stats:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 3);
     let record = checker
-        .get_processing_record("flaky-1")
+        .get_record("flaky-1")
         .await
         .expect("get")
         .expect("record");
-    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.status, RecordStatus::Completed);
     assert_eq!(record.attempts, 3);
 }
 
@@ -305,7 +305,7 @@ async fn crashed_worker_is_taken_over_and_never_completes_twice() {
     .await;
     let config = || {
         IdempotencyConfig::builder()
-            .in_progress_timeout("1s")
+            .lease("1s")
             .build()
             .expect("config")
     };
@@ -378,11 +378,11 @@ async fn crashed_worker_is_taken_over_and_never_completes_twice() {
         "executed once more, by the new worker"
     );
     let record = checker
-        .get_processing_record("crash-1")
+        .get_record("crash-1")
         .await
         .expect("get")
         .expect("record");
-    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.status, RecordStatus::Completed);
     assert_eq!(record.attempts, 2, "the crashed attempt, then the takeover");
     assert_eq!(record.result, Some(json!(2)));
     assert_eq!(checker.stats().executed, 1);

@@ -252,11 +252,11 @@ async fn a_missing_acl_permission_is_a_permission_error_naming_the_command() {
         .expect("connect");
     let checker = IdempotencyChecker::new(store);
     let e = EventEnvelope::new("test.event", json!({})).with_idempotency_key("perm-1");
-    let lease = match checker.mark_processing(&e).await.expect("claim") {
+    let lease = match checker.claim(&e).await.expect("claim") {
         idempotency::ClaimOutcome::Acquired(lease) => lease,
         other => panic!("expected Acquired, got {other:?}"),
     };
-    match checker.mark_failed(&lease, "boom").await {
+    match checker.fail(&lease, "boom").await {
         Err(IdempotencyError::StoreRefused {
             reason: StoreRefusal::PermissionDenied,
             source,

@@ -24,7 +24,7 @@ fn event(key: &str) -> EventEnvelope {
 }
 
 async fn acquired(checker: &IdempotencyChecker, e: &EventEnvelope) -> idempotency::Lease {
-    match checker.mark_processing(e).await.expect("claim") {
+    match checker.claim(e).await.expect("claim") {
         idempotency::ClaimOutcome::Acquired(lease) => lease,
         other => panic!("expected Acquired, got {other:?}"),
     }
@@ -94,7 +94,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     // Read back, the lease is settled into absolute times by the store's
     // clock (this test's clock and the server's are the same host's).
     let record = checker
-        .get_processing_record("schema-1")
+        .get_record("schema-1")
         .await
         .expect("get")
         .expect("record");
@@ -138,7 +138,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
 
     // COMPLETED: only what a replay needs.
     checker
-        .mark_completed(&lease, &json!({"receipt": 42}))
+        .complete(&lease, &json!({"receipt": 42}))
         .await
         .expect("complete");
     let doc = stored_doc(&mut redis, key).await;
@@ -159,7 +159,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     );
     // Read back through the checker, the record names its key again.
     let record = checker
-        .get_processing_record("schema-1")
+        .get_record("schema-1")
         .await
         .expect("get")
         .expect("record");
@@ -167,7 +167,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     assert_eq!(record.attempts, 1);
     assert!(record.expires_at.is_some());
     // A duplicate (the fast path: no script) knows the expiry from ttl_ms.
-    match checker.mark_processing(&e).await.expect("claim") {
+    match checker.claim(&e).await.expect("claim") {
         idempotency::ClaimOutcome::Duplicate(record) => {
             let expires = record.expires_at.expect("expires_at").timestamp_millis();
             assert_eq!(expires, at + 3_600_000);
@@ -179,7 +179,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     // FAILED: the attempt's identity and error, no live lease.
     let f = event("schema-2");
     let lease = acquired(&checker, &f).await;
-    checker.mark_failed(&lease, "boom").await.expect("fail");
+    checker.fail(&lease, "boom").await.expect("fail");
     let doc = stored_doc(&mut redis, "idempotency:events:schema-2").await;
     assert_eq!(
         sorted_fields(&doc),
@@ -219,7 +219,7 @@ async fn a_fast_claim_without_expiry_is_taken_over() {
     assert!(second.taken_over);
     assert_ne!(first.token, second.token);
     let lost = checker
-        .mark_completed(&first, &json!(1))
+        .complete(&first, &json!(1))
         .await
         .expect_err("the first holder was taken over");
     assert!(matches!(lost, IdempotencyError::LeaseLost { .. }), "{lost}");
@@ -303,18 +303,18 @@ async fn retried_complete(kind: ServerKind) {
         .await
         .expect("CLIENT PAUSE");
     checker
-        .mark_completed(&lease, &json!("done"))
+        .complete(&lease, &json!("done"))
         .await
         .expect("the retried complete succeeds");
     let record = checker
-        .get_processing_record("retried-complete")
+        .get_record("retried-complete")
         .await
         .expect("get")
         .expect("record");
     assert_eq!(record.result, Some(json!("done")));
     // A fresh (not retried) complete with the same lease is refused.
     assert!(matches!(
-        checker.mark_completed(&lease, &json!("again")).await,
+        checker.complete(&lease, &json!("again")).await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
 }
@@ -355,7 +355,7 @@ async fn corrupt_values_are_typed_errors_naming_the_key() {
             }
             other => panic!("expected CorruptRecord for {key}, got {other:?}"),
         }
-        let read = checker.get_processing_record(key).await;
+        let read = checker.get_record(key).await;
         assert!(
             matches!(read, Err(IdempotencyError::CorruptRecord { .. })),
             "expected CorruptRecord reading {key}, got {read:?}"
@@ -631,7 +631,7 @@ async fn a_nested_completed_status_is_not_a_duplicate() {
         .expect("claim")
     {
         idempotency::ClaimOutcome::InProgress(record) => {
-            assert_eq!(record.status, idempotency::ProcessingStatus::Processing);
+            assert_eq!(record.status, idempotency::RecordStatus::Processing);
         }
         other => panic!("expected InProgress, got {other:?}"),
     }
@@ -652,7 +652,7 @@ async fn completing_a_held_record_that_turned_corrupt_overwrites_nothing() {
     let raw: String = redis.get(key).await.expect("GET");
     let altered = raw.replacen('{', r#"{"first_seen_at":"x","#, 1);
     let _: () = redis.set(key, &altered).await.expect("SET");
-    let outcome = checker.mark_completed(&lease, &json!(1)).await;
+    let outcome = checker.complete(&lease, &json!(1)).await;
     assert!(
         matches!(outcome, Err(IdempotencyError::CorruptRecord { .. })),
         "{outcome:?}"
@@ -777,10 +777,7 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
     }
     let live = acquired(&checker, &event("full-live")).await;
     let failed = acquired(&checker, &event("full-failed")).await;
-    checker
-        .mark_failed(&failed, "boom")
-        .await
-        .expect("mark failed");
+    checker.fail(&failed, "boom").await.expect("mark failed");
     fill_until_out_of_memory(&mut redis).await;
 
     for i in 0..5 {
@@ -1091,14 +1088,11 @@ async fn completing_a_claim_compares_its_document_and_decodes_nothing() {
     // claimed by the claim script and completed by comparison.
     let e = event("hot-2");
     let lease = acquired(&checker, &e).await;
-    checker.mark_failed(&lease, "boom").await.expect("fail");
+    checker.fail(&lease, "boom").await.expect("fail");
     assert_eq!(command_calls(&mut redis, "pexpiretime").await, 1);
     let retry = acquired(&checker, &e).await;
     assert_eq!(retry.attempt, 2);
-    checker
-        .mark_completed(&retry, &json!(2))
-        .await
-        .expect("complete");
+    checker.complete(&retry, &json!(2)).await.expect("complete");
     assert_eq!(command_calls(&mut redis, "pexpiretime").await, 1);
     let doc = stored_doc(&mut redis, "idempotency:events:hot-2").await;
     assert_eq!(doc["attempts"], json!(2));
@@ -1137,7 +1131,7 @@ async fn completions_take_set_ifeq_on_valkey_and_a_script_on_redis_7() {
                 "{kind:?}, {how}: scripts run by one completion"
             );
             let record = store.get(&lease.key).await.expect("get").expect("record");
-            assert_eq!(record.status, idempotency::ProcessingStatus::Completed);
+            assert_eq!(record.status, idempotency::RecordStatus::Completed);
             assert_eq!(record.result, Some(result), "{kind:?}, {how}");
             assert_eq!(record.attempts, lease.attempt, "{kind:?}, {how}");
             record

@@ -32,7 +32,7 @@ async fn store(server: &RedisServer) -> Arc<dyn SeenSet> {
 }
 
 fn config() -> IdempotencyConfigBuilder {
-    IdempotencyConfig::builder().in_progress_timeout("5s")
+    IdempotencyConfig::builder().lease("5s")
 }
 
 async fn run(
@@ -104,10 +104,7 @@ async fn open_breaker_fails_fast_without_calling_the_store_then_recovers() {
     let started = Instant::now();
     let health = checker.health_check().await.expect_err("open");
     assert!(health.is_circuit_open(), "{health:?}");
-    let read = checker
-        .get_processing_record("before")
-        .await
-        .expect_err("open");
+    let read = checker.get_record("before").await.expect_err("open");
     assert!(read.is_circuit_open(), "{read:?}");
     assert!(started.elapsed() < Duration::from_millis(50));
     assert_eq!(
@@ -426,11 +423,11 @@ async fn completion_missed(kind: ServerKind) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let record = checker
-            .get_processing_record("missed-1")
+            .get_record("missed-1")
             .await
             .expect("get")
             .expect("record");
-        if record.status == idempotency::ProcessingStatus::Completed {
+        if record.status == idempotency::RecordStatus::Completed {
             assert_eq!(record.result, Some(json!(1)));
             break;
         }

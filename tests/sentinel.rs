@@ -31,7 +31,7 @@ async fn processing_continues_after_the_master_fails_over() {
         .await
         .expect("connect through the sentinel");
     let config = IdempotencyConfig::builder()
-        .in_progress_timeout("2s")
+        .lease("2s")
         .build()
         .expect("config");
     let checker = IdempotencyChecker::with_config(store.clone(), config);

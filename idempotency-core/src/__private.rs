@@ -20,7 +20,7 @@ use crate::{
 /// The options written in the attribute; `None` means "the checker's".
 pub struct Options {
     pub ttl: Option<Duration>,
-    pub in_progress_timeout: Option<Duration>,
+    pub lease: Option<Duration>,
     pub on_duplicate: Option<DuplicatePolicy>,
     pub on_in_progress: Option<OnInProgress>,
 }
@@ -29,7 +29,7 @@ pub struct Options {
 pub enum OnInProgress {
     Error,
     /// Wait for the running attempt, for at most one lease
-    /// (`in_progress_timeout`): by then it has finished or can be taken over.
+    /// (`lease`): by then it has finished or can be taken over.
     Wait,
 }
 
@@ -195,11 +195,9 @@ where
     if let Some(ttl) = options.ttl {
         request = request.ttl(ttl);
     }
-    let lease = options
-        .in_progress_timeout
-        .unwrap_or(checker.config().in_progress_timeout());
-    if let Some(timeout) = options.in_progress_timeout {
-        request = request.in_progress_timeout(timeout);
+    let lease = options.lease.unwrap_or(checker.config().lease());
+    if let Some(timeout) = options.lease {
+        request = request.lease(timeout);
     }
     if let Some(policy) = options.on_duplicate {
         request = request.on_duplicate(policy);

@@ -114,7 +114,7 @@ impl DurationArg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyConfig {
     pub(crate) ttl: Duration,
-    pub(crate) in_progress_timeout: Duration,
+    pub(crate) lease: Duration,
     pub(crate) key_prefix: String,
     pub(crate) hash_keys: bool,
     pub(crate) max_key_len: usize,
@@ -130,7 +130,7 @@ impl Default for IdempotencyConfig {
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 3600),
-            in_progress_timeout: Duration::from_secs(5 * 60),
+            lease: Duration::from_secs(5 * 60),
             key_prefix: "idempotency:events:".to_owned(),
             hash_keys: false,
             max_key_len: 255,
@@ -150,7 +150,7 @@ impl IdempotencyConfig {
         IdempotencyConfigBuilder {
             config: Self::default(),
             ttl: None,
-            in_progress_timeout: None,
+            lease: None,
             wait: None,
             cache_ttl: None,
             breaker: None,
@@ -164,8 +164,8 @@ impl IdempotencyConfig {
 
     /// The lease: how long an attempt may go without renewing before another
     /// worker may take the key over. Default 5 minutes.
-    pub fn in_progress_timeout(&self) -> Duration {
-        self.in_progress_timeout
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     /// The prefix of every storage key. Default `idempotency:events:`.
@@ -225,7 +225,7 @@ impl IdempotencyConfig {
 ///
 /// let config = IdempotencyConfig::builder()
 ///     .ttl("7d")
-///     .in_progress_timeout("30s")
+///     .lease("30s")
 ///     .key_prefix("billing:")
 ///     .hash_keys(true)
 ///     .on_in_progress_wait("10s")
@@ -239,7 +239,7 @@ impl IdempotencyConfig {
 pub struct IdempotencyConfigBuilder {
     config: IdempotencyConfig,
     ttl: Option<DurationArg>,
-    in_progress_timeout: Option<DurationArg>,
+    lease: Option<DurationArg>,
     wait: Option<DurationArg>,
     cache_ttl: Option<(usize, DurationArg)>,
     breaker: Option<(u32, DurationArg)>,
@@ -252,9 +252,9 @@ impl IdempotencyConfigBuilder {
         self
     }
 
-    /// Sets [`IdempotencyConfig::in_progress_timeout`] (the lease).
-    pub fn in_progress_timeout(mut self, timeout: impl Into<DurationArg>) -> Self {
-        self.in_progress_timeout = Some(timeout.into());
+    /// Sets [`IdempotencyConfig::lease`]: how long an attempt holds the key without renewing.
+    pub fn lease(mut self, timeout: impl Into<DurationArg>) -> Self {
+        self.lease = Some(timeout.into());
         self
     }
 
@@ -327,7 +327,7 @@ impl IdempotencyConfigBuilder {
     /// default with 5 failures and 2s.
     ///
     /// The breaker gates the calls that start work or only read: claims
-    /// (`process`, `guard`, `mark_processing`), `get_processing_record`,
+    /// (`process`, `guard`, `claim`), `get_record`,
     /// `is_duplicate`, `delete_record` and `health_check`. Writes on behalf
     /// of an attempt whose handler is running or has run (lease renewals,
     /// `complete`, `fail`, a dropped guard's release) always go to the
@@ -366,7 +366,7 @@ impl IdempotencyConfigBuilder {
     /// Default off (fail closed: the error is returned and the handler does
     /// not run). Turn it on only for handlers where running twice is cheaper
     /// than not running. The manual [`guard`](crate::IdempotencyChecker::guard)
-    /// and [`mark_processing`](crate::IdempotencyChecker::mark_processing)
+    /// and [`claim`](crate::IdempotencyChecker::claim)
     /// calls always return the error: their callers decide.
     pub fn fail_open(mut self, on: bool) -> Self {
         self.config.fail_open = on;
@@ -379,8 +379,8 @@ impl IdempotencyConfigBuilder {
         if let Some(ttl) = self.ttl {
             config.ttl = ttl.resolve("ttl")?;
         }
-        if let Some(timeout) = self.in_progress_timeout {
-            config.in_progress_timeout = timeout.resolve("in_progress_timeout")?;
+        if let Some(timeout) = self.lease {
+            config.lease = timeout.resolve("lease")?;
         }
         if let Some(wait) = self.wait {
             config.on_in_progress = InProgressPolicy::Wait(wait.resolve("on_in_progress_wait")?);
@@ -481,7 +481,7 @@ mod tests {
     fn defaults_are_documented_values() {
         let c = IdempotencyConfig::default();
         assert_eq!(c.ttl(), Duration::from_secs(86_400));
-        assert_eq!(c.in_progress_timeout(), Duration::from_secs(300));
+        assert_eq!(c.lease(), Duration::from_secs(300));
         assert_eq!(c.key_prefix(), "idempotency:events:");
         assert_eq!(c.max_key_len(), 255);
         assert_eq!(c.on_duplicate(), DuplicatePolicy::Replay);

@@ -234,7 +234,7 @@ fn bounded(key: String) -> String {
 /// when `hash_keys` is on), and a mark lives the configured `ttl`. A mark is
 /// an ordinary `COMPLETED` record with a null result, so a checker on the
 /// same store and prefix sees a marked key as already processed (and
-/// [`clear`](Self::clear) or [`IdempotencyChecker::delete_record`](crate::IdempotencyChecker::delete_record) undo
+/// [`forget`](Self::forget) or [`IdempotencyChecker::delete_record`](crate::IdempotencyChecker::delete_record) undo
 /// either). Any record under the key, whatever its status, counts as seen.
 ///
 /// A batch is sent in chunks of [`chunk_size`](Self::chunk_size) ids, one
@@ -379,7 +379,7 @@ impl Deduplicator {
     }
 
     /// Whether `id` was seen (a read: marks nothing).
-    pub async fn is_duplicate(&self, id: &str) -> Result<bool> {
+    pub async fn is_seen(&self, id: &str) -> Result<bool> {
         let key = self.storage_key(id)?;
         Ok(self
             .contains_chunk(&[key])
@@ -389,7 +389,7 @@ impl Deduplicator {
             .unwrap_or(false))
     }
 
-    /// [`is_duplicate`](Self::is_duplicate) for many ids, in input order,
+    /// [`is_seen`](Self::is_seen) for many ids, in input order,
     /// one round trip per chunk (marks nothing).
     pub async fn batch_check<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<bool>> {
         let keys = self.storage_keys(ids)?;
@@ -402,7 +402,7 @@ impl Deduplicator {
 
     /// Forgets `id`, so it is new again; returns whether it was marked (or
     /// had any record).
-    pub async fn clear(&self, id: &str) -> Result<bool> {
+    pub async fn forget(&self, id: &str) -> Result<bool> {
         let key = self.storage_key(id)?;
         let started = Instant::now();
         let deleted = self.store.delete(&key).await;
@@ -647,14 +647,11 @@ mod tests {
             dedup.batch_check(&["e", "x", "a"]).await.expect("reads"),
             [true, false, true]
         );
-        assert!(dedup.clear("a").await.expect("clear"));
-        assert!(!dedup.is_duplicate("a").await.expect("read"));
+        assert!(dedup.forget("a").await.expect("clear"));
+        assert!(!dedup.is_seen("a").await.expect("read"));
         assert!(dedup.check_and_mark("a").await.expect("mark"));
         let invalid = dedup.check_and_mark_batch(&["z", ""]).await;
         assert!(matches!(invalid, Err(IdempotencyError::InvalidKey { .. })));
-        assert!(
-            !dedup.is_duplicate("z").await.expect("read"),
-            "nothing marked"
-        );
+        assert!(!dedup.is_seen("z").await.expect("read"), "nothing marked");
     }
 }

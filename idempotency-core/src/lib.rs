@@ -90,7 +90,7 @@ pub use dedup::{Deduplicator, KeyExtractor, KeyFn};
 pub use envelope::EventEnvelope;
 pub use error::{BoxError, IdempotencyError, InvalidKeyReason, Result, StoreRefusal};
 pub use key::fingerprint;
-pub use record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
+pub use record::{ClaimOutcome, IdempotencyRecord, Lease, RecordStatus};
 pub use resilience::breaker::{CircuitBreakerConfig, CircuitState};
 pub use resilience::cache::LocalCache;
 pub use stats::CheckerStats;

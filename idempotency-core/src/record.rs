@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 /// Where a key is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ProcessingStatus {
+pub enum RecordStatus {
     /// An attempt holds the key under a lease.
     Processing,
     /// An attempt finished; its result is replayed to duplicates.
@@ -40,7 +40,7 @@ pub enum ProcessingStatus {
     Failed,
 }
 
-impl ProcessingStatus {
+impl RecordStatus {
     /// The status as written on the wire: `PROCESSING`, `COMPLETED` or `FAILED`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,7 +51,7 @@ impl ProcessingStatus {
     }
 }
 
-impl std::fmt::Display for ProcessingStatus {
+impl std::fmt::Display for RecordStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -82,7 +82,7 @@ pub struct IdempotencyRecord {
     /// The effective idempotency key, or its SHA-256 digest when key hashing
     /// is on. Not stored in `COMPLETED` records (the storage key already
     /// names them): empty there, except in records read through
-    /// [`IdempotencyChecker::get_processing_record`](crate::IdempotencyChecker::get_processing_record),
+    /// [`IdempotencyChecker::get_record`](crate::IdempotencyChecker::get_record),
     /// which fills it in.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub idempotency_key: String,
@@ -93,7 +93,7 @@ pub struct IdempotencyRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_type: Option<String>,
     /// Where the key is in its life.
-    pub status: ProcessingStatus,
+    pub status: RecordStatus,
     /// The handler's result as JSON (only when `COMPLETED`).
     /// `Some(Value::Null)` when the handler's result was JSON `null` (a
     /// unit `()`, a `None`); `None` when no result was stored.
@@ -160,8 +160,7 @@ fn present<'de, D: serde::Deserializer<'de>>(
 impl IdempotencyRecord {
     /// Whether the record is `PROCESSING` with a lease that is still live at `now`.
     pub fn is_live_processing(&self, now: DateTime<Utc>) -> bool {
-        self.status == ProcessingStatus::Processing
-            && self.lease_expires_at.is_some_and(|at| at > now)
+        self.status == RecordStatus::Processing && self.lease_expires_at.is_some_and(|at| at > now)
     }
 
     /// What the state machine reads of this record: the argument of
@@ -188,7 +187,7 @@ impl IdempotencyRecord {
             idempotency_key: String::new(),
             event_id: None,
             event_type: None,
-            status: ProcessingStatus::Completed,
+            status: RecordStatus::Completed,
             result: Some(result),
             error: None,
             first_seen_at: None,
@@ -294,7 +293,7 @@ pub enum ClaimDecision {
 #[non_exhaustive]
 pub struct RecordView<'a> {
     /// The record's status.
-    pub status: ProcessingStatus,
+    pub status: RecordStatus,
     /// How many attempts have claimed the key.
     pub attempts: u32,
     /// The fencing token of the attempt that holds (`PROCESSING`) or last
@@ -309,7 +308,7 @@ pub struct RecordView<'a> {
 impl<'a> RecordView<'a> {
     /// A view of a record a store keeps in its own layout.
     pub fn new(
-        status: ProcessingStatus,
+        status: RecordStatus,
         attempts: u32,
         lease_token: Option<&'a str>,
         lease_expires_at: Option<DateTime<Utc>>,
@@ -352,14 +351,12 @@ pub fn decide_claim(
         return ClaimDecision::FingerprintMismatch;
     }
     match record.status {
-        ProcessingStatus::Completed => ClaimDecision::Duplicate,
-        ProcessingStatus::Processing if record.lease_token == Some(token) => {
-            ClaimDecision::AlreadyHeld
-        }
-        ProcessingStatus::Processing if record.lease_expires_at.is_some_and(|at| at > now) => {
+        RecordStatus::Completed => ClaimDecision::Duplicate,
+        RecordStatus::Processing if record.lease_token == Some(token) => ClaimDecision::AlreadyHeld,
+        RecordStatus::Processing if record.lease_expires_at.is_some_and(|at| at > now) => {
             ClaimDecision::InProgress
         }
-        ProcessingStatus::Processing | ProcessingStatus::Failed => ClaimDecision::Acquire {
+        RecordStatus::Processing | RecordStatus::Failed => ClaimDecision::Acquire {
             attempt: record.attempts.saturating_add(1),
         },
     }
@@ -392,9 +389,9 @@ pub enum FinishDecision {
 /// - `existing`: the record at the key, `None` when there is none (or its
 ///   time to live has run out).
 /// - `token`: the [`Lease::token`] of the caller.
-/// - `target`: the status the call writes: [`ProcessingStatus::Completed`]
-///   for `complete`, [`ProcessingStatus::Failed`] for `fail`,
-///   [`ProcessingStatus::Processing`] for `renew`.
+/// - `target`: the status the call writes: [`RecordStatus::Completed`]
+///   for `complete`, [`RecordStatus::Failed`] for `fail`,
+///   [`RecordStatus::Processing`] for `renew`.
 /// - `retried`: the store is re-sending a call whose first try may have been
 ///   applied (its own retry after a timeout or lost reply); `false` for a
 ///   first try.
@@ -407,7 +404,7 @@ pub enum FinishDecision {
 pub fn decide_finish(
     existing: Option<RecordView<'_>>,
     token: &str,
-    target: ProcessingStatus,
+    target: RecordStatus,
     retried: bool,
 ) -> FinishDecision {
     let Some(record) = existing else {
@@ -415,8 +412,8 @@ pub fn decide_finish(
     };
     let held = record.lease_token == Some(token);
     match record.status {
-        ProcessingStatus::Processing if held => FinishDecision::Apply,
-        status if status == target && target != ProcessingStatus::Processing => {
+        RecordStatus::Processing if held => FinishDecision::Apply,
+        status if status == target && target != RecordStatus::Processing => {
             if held || (retried && record.lease_token.is_none()) {
                 FinishDecision::AlreadyApplied
             } else {
@@ -453,7 +450,7 @@ mod tests {
 
         /// Turns the record into its `FAILED` form with `error`.
         pub(crate) fn set_failed(&mut self, error: String) {
-            self.status = ProcessingStatus::Failed;
+            self.status = RecordStatus::Failed;
             self.error = Some(error);
             self.result = None;
             self.lease_expires_at = None;
@@ -461,7 +458,7 @@ mod tests {
         }
     }
 
-    fn record(status: ProcessingStatus, token: &str, lease_ms: i64) -> IdempotencyRecord {
+    fn record(status: RecordStatus, token: &str, lease_ms: i64) -> IdempotencyRecord {
         let now = Utc::now();
         IdempotencyRecord {
             idempotency_key: "k".into(),
@@ -482,7 +479,7 @@ mod tests {
 
     #[test]
     fn a_record_view_reads_an_empty_token_or_fingerprint_as_absent() {
-        let mut r = record(ProcessingStatus::Failed, "", 1000);
+        let mut r = record(RecordStatus::Failed, "", 1000);
         r.fingerprint = Some(String::new());
         let view = r.view();
         assert_eq!(view.lease_token, None);
@@ -494,7 +491,7 @@ mod tests {
             ClaimDecision::Acquire { attempt: 3 }
         );
         assert_eq!(
-            decide_finish(Some(view), "", ProcessingStatus::Failed, false),
+            decide_finish(Some(view), "", RecordStatus::Failed, false),
             FinishDecision::LeaseLost
         );
     }
@@ -509,7 +506,7 @@ mod tests {
 
     #[test]
     fn completed_is_a_duplicate() {
-        let r = record(ProcessingStatus::Completed, "a", -1000);
+        let r = record(RecordStatus::Completed, "a", -1000);
         assert_eq!(
             decide_claim(Some(r.view()), Some("fp"), "b", Utc::now()),
             ClaimDecision::Duplicate
@@ -518,12 +515,12 @@ mod tests {
 
     #[test]
     fn live_processing_is_in_progress_and_expired_is_taken_over() {
-        let live = record(ProcessingStatus::Processing, "a", 60_000);
+        let live = record(RecordStatus::Processing, "a", 60_000);
         assert_eq!(
             decide_claim(Some(live.view()), None, "b", Utc::now()),
             ClaimDecision::InProgress
         );
-        let expired = record(ProcessingStatus::Processing, "a", -1);
+        let expired = record(RecordStatus::Processing, "a", -1);
         assert_eq!(
             decide_claim(Some(expired.view()), None, "b", Utc::now()),
             ClaimDecision::Acquire { attempt: 3 }
@@ -532,7 +529,7 @@ mod tests {
 
     #[test]
     fn own_token_counts_as_held() {
-        let live = record(ProcessingStatus::Processing, "a", 60_000);
+        let live = record(RecordStatus::Processing, "a", 60_000);
         assert_eq!(
             decide_claim(Some(live.view()), None, "a", Utc::now()),
             ClaimDecision::AlreadyHeld
@@ -541,7 +538,7 @@ mod tests {
 
     #[test]
     fn failed_is_reclaimable_with_next_attempt() {
-        let failed = record(ProcessingStatus::Failed, "a", 60_000);
+        let failed = record(RecordStatus::Failed, "a", 60_000);
         assert_eq!(
             decide_claim(Some(failed.view()), Some("fp"), "b", Utc::now()),
             ClaimDecision::Acquire { attempt: 3 }
@@ -551,9 +548,9 @@ mod tests {
     #[test]
     fn fingerprint_mismatch_wins_over_every_status() {
         for status in [
-            ProcessingStatus::Processing,
-            ProcessingStatus::Completed,
-            ProcessingStatus::Failed,
+            RecordStatus::Processing,
+            RecordStatus::Completed,
+            RecordStatus::Failed,
         ] {
             let r = record(status, "a", 60_000);
             assert_eq!(
@@ -565,74 +562,69 @@ mod tests {
 
     #[test]
     fn only_the_token_holder_finishes() {
-        let r = record(ProcessingStatus::Processing, "a", -5);
+        let r = record(RecordStatus::Processing, "a", -5);
         assert_eq!(
-            decide_finish(Some(r.view()), "a", ProcessingStatus::Completed, false),
+            decide_finish(Some(r.view()), "a", RecordStatus::Completed, false),
             FinishDecision::Apply
         );
         assert_eq!(
-            decide_finish(Some(r.view()), "b", ProcessingStatus::Completed, true),
+            decide_finish(Some(r.view()), "b", RecordStatus::Completed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(None, "a", ProcessingStatus::Failed, true),
+            decide_finish(None, "a", RecordStatus::Failed, true),
             FinishDecision::LeaseLost
         );
     }
 
     #[test]
     fn repeated_fail_is_idempotent_per_token() {
-        let mut failed = record(ProcessingStatus::Processing, "a", 1000);
+        let mut failed = record(RecordStatus::Processing, "a", 1000);
         failed.set_failed("e".into());
         assert_eq!(
-            decide_finish(Some(failed.view()), "a", ProcessingStatus::Failed, false),
+            decide_finish(Some(failed.view()), "a", RecordStatus::Failed, false),
             FinishDecision::AlreadyApplied
         );
         assert_eq!(
-            decide_finish(Some(failed.view()), "b", ProcessingStatus::Failed, true),
+            decide_finish(Some(failed.view()), "b", RecordStatus::Failed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(Some(failed.view()), "a", ProcessingStatus::Completed, true),
+            decide_finish(Some(failed.view()), "a", RecordStatus::Completed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(
-                Some(failed.view()),
-                "a",
-                ProcessingStatus::Processing,
-                false
-            ),
+            decide_finish(Some(failed.view()), "a", RecordStatus::Processing, false),
             FinishDecision::LeaseLost
         );
     }
 
     #[test]
     fn a_completed_record_keeps_no_token_so_only_a_retry_counts_as_applied() {
-        let mut done = record(ProcessingStatus::Processing, "a", 1000);
+        let mut done = record(RecordStatus::Processing, "a", 1000);
         done.set_completed(serde_json::json!(1), Utc::now());
         assert_eq!(done.lease_token, None);
         assert_eq!(
-            decide_finish(Some(done.view()), "a", ProcessingStatus::Completed, false),
+            decide_finish(Some(done.view()), "a", RecordStatus::Completed, false),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(Some(done.view()), "a", ProcessingStatus::Completed, true),
+            decide_finish(Some(done.view()), "a", RecordStatus::Completed, true),
             FinishDecision::AlreadyApplied
         );
         assert_eq!(
-            decide_finish(Some(done.view()), "a", ProcessingStatus::Failed, true),
+            decide_finish(Some(done.view()), "a", RecordStatus::Failed, true),
             FinishDecision::LeaseLost
         );
         assert_eq!(
-            decide_finish(Some(done.view()), "a", ProcessingStatus::Processing, true),
+            decide_finish(Some(done.view()), "a", RecordStatus::Processing, true),
             FinishDecision::LeaseLost
         );
     }
 
     #[test]
     fn completed_records_are_lean_on_the_wire() {
-        let mut done = record(ProcessingStatus::Processing, "a", 1000);
+        let mut done = record(RecordStatus::Processing, "a", 1000);
         done.set_completed(serde_json::json!({"ok": true}), Utc::now());
         let json = serde_json::to_value(&done).expect("serializes");
         let mut fields: Vec<_> = json.as_object().expect("object").keys().cloned().collect();
@@ -651,12 +643,12 @@ mod tests {
 
     #[test]
     fn wire_format_uses_screaming_status_and_millisecond_times() {
-        let r = record(ProcessingStatus::Processing, "a", 1000);
+        let r = record(RecordStatus::Processing, "a", 1000);
         let json = serde_json::to_value(&r).expect("serializes");
         assert_eq!(json["status"], "PROCESSING");
         assert!(json["first_seen_at"].is_i64());
         assert!(json["lease_expires_at"].is_i64());
         let back: IdempotencyRecord = serde_json::from_value(json).expect("parses");
-        assert_eq!(back.status, ProcessingStatus::Processing);
+        assert_eq!(back.status, RecordStatus::Processing);
     }
 }

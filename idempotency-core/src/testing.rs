@@ -37,8 +37,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::{
-    ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyStore, Lease, ProcessingStatus,
-    SeenSet, StoreAdmin,
+    ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyStore, Lease, RecordStatus, SeenSet,
+    StoreAdmin,
 };
 
 /// Calls the macro `$then` with every conformance rule that takes
@@ -225,7 +225,7 @@ pub async fn absent_key_is_acquired_as_attempt_one(store: &dyn IdempotencyStore)
     assert_eq!(lease.key, "c:absent");
     assert!(lease.expires_at > chrono::Utc::now());
     let record = store.get("c:absent").await.expect("get").expect("record");
-    assert_eq!(record.status, ProcessingStatus::Processing);
+    assert_eq!(record.status, RecordStatus::Processing);
     assert_eq!(record.attempts, 1);
     assert_eq!(record.lease_token.as_deref(), Some("t1"));
     assert_eq!(record.event_id.as_deref(), Some("evt-1"));
@@ -242,7 +242,7 @@ pub async fn live_lease_is_in_progress(store: &dyn IdempotencyStore) {
         .expect("claim")
     {
         ClaimOutcome::InProgress(record) => {
-            assert_eq!(record.status, ProcessingStatus::Processing);
+            assert_eq!(record.status, RecordStatus::Processing);
             assert_eq!(record.attempts, 1);
         }
         other => panic!("expected InProgress, got {other:?}"),
@@ -266,7 +266,7 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
         .expect("claim")
     {
         ClaimOutcome::Duplicate(record) => {
-            assert_eq!(record.status, ProcessingStatus::Completed);
+            assert_eq!(record.status, RecordStatus::Completed);
             assert_eq!(record.result, Some(result));
             assert!(record.completed_at.is_some());
             assert_eq!(record.attempts, 1);
@@ -316,7 +316,7 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
     let first = acquire(store, &claim_request("c:failed", "t1")).await;
     store.fail(&first, "boom", LONG).await.expect("fail");
     let record = store.get("c:failed").await.expect("get").expect("record");
-    assert_eq!(record.status, ProcessingStatus::Failed);
+    assert_eq!(record.status, RecordStatus::Failed);
     assert_eq!(record.error.as_deref(), Some("boom"));
     let first_seen = record.first_seen_at;
 
@@ -338,7 +338,7 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
         .await
         .expect("complete");
     let record = store.get("c:failed").await.expect("get").expect("record");
-    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.status, RecordStatus::Completed);
     assert_eq!(record.attempts, 2);
     assert_eq!(record.error, None);
 }
@@ -435,7 +435,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
         );
     }
     let record = store.get("c:twice").await.expect("get").expect("record");
-    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.status, RecordStatus::Completed);
     assert_eq!(record.result, Some(json!(1)));
 
     // A FAILED record keeps the token of its last attempt: a repeated `fail`
@@ -455,7 +455,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
         .await
         .expect("get")
         .expect("record");
-    assert_eq!(record.status, ProcessingStatus::Failed);
+    assert_eq!(record.status, RecordStatus::Failed);
     assert_eq!(record.lease_token.as_deref(), Some("t1"));
     assert_eq!(record.lease_expires_at, None);
 }
@@ -699,7 +699,7 @@ pub async fn contains_reads_without_marking(store: &dyn SeenSet) {
     assert_eq!(store.contains(&["m:held"]).await.expect("contains"), [true]);
     assert_eq!(store.mark(&["m:held"], LONG).await.expect("mark"), [false]);
     let record = store.get("m:held").await.expect("get").expect("record");
-    assert_eq!(record.status, ProcessingStatus::Processing);
+    assert_eq!(record.status, RecordStatus::Processing);
     store
         .complete(&lease, Some(&json!("done")), LONG)
         .await
@@ -727,7 +727,7 @@ pub async fn marks_expire_after_ttl(store: &dyn SeenSet) {
 pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn SeenSet) {
     store.mark(&["m:done"], LONG).await.expect("mark");
     let record = store.get("m:done").await.expect("get").expect("record");
-    assert_eq!(record.status, ProcessingStatus::Completed);
+    assert_eq!(record.status, RecordStatus::Completed);
     // A mark stores a null result: a claim of it replays `null`.
     assert_eq!(record.result, Some(serde_json::Value::Null));
     assert_eq!(record.attempts, 1);
@@ -739,7 +739,7 @@ pub async fn a_mark_is_a_completed_record_claimed_as_duplicate(store: &dyn SeenS
         .expect("claim")
     {
         ClaimOutcome::Duplicate(record) => {
-            assert_eq!(record.status, ProcessingStatus::Completed);
+            assert_eq!(record.status, RecordStatus::Completed);
             assert_eq!(record.result, Some(serde_json::Value::Null));
         }
         other => panic!("expected Duplicate, got {other:?}"),
@@ -797,7 +797,7 @@ pub async fn admin_lists_stuck_records_under_a_prefix(store: &dyn StoreAdmin) {
     let stuck = store.stuck("a:stuck:").await.expect("stuck");
     let keys: Vec<&str> = stuck.iter().map(|(key, _)| key.as_str()).collect();
     assert_eq!(keys, ["a:stuck:1", "a:stuck:2"]);
-    assert_eq!(stuck[0].1.status, ProcessingStatus::Processing);
+    assert_eq!(stuck[0].1.status, RecordStatus::Processing);
     assert_eq!(stuck[0].1.lease_token.as_deref(), Some("t2"));
 }
 

@@ -11,7 +11,7 @@ use http::{HeaderName, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use idempotency_core::{
     DuplicatePolicy, IdempotencyChecker, IdempotencyError, InProgressPolicy, KeyedRequest,
-    Processed, ProcessingStatus, StoreRefusal,
+    Processed, RecordStatus, StoreRefusal,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -261,7 +261,7 @@ impl IdempotencyLayer {
     /// most this): the latest moment its key is either done or free to take
     /// over. A crashed attempt holds its key that long; a live one renews its
     /// lease and may finish much sooner, so a shorter lease
-    /// (`in_progress_timeout` of the layer's checker) gives tighter hints.
+    /// (`lease` of the layer's checker) gives tighter hints.
     pub fn max_retry_after(self, bound: Duration) -> Self {
         self.options(|o| o.max_retry_after = bound)
     }
@@ -583,12 +583,12 @@ async fn refusal(
 /// attempt may have finished meanwhile).
 async fn lease_wait(layer: &IdempotencyLayer, stored_key: &str) -> u64 {
     let max = layer.options.max_retry_after.as_secs().max(1);
-    let Ok(Some(record)) = layer.checker.get_processing_record(stored_key).await else {
+    let Ok(Some(record)) = layer.checker.get_record(stored_key).await else {
         return 1;
     };
     let Some(expires_at) = record
         .lease_expires_at
-        .filter(|_| record.status == ProcessingStatus::Processing)
+        .filter(|_| record.status == RecordStatus::Processing)
     else {
         return 1;
     };

@@ -7,8 +7,7 @@ use syn::meta::ParseNestedMeta;
 use syn::parse::Parser;
 use syn::{Expr, LitStr, Path};
 
-const OPTIONS: &str =
-    "`ttl`, `in_progress_timeout`, `key`, `checker`, `on_duplicate`, `on_in_progress`, `crate`";
+const OPTIONS: &str = "`ttl`, `lease`, `key`, `checker`, `on_duplicate`, `on_in_progress`, `crate`";
 
 /// `on_duplicate = ..`
 #[derive(Clone, Copy)]
@@ -28,7 +27,7 @@ pub(crate) enum OnInProgress {
 #[derive(Default)]
 pub(crate) struct Args {
     pub(crate) ttl: Option<Duration>,
-    pub(crate) in_progress_timeout: Option<Duration>,
+    pub(crate) lease: Option<Duration>,
     pub(crate) key: Option<Expr>,
     pub(crate) checker: Option<Expr>,
     pub(crate) on_duplicate: Option<OnDuplicate>,
@@ -120,12 +119,7 @@ impl Args {
                 .unwrap_or_default();
             match name.as_str() {
                 "ttl" => set_once(&mut args.ttl, duration(&meta, "ttl")?, "ttl", span),
-                "in_progress_timeout" => set_once(
-                    &mut args.in_progress_timeout,
-                    duration(&meta, "in_progress_timeout")?,
-                    "in_progress_timeout",
-                    span,
-                ),
+                "lease" => set_once(&mut args.lease, duration(&meta, "lease")?, "lease", span),
                 "key" => set_once(&mut args.key, meta.value()?.parse()?, "key", span),
                 "checker" => set_once(&mut args.checker, meta.value()?.parse()?, "checker", span),
                 "on_duplicate" => set_once(

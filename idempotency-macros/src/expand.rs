@@ -192,7 +192,7 @@ fn expand(args: Args, mut function: ItemFn, marked: &[usize]) -> syn::Result<Tok
         None => quote!(::core::option::Option::None),
     };
     let ttl = duration_tokens(args.ttl);
-    let in_progress_timeout = duration_tokens(args.in_progress_timeout);
+    let lease = duration_tokens(args.lease);
     let on_duplicate = match args.on_duplicate {
         Some(OnDuplicate::Replay) => {
             quote!(::core::option::Option::Some(#krate::DuplicatePolicy::Replay))
@@ -220,7 +220,7 @@ fn expand(args: Args, mut function: ItemFn, marked: &[usize]) -> syn::Result<Tok
             #key,
             #krate::__private::Options {
                 ttl: #ttl,
-                in_progress_timeout: #in_progress_timeout,
+                lease: #lease,
                 on_duplicate: #on_duplicate,
                 on_in_progress: #on_in_progress,
             },

@@ -22,7 +22,7 @@ mod expand;
 /// }
 /// ```
 ///
-/// Options (all optional): `ttl = "24h"`, `in_progress_timeout = "5m"`,
+/// Options (all optional): `ttl = "24h"`, `lease = "5m"`,
 /// `key = <expr>`, `checker = <expr>`, `on_duplicate = "replay" | "error"`,
 /// `on_in_progress = "error" | "wait"`, `crate = "path"`.
 ///

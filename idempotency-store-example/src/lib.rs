@@ -20,7 +20,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use idempotency_core::record::{ClaimDecision, FinishDecision, decide_claim, decide_finish};
 use idempotency_core::{
     ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyRecord, IdempotencyStore, Lease,
-    ProcessingStatus, Result, SeenSet, StoreAdmin, StoreSummary,
+    RecordStatus, Result, SeenSet, StoreAdmin, StoreSummary,
 };
 
 type Records = HashMap<String, IdempotencyRecord>;
@@ -48,7 +48,7 @@ impl HashMapStore {
     fn finish(
         &self,
         lease: &Lease,
-        target: ProcessingStatus,
+        target: RecordStatus,
         now: DateTime<Utc>,
         write: impl FnOnce(&mut IdempotencyRecord),
     ) -> Result<()> {
@@ -109,7 +109,7 @@ fn completed(
         idempotency_key: String::new(),
         event_id: None,
         event_type: None,
-        status: ProcessingStatus::Completed,
+        status: RecordStatus::Completed,
         result,
         error: None,
         first_seen_at: None,
@@ -146,7 +146,7 @@ impl IdempotencyStore for HashMapStore {
                     idempotency_key: request.recorded_key.to_owned(),
                     event_id: given(request.event_id),
                     event_type: given(request.event_type),
-                    status: ProcessingStatus::Processing,
+                    status: RecordStatus::Processing,
                     result: None,
                     error: None,
                     first_seen_at: found.and_then(|r| r.first_seen_at).or(Some(now)),
@@ -159,7 +159,7 @@ impl IdempotencyStore for HashMapStore {
                     // The record lives at least as long as its lease.
                     expires_at: Some(after(now, request.ttl.max(request.lease))),
                 };
-                let taken_over = found.is_some_and(|r| r.status == ProcessingStatus::Processing);
+                let taken_over = found.is_some_and(|r| r.status == RecordStatus::Processing);
                 records.insert(request.key.to_owned(), record);
                 Ok(ClaimOutcome::Acquired(Lease {
                     key: request.key.to_owned(),
@@ -195,7 +195,7 @@ impl IdempotencyStore for HashMapStore {
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
         let now = Utc::now();
         let until = after(now, lease_duration);
-        self.finish(lease, ProcessingStatus::Processing, now, |record| {
+        self.finish(lease, RecordStatus::Processing, now, |record| {
             record.lease_expires_at = Some(until);
             record.expires_at = record.expires_at.max(Some(until));
         })?;
@@ -212,7 +212,7 @@ impl IdempotencyStore for HashMapStore {
         ttl: Duration,
     ) -> Result<()> {
         let now = Utc::now();
-        self.finish(lease, ProcessingStatus::Completed, now, |record| {
+        self.finish(lease, RecordStatus::Completed, now, |record| {
             let fingerprint = record.fingerprint.take();
             *record = completed(result.cloned(), record.attempts, fingerprint, now, ttl);
         })
@@ -220,9 +220,9 @@ impl IdempotencyStore for HashMapStore {
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
         let now = Utc::now();
-        self.finish(lease, ProcessingStatus::Failed, now, |record| {
+        self.finish(lease, RecordStatus::Failed, now, |record| {
             // The token stays: a repeated `fail` by the same attempt is applied.
-            record.status = ProcessingStatus::Failed;
+            record.status = RecordStatus::Failed;
             record.error = Some(error.to_owned());
             record.lease_expires_at = None;
             record.expires_at = Some(after(now, ttl));
@@ -282,7 +282,7 @@ impl StoreAdmin for HashMapStore {
             .iter()
             .filter(|(key, r)| {
                 key.starts_with(prefix)
-                    && r.status == ProcessingStatus::Processing
+                    && r.status == RecordStatus::Processing
                     && r.expires_at.is_some_and(|at| at > now)
                     && !r.is_live_processing(now)
             })

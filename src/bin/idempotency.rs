@@ -94,7 +94,7 @@ async fn run(cli: Cli) -> Result<ExitCode, IdempotencyError> {
     let checker = IdempotencyChecker::from_shared(store.clone(), config);
     match cli.command {
         Command::Get { key } => {
-            let Some(record) = checker.get_processing_record(&key).await? else {
+            let Some(record) = checker.get_record(&key).await? else {
                 eprintln!("no record for `{}`", checker.storage_key(&key)?);
                 return Ok(ExitCode::from(1));
             };

@@ -43,7 +43,7 @@ impl From<Claimed> for ClaimOutcome {
 
 impl IdempotencyChecker {
     /// The one claim path: validate, claim, apply the in-progress policy.
-    pub(super) async fn claim(
+    pub(super) async fn claim_key(
         &self,
         request: &KeyedRequest<'_>,
     ) -> Result<(Claimed, Durations, String)> {
@@ -51,12 +51,7 @@ impl IdempotencyChecker {
         let key = stored_key(request.key, config)?;
         let durations = Durations {
             ttl: check_duration("ttl", request.ttl.unwrap_or(config.ttl))?,
-            lease: check_duration(
-                "in_progress_timeout",
-                request
-                    .in_progress_timeout
-                    .unwrap_or(config.in_progress_timeout),
-            )?,
+            lease: check_duration("lease", request.lease.unwrap_or(config.lease))?,
         };
         if let Some(record) = self.inner.cache.as_ref().and_then(|c| c.get(&key.storage)) {
             if let (Some(theirs), Some(ours)) = (&record.fingerprint, &request.fingerprint)

@@ -38,7 +38,7 @@ impl IdempotencyChecker {
 
     /// Like [`guard`](Self::guard), for a key-based request.
     pub async fn guard_request(&self, request: KeyedRequest<'_>) -> Result<IdempotencyGuard> {
-        let (claimed, durations, _) = self.claim(&request).await?;
+        let (claimed, durations, _) = self.claim_key(&request).await?;
         Ok(IdempotencyGuard::new(self.clone(), claimed, durations))
     }
 }
@@ -63,7 +63,7 @@ enum GuardState {
 /// it completed.
 ///
 /// The guard does not renew its lease by itself: finish within
-/// `in_progress_timeout`, or call [`renew`](Self::renew).
+/// `lease`, or call [`renew`](Self::renew).
 ///
 /// ```
 /// use idempotency_core::{EventEnvelope, IdempotencyChecker, MemoryStore};
@@ -158,7 +158,7 @@ impl IdempotencyGuard {
         }
     }
 
-    /// Extends the lease by `in_progress_timeout` from now.
+    /// Extends the lease by `lease` from now.
     pub async fn renew(&mut self) -> Result<()> {
         let lease = self.held()?;
         let span = tracing::debug_span!("idempotency.renew", key = %lease.key);

@@ -122,7 +122,7 @@ impl IdempotencyChecker {
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let (claimed, durations, key) = match self.claim(&request).await {
+        let (claimed, durations, key) = match self.claim_key(&request).await {
             Ok(claimed) => claimed,
             Err(error) if error.is_unavailable() && self.inner.config.fail_open => {
                 return self.run_unguarded(&request, &error, handler).await;
@@ -240,9 +240,7 @@ impl IdempotencyChecker {
             "store unavailable: running the handler unguarded (fail_open); a redelivery will run it again"
         );
         tracing::debug!(key = %storage, "unguarded run");
-        let lease_for = request
-            .in_progress_timeout
-            .unwrap_or(self.inner.config.in_progress_timeout);
+        let lease_for = request.lease.unwrap_or(self.inner.config.lease);
         let lease = Lease {
             key: storage,
             token: new_token(),

@@ -11,11 +11,11 @@ use super::result::storable;
 use crate::envelope::EventEnvelope;
 use crate::error::Result;
 use crate::key::stored_key;
-use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
+use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, RecordStatus};
 
 impl IdempotencyChecker {
     /// The record for a raw idempotency key, whatever its status.
-    pub async fn get_processing_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
+    pub async fn get_record(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
         let key = stored_key(key, &self.inner.config)?;
         let record = self
             .store_call(StoreCall::gated("get"), tracing::Span::none(), || {
@@ -36,11 +36,11 @@ impl IdempotencyChecker {
     ///
     /// This is a read for dashboards and pre-checks; it decides nothing. The
     /// atomic decision is the claim made by [`process`](Self::process),
-    /// [`guard`](Self::guard) and [`mark_processing`](Self::mark_processing).
+    /// [`guard`](Self::guard) and [`claim`](Self::claim).
     /// Lease liveness is judged here by this host's clock.
-    pub async fn is_duplicate(&self, key: &str) -> Result<bool> {
-        Ok(self.get_processing_record(key).await?.is_some_and(|r| {
-            r.status == ProcessingStatus::Completed || r.is_live_processing(Utc::now())
+    pub async fn would_skip(&self, key: &str) -> Result<bool> {
+        Ok(self.get_record(key).await?.is_some_and(|r| {
+            r.status == RecordStatus::Completed || r.is_live_processing(Utc::now())
         }))
     }
 
@@ -72,34 +72,27 @@ impl IdempotencyChecker {
 
     /// Claims the envelope's key: the low-level first step. On
     /// [`ClaimOutcome::Acquired`] the caller must finish with
-    /// [`mark_completed`](Self::mark_completed) or
-    /// [`mark_failed`](Self::mark_failed) before the lease
-    /// (`in_progress_timeout`) runs out; nothing renews it. Prefer
+    /// [`complete`](Self::complete) or
+    /// [`fail`](Self::fail) before the lease
+    /// (`lease`) runs out; nothing renews it. Prefer
     /// [`process`](Self::process) or [`guard`](Self::guard).
-    pub async fn mark_processing<P: Serialize>(
-        &self,
-        envelope: &EventEnvelope<P>,
-    ) -> Result<ClaimOutcome> {
+    pub async fn claim<P: Serialize>(&self, envelope: &EventEnvelope<P>) -> Result<ClaimOutcome> {
         let request = self.envelope_request(envelope)?;
-        let (claimed, _, _) = self.claim(&request).await?;
+        let (claimed, _, _) = self.claim_key(&request).await?;
         Ok(claimed.into())
     }
 
-    /// Records `result` for a lease from [`mark_processing`](Self::mark_processing).
+    /// Records `result` for a lease from [`claim`](Self::claim).
     /// Fails with [`IdempotencyError::LeaseLost`](crate::IdempotencyError::LeaseLost) if the lease was taken over.
-    pub async fn mark_completed<T: Serialize + ?Sized>(
-        &self,
-        lease: &Lease,
-        result: &T,
-    ) -> Result<()> {
+    pub async fn complete<T: Serialize + ?Sized>(&self, lease: &Lease, result: &T) -> Result<()> {
         let value = storable(result)?;
         let completed = Finish::Completed(Some(&value));
         self.finish(lease, completed, self.inner.config.ttl).await
     }
 
-    /// Records a failure for a lease from [`mark_processing`](Self::mark_processing),
+    /// Records a failure for a lease from [`claim`](Self::claim),
     /// so the next delivery retries.
-    pub async fn mark_failed(&self, lease: &Lease, error: &str) -> Result<()> {
+    pub async fn fail(&self, lease: &Lease, error: &str) -> Result<()> {
         let failed = Finish::Failed(error);
         self.finish(lease, failed, self.inner.config.ttl).await
     }

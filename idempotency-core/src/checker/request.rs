@@ -30,7 +30,7 @@ pub struct KeyedRequest<'a> {
     pub(super) event_type: Option<&'a str>,
     pub(super) fingerprint: Option<String>,
     pub(super) ttl: Option<Duration>,
-    pub(super) in_progress_timeout: Option<Duration>,
+    pub(super) lease: Option<Duration>,
     pub(super) on_duplicate: Option<DuplicatePolicy>,
     pub(super) on_in_progress: Option<InProgressPolicy>,
 }
@@ -44,7 +44,7 @@ impl<'a> KeyedRequest<'a> {
             event_type: None,
             fingerprint: None,
             ttl: None,
-            in_progress_timeout: None,
+            lease: None,
             on_duplicate: None,
             on_in_progress: None,
         }
@@ -98,9 +98,9 @@ impl<'a> KeyedRequest<'a> {
         self
     }
 
-    /// Overrides the checker's `in_progress_timeout` (the lease) for this request.
-    pub fn in_progress_timeout(mut self, timeout: Duration) -> Self {
-        self.in_progress_timeout = Some(timeout);
+    /// Overrides the checker's [`lease`](crate::IdempotencyConfig::lease) for this request.
+    pub fn lease(mut self, timeout: Duration) -> Self {
+        self.lease = Some(timeout);
         self
     }
 

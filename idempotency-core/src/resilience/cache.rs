@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use crate::record::{IdempotencyRecord, ProcessingStatus};
+use crate::record::{IdempotencyRecord, RecordStatus};
 
 /// The optional in-process cache of `COMPLETED` records (see
 /// [`IdempotencyConfigBuilder::local_cache`](crate::IdempotencyConfigBuilder::local_cache)).
@@ -70,7 +70,7 @@ impl ReplayCache {
         mut record: IdempotencyRecord,
         expires_in: Option<Duration>,
     ) {
-        if record.status != ProcessingStatus::Completed {
+        if record.status != RecordStatus::Completed {
             return;
         }
         let left = expires_in.or_else(|| {
@@ -106,7 +106,7 @@ mod tests {
             idempotency_key: String::new(),
             event_id: None,
             event_type: None,
-            status: ProcessingStatus::Completed,
+            status: RecordStatus::Completed,
             result: Some(serde_json::json!("r")),
             error: None,
             first_seen_at: None,
@@ -126,7 +126,7 @@ mod tests {
     #[test]
     fn only_completed_records_are_kept() {
         let c = cache(10, Duration::from_secs(60));
-        for status in [ProcessingStatus::Processing, ProcessingStatus::Failed] {
+        for status in [RecordStatus::Processing, RecordStatus::Failed] {
             let mut r = completed();
             r.status = status;
             c.put("k", r, None);

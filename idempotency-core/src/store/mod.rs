@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus};
+use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, RecordStatus};
 
 /// `now + d`, saturating instead of overflowing.
 pub(crate) fn after(
@@ -218,10 +218,10 @@ impl StoreSummary {
         let counter = match record {
             None => &mut self.corrupt,
             Some(r) => match r.status {
-                ProcessingStatus::Completed => &mut self.completed,
-                ProcessingStatus::Failed => &mut self.failed,
-                ProcessingStatus::Processing if r.is_live_processing(now) => &mut self.processing,
-                ProcessingStatus::Processing => &mut self.stuck,
+                RecordStatus::Completed => &mut self.completed,
+                RecordStatus::Failed => &mut self.failed,
+                RecordStatus::Processing if r.is_live_processing(now) => &mut self.processing,
+                RecordStatus::Processing => &mut self.stuck,
             },
         };
         *counter += 1;

@@ -6,7 +6,7 @@ async fn unparseable(envelope: EventEnvelope) -> Result<u32, IdempotencyError> {
     Ok(1)
 }
 
-#[idempotent(in_progress_timeout = "0s")]
+#[idempotent(lease = "0s")]
 async fn zero(envelope: EventEnvelope) -> Result<u32, IdempotencyError> {
     let _ = envelope;
     Ok(1)
@@ -24,7 +24,7 @@ async fn longer_than_the_stores_accept(envelope: EventEnvelope) -> Result<u32, I
     Ok(1)
 }
 
-#[idempotent(in_progress_timeout = "500us")]
+#[idempotent(lease = "500us")]
 async fn shorter_than_a_millisecond(envelope: EventEnvelope) -> Result<u32, IdempotencyError> {
     let _ = envelope;
     Ok(1)

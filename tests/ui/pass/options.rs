@@ -29,7 +29,7 @@ fn checker() -> &'static IdempotencyChecker {
 #[must_use = "the receipt matters"]
 #[idempotent(
     ttl = "1h30m",
-    in_progress_timeout = "30s",
+    lease = "30s",
     key = format!("{}:{}", envelope.payload.tenant, envelope.event_id),
     checker = checker(),
     on_duplicate = "replay",
@@ -52,7 +52,7 @@ where
 }
 
 /// The bounds the runtime accepts, at both ends.
-#[idempotent(checker = checker(), ttl = "3650d", in_progress_timeout = "1ms")]
+#[idempotent(checker = checker(), ttl = "3650d", lease = "1ms")]
 async fn at_the_bounds(envelope: EventEnvelope<Order>) -> Result<u64, AppError> {
     Ok(envelope.payload.amount)
 }

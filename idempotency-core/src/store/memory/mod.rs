@@ -15,7 +15,7 @@ use super::{
 };
 use crate::error::{IdempotencyError, Result};
 use crate::record::{
-    ClaimDecision, ClaimOutcome, FinishDecision, IdempotencyRecord, Lease, ProcessingStatus,
+    ClaimDecision, ClaimOutcome, FinishDecision, IdempotencyRecord, Lease, RecordStatus,
     decide_claim, decide_finish,
 };
 
@@ -217,7 +217,7 @@ impl Shard {
         &mut self,
         hash: u64,
         lease: &Lease,
-        target: ProcessingStatus,
+        target: RecordStatus,
         now: DateTime<Utc>,
         write: impl FnOnce(&mut Slot),
     ) -> Result<()> {
@@ -295,7 +295,7 @@ impl IdempotencyStore for MemoryStore {
         let now = self.now();
         let hash = self.hasher.hash_one(&lease.key);
         self.shard(hash, now)
-            .finish(hash, lease, ProcessingStatus::Processing, now, |slot| {
+            .finish(hash, lease, RecordStatus::Processing, now, |slot| {
                 let until = after(now, lease_duration);
                 if let State::Processing {
                     lease_expires_at, ..
@@ -319,7 +319,7 @@ impl IdempotencyStore for MemoryStore {
         let now = self.now();
         let hash = self.hasher.hash_one(&lease.key);
         self.shard(hash, now)
-            .finish(hash, lease, ProcessingStatus::Completed, now, |slot| {
+            .finish(hash, lease, RecordStatus::Completed, now, |slot| {
                 slot.trim_to_completed();
                 slot.state = State::Completed {
                     completed_at: now,
@@ -333,7 +333,7 @@ impl IdempotencyStore for MemoryStore {
         let now = self.now();
         let hash = self.hasher.hash_one(&lease.key);
         self.shard(hash, now)
-            .finish(hash, lease, ProcessingStatus::Failed, now, |slot| {
+            .finish(hash, lease, RecordStatus::Failed, now, |slot| {
                 let first_seen_at = slot.first_seen_at().unwrap_or(now);
                 slot.state = State::Failed {
                     first_seen_at,
@@ -420,7 +420,7 @@ impl StoreAdmin for MemoryStore {
         let now = self.now();
         let mut stuck = Vec::new();
         self.each_live(prefix, now, |slot| {
-            if slot.status() == ProcessingStatus::Processing {
+            if slot.status() == RecordStatus::Processing {
                 let record = slot.snapshot();
                 if !record.is_live_processing(now) {
                     stuck.push((slot.field(Field::Key).to_owned(), record));
@@ -494,7 +494,7 @@ fn acquire(
         token: request.token.to_owned(),
         attempt,
         expires_at: lease_expires_at,
-        taken_over: existing.is_some_and(|s| s.status() == ProcessingStatus::Processing),
+        taken_over: existing.is_some_and(|s| s.status() == RecordStatus::Processing),
     };
     (slot, lease)
 }

@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::record::{IdempotencyRecord, ProcessingStatus, RecordView};
+use crate::record::{IdempotencyRecord, RecordStatus, RecordView};
 
 /// One record in compact form: every text field in one allocation, and the
 /// fields each status keeps (see [`IdempotencyRecord`]) in its [`State`].
@@ -93,11 +93,11 @@ impl Slot {
         self.field(Field::Key) == key
     }
 
-    pub(super) fn status(&self) -> ProcessingStatus {
+    pub(super) fn status(&self) -> RecordStatus {
         match self.state {
-            State::Processing { .. } => ProcessingStatus::Processing,
-            State::Failed { .. } => ProcessingStatus::Failed,
-            State::Completed { .. } => ProcessingStatus::Completed,
+            State::Processing { .. } => RecordStatus::Processing,
+            State::Failed { .. } => RecordStatus::Failed,
+            State::Completed { .. } => RecordStatus::Completed,
         }
     }
 

@@ -17,7 +17,7 @@ use super::retry::{unavailable, unexpected};
 use super::scripts::READ;
 use super::wire::{Reply, ms_to_time};
 use crate::error::{IdempotencyError, Result};
-use crate::record::{IdempotencyRecord, ProcessingStatus};
+use crate::record::{IdempotencyRecord, RecordStatus};
 use crate::store::StoreSummary;
 
 /// How many keys one `SCAN` page asks for.
@@ -262,7 +262,7 @@ impl RedisStore {
         let mut stuck = Vec::new();
         self.walk(prefix, |key, record, _| {
             if let Some(Ok(record)) = record
-                && record.status == ProcessingStatus::Processing
+                && record.status == RecordStatus::Processing
                 && !record.is_live_processing(now)
             {
                 stuck.push((key.to_owned(), record));

@@ -17,7 +17,7 @@ use super::wire::{Reply, completed_expiry, fast_claim, members, millis, ms_to_ti
 use super::{RedisStore, STORE};
 use crate::error::{IdempotencyError, Result, StoreRefusal};
 use crate::record::{
-    ClaimDecision, ClaimOutcome, IdempotencyRecord, Lease, ProcessingStatus, decide_claim,
+    ClaimDecision, ClaimOutcome, IdempotencyRecord, Lease, RecordStatus, decide_claim,
 };
 use crate::store::{ClaimRequest, IdempotencyStore};
 
@@ -91,7 +91,7 @@ impl IdempotencyStore for RedisStore {
             .and_then(|raw| Some((raw, serde_json::from_str::<IdempotencyRecord>(raw).ok()?)));
         if let Some((raw, mut record)) = record {
             match record.status {
-                ProcessingStatus::Completed => {
+                RecordStatus::Completed => {
                     if let (Some(ours), Some(theirs)) = (request.fingerprint, &record.fingerprint)
                         && !ours.is_empty()
                         && ours != theirs
@@ -108,7 +108,7 @@ impl IdempotencyStore for RedisStore {
                         return Ok(ClaimOutcome::Duplicate(record));
                     }
                 }
-                ProcessingStatus::Processing
+                RecordStatus::Processing
                     if record.lease_token.as_deref() == Some(request.token) =>
                 {
                     let lease = lease(record.attempts);
@@ -318,7 +318,7 @@ impl RedisStore {
             }
             "duplicate" => {
                 let record = reply.record(request.key)?;
-                if record.status != ProcessingStatus::Completed {
+                if record.status != RecordStatus::Completed {
                     return Err(IdempotencyError::corrupt(
                         request.key,
                         "answered as a duplicate, but the record is not COMPLETED",
