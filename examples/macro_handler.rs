@@ -49,7 +49,7 @@ async fn handle_field_created(
     INDEXED.fetch_add(1, Ordering::SeqCst);
     // The fencing token of this attempt, for guarding downstream writes.
     let token: String = current_lease()
-        .map(|lease| lease.token.chars().take(8).collect())
+        .map(|lease| lease.token().chars().take(8).collect())
         .unwrap_or_default();
     Ok(FieldReceipt {
         field_id: envelope.payload.field_id,

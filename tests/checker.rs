@@ -149,7 +149,7 @@ async fn failed_attempt_is_retried_then_replayed(kind: Kind) {
             if fail {
                 Err(AppError::Business("card declined".into()))
             } else {
-                Ok(format!("charged on attempt {}", lease.attempt))
+                Ok(format!("charged on attempt {}", lease.attempt()))
             }
         }
     };
@@ -237,8 +237,8 @@ async fn expired_lease_is_taken_over_and_stale_worker_loses(kind: Kind) {
     let taken = env
         .checker
         .process(&e, |lease| async move {
-            assert_eq!(lease.attempt, 2);
-            assert!(lease.taken_over, "the handler learns it took over");
+            assert_eq!(lease.attempt(), 2);
+            assert!(lease.taken_over(), "the handler learns it took over");
             Ok::<_, IdempotencyError>("B".to_owned())
         })
         .await
@@ -425,7 +425,7 @@ async fn dropped_guard_marks_failed_and_retry_runs(kind: Kind) {
     {
         let guard = env.checker.guard(&e).await.expect("guard");
         assert!(!guard.is_duplicate());
-        assert_eq!(guard.lease().expect("held").attempt, 1);
+        assert_eq!(guard.lease().expect("held").attempt(), 1);
         // An early return: the guard goes out of scope unfinished.
     }
     let mut status = None;
@@ -444,7 +444,7 @@ async fn dropped_guard_marks_failed_and_retry_runs(kind: Kind) {
     assert_eq!(status, Some(RecordStatus::Failed));
     let guard = env.checker.guard(&e).await.expect("guard");
     assert!(!guard.is_duplicate(), "a dropped attempt is retryable");
-    assert_eq!(guard.lease().expect("held").attempt, 2);
+    assert_eq!(guard.lease().expect("held").attempt(), 2);
     guard.complete(&"done").await.expect("complete");
     let guard = env.checker.guard(&e).await.expect("guard");
     assert!(guard.is_duplicate());
@@ -646,7 +646,7 @@ async fn cancelled_call_is_failed_and_retried(kind: Kind) {
         match env
             .checker
             .process(&event("cancelled"), |lease| async move {
-                Ok::<_, IdempotencyError>(lease.attempt)
+                Ok::<_, IdempotencyError>(lease.attempt())
             })
             .await
         {
@@ -785,7 +785,7 @@ async fn claim_with_lost_reply_is_released(kind: Kind) {
     let retried = env
         .checker
         .process(&event("lost-reply"), |lease| async move {
-            Ok::<_, IdempotencyError>(lease.attempt)
+            Ok::<_, IdempotencyError>(lease.attempt())
         })
         .await
         .expect("retry runs without waiting out the lease");
@@ -844,7 +844,7 @@ async fn claim_lost_before_an_outage_is_released_when_the_store_returns(kind: Ki
     let retried = env
         .checker
         .process(&event("lost-then-down"), |lease| async move {
-            Ok::<_, IdempotencyError>(lease.attempt)
+            Ok::<_, IdempotencyError>(lease.attempt())
         })
         .await
         .expect("retry runs without waiting out the lease");

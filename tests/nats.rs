@@ -263,7 +263,7 @@ async fn failing_handler_is_redelivered_and_runs_on_the_third_attempt() {
                     let runs = Arc::clone(&handler_runs);
                     async move {
                         runs.fetch_add(1, Ordering::SeqCst);
-                        let attempt = current_lease().map_or(0, |lease| lease.attempt);
+                        let attempt = current_lease().map_or(0, |lease| lease.attempt());
                         if attempt < 3 {
                             return Err(format!("downstream timeout on attempt {attempt}"));
                         }
@@ -359,7 +359,9 @@ async fn crashed_worker_is_taken_over_and_never_completes_twice() {
                     let runs = Arc::clone(&handler_runs);
                     async move {
                         runs.fetch_add(1, Ordering::SeqCst);
-                        Ok::<_, IdempotencyError>(current_lease().map_or(0, |lease| lease.attempt))
+                        Ok::<_, IdempotencyError>(
+                            current_lease().map_or(0, |lease| lease.attempt()),
+                        )
                     }
                 }),
                 shutdown(),

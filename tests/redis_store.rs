@@ -84,7 +84,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
     assert_eq!(doc["event_type"], "test.event");
     assert_eq!(doc["status"], "PROCESSING");
     assert_eq!(doc["attempts"], 1);
-    assert_eq!(doc["lease_token"].as_str(), Some(lease.token.as_str()));
+    assert_eq!(doc["lease_token"].as_str(), Some(lease.token()));
     assert_eq!(doc["fingerprint"].as_str().map(str::len), Some(64));
     assert_eq!(doc["claim_px"], 3_600_000, "max(ttl, lease)");
     let lease_ms = doc["lease_ms"].as_i64().expect("integer milliseconds");
@@ -215,9 +215,9 @@ async fn a_fast_claim_without_expiry_is_taken_over() {
         .expect("PERSIST");
     assert!(persisted);
     let second = acquired(&checker, &event("persisted")).await;
-    assert_eq!(second.attempt, 2);
-    assert!(second.taken_over);
-    assert_ne!(first.token, second.token);
+    assert_eq!(second.attempt(), 2);
+    assert!(second.taken_over());
+    assert_ne!(first.token(), second.token());
     let lost = checker
         .complete(&first, &json!(1))
         .await
@@ -804,12 +804,12 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
     match store
         .claim(&idempotency_core::testing::claim_request(
             "idempotency:events:full-live",
-            &live.token,
+            &live.token(),
         ))
         .await
         .expect("claim")
     {
-        idempotency::ClaimOutcome::Acquired(lease) => assert_eq!(lease.attempt, 1),
+        idempotency::ClaimOutcome::Acquired(lease) => assert_eq!(lease.attempt(), 1),
         other => panic!("expected Acquired, got {other:?}"),
     }
     for key in [
@@ -1091,7 +1091,7 @@ async fn completing_a_claim_compares_its_document_and_decodes_nothing() {
     checker.fail(&lease, "boom").await.expect("fail");
     assert_eq!(command_calls(&mut redis, "pexpiretime").await, 1);
     let retry = acquired(&checker, &e).await;
-    assert_eq!(retry.attempt, 2);
+    assert_eq!(retry.attempt(), 2);
     checker.complete(&retry, &json!(2)).await.expect("complete");
     assert_eq!(command_calls(&mut redis, "pexpiretime").await, 1);
     let doc = stored_doc(&mut redis, "idempotency:events:hot-2").await;
@@ -1130,10 +1130,10 @@ async fn completions_take_set_ifeq_on_valkey_and_a_script_on_redis_7() {
                 u64::from(!ifeq),
                 "{kind:?}, {how}: scripts run by one completion"
             );
-            let record = store.get(&lease.key).await.expect("get").expect("record");
+            let record = store.get(&lease.key()).await.expect("get").expect("record");
             assert_eq!(record.status, idempotency::RecordStatus::Completed);
             assert_eq!(record.result, Some(result), "{kind:?}, {how}");
-            assert_eq!(record.attempts, lease.attempt, "{kind:?}, {how}");
+            assert_eq!(record.attempts, lease.attempt(), "{kind:?}, {how}");
             record
         };
         let acquire =
@@ -1184,7 +1184,7 @@ async fn completions_take_set_ifeq_on_valkey_and_a_script_on_redis_7() {
         store.fail(&lease, "boom", ttl).await.expect("fail");
         let request = idempotency_core::testing::claim_request("ifeq-script", "t4");
         let lease = acquire(&store, &request).await;
-        assert_eq!(lease.attempt, 2);
+        assert_eq!(lease.attempt(), 2);
         complete(&store, &mut redis, &lease, json!(2), "claim script").await;
 
         let request = idempotency_core::testing::claim_request("ifeq-renewed", "t5");
@@ -1217,11 +1217,11 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         other => panic!("expected Acquired, got {other:?}"),
     };
     // The same record in other bytes (re-encoded, as a script would).
-    let raw: String = redis.get(&lease.key).await.expect("GET");
+    let raw: String = redis.get(&lease.key()).await.expect("GET");
     let doc: serde_json::Value = serde_json::from_str(&raw).expect("JSON");
     let pretty = serde_json::to_string_pretty(&doc).expect("JSON");
     let _: () = redis::cmd("SET")
-        .arg(&lease.key)
+        .arg(&lease.key())
         .arg(&pretty)
         .arg("KEEPTTL")
         .query_async(&mut redis)
@@ -1233,7 +1233,7 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         .await
         .expect("the finish script completes the rewritten record");
     assert_eq!(command_calls(&mut redis, "evalsha").await, before + 1);
-    let record = store.get(&lease.key).await.expect("get").expect("record");
+    let record = store.get(&lease.key()).await.expect("get").expect("record");
     assert_eq!(record.result, Some(json!("done")));
 
     // A completion by a lease another worker took over writes nothing.
@@ -1248,7 +1248,7 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         idempotency::ClaimOutcome::Acquired(lease) => lease,
         other => panic!("expected Acquired, got {other:?}"),
     };
-    let _: () = redis.del(&stale.key).await.expect("DEL");
+    let _: () = redis.del(&stale.key()).await.expect("DEL");
     let newer = match store
         .claim(&idempotency_core::testing::claim_request(
             "ifeq-taken",
@@ -1268,6 +1268,6 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         .complete(&newer, Some(&json!("new")), ttl)
         .await
         .expect("the holder completes");
-    let record = store.get(&newer.key).await.expect("get").expect("record");
+    let record = store.get(&newer.key()).await.expect("get").expect("record");
     assert_eq!(record.result, Some(json!("new")));
 }

@@ -318,8 +318,8 @@ async fn fail_open_runs_the_handler_unguarded_only_when_asked() {
         let outcome = fail_open
             .process(&event(&format!("open-{i}")), |lease| async move {
                 runs.fetch_add(1, Ordering::SeqCst);
-                assert_eq!(lease.attempt, 0, "an unguarded run has no attempt");
-                assert_eq!(current_lease().map(|l| l.attempt), Some(0));
+                assert_eq!(lease.attempt(), 0, "an unguarded run has no attempt");
+                assert_eq!(current_lease().map(|l| l.attempt()), Some(0));
                 Ok::<_, IdempotencyError>(i)
             })
             .await

@@ -203,29 +203,100 @@ impl IdempotencyRecord {
 
 /// The right to run one attempt for one key, handed out by a successful claim.
 ///
-/// The `token` is a fencing token: unique to each claim. Only the
+/// The [`token`](Self::token) is a fencing token: unique to each claim. Only the
 /// holder of the current token can complete, fail or renew the record, so a
 /// worker whose lease was taken over can never overwrite the newer attempt.
 /// Handlers can use the token to fence their own writes too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     /// The storage key (prefix included).
-    pub key: String,
+    pub(crate) key: String,
     /// The fencing token of this attempt.
-    pub token: String,
+    pub(crate) token: String,
     /// The attempt number (1 for the first attempt).
-    pub attempt: u32,
+    pub(crate) attempt: u32,
     /// When the lease runs out unless renewed, as of the last claim or renewal.
     /// Stores report it on their own clock; a store whose claim cannot read
     /// that clock (the Redis store's plain `SET NX` claim) measures it on
     /// this host's clock from the moment the claim was sent, so it errs
     /// early.
-    pub expires_at: DateTime<Utc>,
+    pub(crate) expires_at: DateTime<Utc>,
     /// This attempt took over a `PROCESSING` record whose lease had run out:
     /// an earlier attempt died (or stalled) part-way, so some of its side
     /// effects may already have happened. Handlers whose effects are not
     /// naturally idempotent can check for them when this is set.
-    pub taken_over: bool,
+    pub(crate) taken_over: bool,
+}
+
+impl Lease {
+    /// The lease a store hands out when a claim acquires `key` (the storage
+    /// key) under `token` as `attempt`, running out at `expires_at`.
+    ///
+    /// Only stores make leases; everyone else gets them from a claim. A
+    /// lease made up by hand holds nothing: every write under it is checked
+    /// against the record's token by the store.
+    pub fn new(
+        key: impl Into<String>,
+        token: impl Into<String>,
+        attempt: u32,
+        expires_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            key: key.into(),
+            token: token.into(),
+            attempt,
+            expires_at,
+            taken_over: false,
+        }
+    }
+
+    /// This lease, marked as having taken over an attempt whose lease ran
+    /// out (see [`taken_over`](Self::taken_over)).
+    #[must_use]
+    pub fn with_taken_over(mut self, taken_over: bool) -> Self {
+        self.taken_over = taken_over;
+        self
+    }
+
+    /// This lease, running out at `expires_at` instead (a renewal).
+    #[must_use]
+    pub fn with_expiry(mut self, expires_at: DateTime<Utc>) -> Self {
+        self.expires_at = expires_at;
+        self
+    }
+
+    /// The storage key (prefix included).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The fencing token of this attempt.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The attempt number (1 for the first attempt; 0 for a handler run
+    /// unguarded by fail-open).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// When the lease runs out unless renewed, as of the last claim or
+    /// renewal. Stores report it on their own clock; a store whose claim
+    /// cannot read that clock (the Redis store's plain `SET NX` claim)
+    /// measures it on this host's clock from the moment the claim was sent,
+    /// so it errs early.
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.expires_at
+    }
+
+    /// This attempt took over a `PROCESSING` record whose lease had run out:
+    /// an earlier attempt died (or stalled) part-way, so some of its side
+    /// effects may already have happened. Handlers whose effects are not
+    /// naturally idempotent can check for them when this is set.
+    pub fn taken_over(&self) -> bool {
+        self.taken_over
+    }
 }
 
 /// What a claim found.

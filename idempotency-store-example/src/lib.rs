@@ -53,16 +53,16 @@ impl HashMapStore {
         write: impl FnOnce(&mut IdempotencyRecord),
     ) -> Result<()> {
         let mut records = self.lock();
-        let found = live(&mut records, &lease.key, now);
+        let found = live(&mut records, &lease.key(), now);
         let view = found.as_deref().map(IdempotencyRecord::view);
-        match (decide_finish(view, &lease.token, target, false), found) {
+        match (decide_finish(view, &lease.token(), target, false), found) {
             (FinishDecision::Apply, Some(record)) => {
                 write(record);
                 Ok(())
             }
             (FinishDecision::AlreadyApplied, _) => Ok(()),
             _ => Err(IdempotencyError::LeaseLost {
-                key: lease.key.clone(),
+                key: lease.key().to_owned(),
             }),
         }
     }
@@ -161,21 +161,17 @@ impl IdempotencyStore for HashMapStore {
                 };
                 let taken_over = found.is_some_and(|r| r.status == RecordStatus::Processing);
                 records.insert(request.key.to_owned(), record);
-                Ok(ClaimOutcome::Acquired(Lease {
-                    key: request.key.to_owned(),
-                    token: request.token.to_owned(),
-                    attempt,
-                    expires_at: lease_expires_at,
-                    taken_over,
-                }))
+                Ok(ClaimOutcome::Acquired(
+                    Lease::new(request.key, request.token, attempt, lease_expires_at)
+                        .with_taken_over(taken_over),
+                ))
             }
-            (ClaimDecision::AlreadyHeld, Some(record)) => Ok(ClaimOutcome::Acquired(Lease {
-                key: request.key.to_owned(),
-                token: request.token.to_owned(),
-                attempt: record.attempts,
-                expires_at: record.lease_expires_at.unwrap_or(now),
-                taken_over: false,
-            })),
+            (ClaimDecision::AlreadyHeld, Some(record)) => Ok(ClaimOutcome::Acquired(Lease::new(
+                request.key,
+                request.token,
+                record.attempts,
+                record.lease_expires_at.unwrap_or(now),
+            ))),
             (ClaimDecision::Duplicate, Some(record)) => Ok(ClaimOutcome::Duplicate(record.clone())),
             (ClaimDecision::InProgress, Some(record)) => {
                 Ok(ClaimOutcome::InProgress(record.clone()))
@@ -199,10 +195,7 @@ impl IdempotencyStore for HashMapStore {
             record.lease_expires_at = Some(until);
             record.expires_at = record.expires_at.max(Some(until));
         })?;
-        Ok(Lease {
-            expires_at: until,
-            ..lease.clone()
-        })
+        Ok(lease.clone().with_expiry(until))
     }
 
     async fn complete(
