@@ -53,9 +53,9 @@ impl HashMapStore {
         write: impl FnOnce(&mut IdempotencyRecord),
     ) -> Result<()> {
         let mut records = self.lock();
-        let found = live(&mut records, &lease.key(), now);
+        let found = live(&mut records, lease.key(), now);
         let view = found.as_deref().map(IdempotencyRecord::view);
-        match (decide_finish(view, &lease.token(), target, false), found) {
+        match (decide_finish(view, lease.token(), target, false), found) {
             (FinishDecision::Apply, Some(record)) => {
                 write(record);
                 Ok(())
