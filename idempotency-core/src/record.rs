@@ -60,7 +60,8 @@ impl std::fmt::Display for ProcessingStatus {
 /// The document stored under each key (one JSON object in Redis).
 ///
 /// Timestamps are integers: milliseconds since the Unix epoch, taken from the
-/// store's clock (Redis `TIME`). Absent fields are left out of the document,
+/// store's clock (Redis `TIME`), except that the Redis store stamps
+/// `completed_at` with the completing host's clock. Absent fields are left out of the document,
 /// never written as `null`, and each status keeps only what it needs:
 ///
 /// | status | fields |
