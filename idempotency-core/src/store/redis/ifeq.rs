@@ -183,9 +183,8 @@ fn completed_doc(
     result: &str,
 ) -> crate::error::Result<String> {
     use std::fmt::Write as _;
-    let mut doc = String::with_capacity(
-        96 + held.fingerprint.as_ref().map_or(0, String::len) + result.len(),
-    );
+    let mut doc =
+        String::with_capacity(96 + held.fingerprint.as_ref().map_or(0, String::len) + result.len());
     // Writing to a String cannot fail.
     let _ = write!(
         doc,

@@ -59,7 +59,7 @@ impl IdempotencyStore for RedisStore {
                     reason: StoreRefusal::OutOfMemory,
                     ..
                 },
-            ) => return self.claim_when_full(request, refused).await,
+            ) => return Box::pin(self.claim_when_full(request, refused)).await,
             other => other?,
         };
         let lease = |attempt: u32| Lease {
@@ -127,7 +127,9 @@ impl IdempotencyStore for RedisStore {
                 _ => {}
             }
         }
-        self.claim_script(request).await
+        // Boxed, as every rare path here: the common claim's future stays
+        // small (it is boxed and moved on every call).
+        Box::pin(self.claim_script(request)).await
     }
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
@@ -187,8 +189,7 @@ impl IdempotencyStore for RedisStore {
                 IfeqReply::Mismatch { retried: r } => retried = r,
             }
         }
-        self.finish(lease, ttl, Some(completed_at), &result, retried)
-            .await
+        Box::pin(self.finish(lease, ttl, Some(completed_at), &result, retried)).await
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
