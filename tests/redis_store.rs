@@ -804,7 +804,7 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
     match store
         .claim(&idempotency_core::testing::claim_request(
             "idempotency:events:full-live",
-            &live.token(),
+            live.token(),
         ))
         .await
         .expect("claim")
@@ -1130,7 +1130,7 @@ async fn completions_take_set_ifeq_on_valkey_and_a_script_on_redis_7() {
                 u64::from(!ifeq),
                 "{kind:?}, {how}: scripts run by one completion"
             );
-            let record = store.get(&lease.key()).await.expect("get").expect("record");
+            let record = store.get(lease.key()).await.expect("get").expect("record");
             assert_eq!(record.status, idempotency::RecordStatus::Completed);
             assert_eq!(record.result, Some(result), "{kind:?}, {how}");
             assert_eq!(record.attempts, lease.attempt(), "{kind:?}, {how}");
@@ -1217,11 +1217,11 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         other => panic!("expected Acquired, got {other:?}"),
     };
     // The same record in other bytes (re-encoded, as a script would).
-    let raw: String = redis.get(&lease.key()).await.expect("GET");
+    let raw: String = redis.get(lease.key()).await.expect("GET");
     let doc: serde_json::Value = serde_json::from_str(&raw).expect("JSON");
     let pretty = serde_json::to_string_pretty(&doc).expect("JSON");
     let _: () = redis::cmd("SET")
-        .arg(&lease.key())
+        .arg(lease.key())
         .arg(&pretty)
         .arg("KEEPTTL")
         .query_async(&mut redis)
@@ -1233,7 +1233,7 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         .await
         .expect("the finish script completes the rewritten record");
     assert_eq!(command_calls(&mut redis, "evalsha").await, before + 1);
-    let record = store.get(&lease.key()).await.expect("get").expect("record");
+    let record = store.get(lease.key()).await.expect("get").expect("record");
     assert_eq!(record.result, Some(json!("done")));
 
     // A completion by a lease another worker took over writes nothing.
@@ -1248,7 +1248,7 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         idempotency::ClaimOutcome::Acquired(lease) => lease,
         other => panic!("expected Acquired, got {other:?}"),
     };
-    let _: () = redis.del(&stale.key()).await.expect("DEL");
+    let _: () = redis.del(stale.key()).await.expect("DEL");
     let newer = match store
         .claim(&idempotency_core::testing::claim_request(
             "ifeq-taken",
@@ -1268,6 +1268,6 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         .complete(&newer, Some(&json!("new")), ttl)
         .await
         .expect("the holder completes");
-    let record = store.get(&newer.key()).await.expect("get").expect("record");
+    let record = store.get(newer.key()).await.expect("get").expect("record");
     assert_eq!(record.result, Some(json!("new")));
 }

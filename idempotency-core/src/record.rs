@@ -59,11 +59,12 @@ impl std::fmt::Display for RecordStatus {
 
 /// The record a store keeps under each key.
 ///
-/// Timestamps are taken from the store's clock. How a store encodes the
-/// record is its own business; the serde form (JSON, timestamps as integer
-/// milliseconds since the Unix epoch, absent fields left out rather than
-/// written as `null`) is what this crate's stores use. Each status keeps
-/// only what it needs:
+/// Timestamps are taken from the store's clock, except `completed_at`,
+/// which a store may take from the completing host's clock (the Redis store
+/// does, on every path). How a store encodes the record is its own
+/// business; the serde form (JSON, timestamps as integer milliseconds since
+/// the Unix epoch, absent fields left out rather than written as `null`) is
+/// what this crate's stores use. Each status keeps only what it needs:
 ///
 /// | status | fields |
 /// |---|---|

@@ -99,8 +99,19 @@ pub(crate) fn bump(counter: &Counter) {
 /// Records how long one store operation (`op`: claim, renew, complete,
 /// fail, get, delete, health) took.
 pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
-    metrics::histogram!("idempotency_store_latency_seconds", "op" => op)
-        .record(started.elapsed().as_secs_f64());
+    // Literal labels make a static key: no allocation or hashing per call.
+    macro_rules! by_op {
+        ($($name:literal),*) => {
+            match op {
+                $($name => metrics::histogram!("idempotency_store_latency_seconds", "op" => $name),)*
+                other => metrics::histogram!("idempotency_store_latency_seconds", "op" => other),
+            }
+        };
+    }
+    by_op!(
+        "claim", "complete", "renew", "fail", "get", "delete", "health", "mark", "contains"
+    )
+    .record(started.elapsed().as_secs_f64());
 }
 
 /// Records how long a handler ran.

@@ -187,12 +187,26 @@ impl IdempotencyGuard {
 
     /// Records how the attempt ended; the guard then holds nothing.
     pub(super) async fn finish(&mut self, finish: Finish<'_>) -> Result<()> {
-        let result = self
-            .checker
-            .finish(self.held()?, finish, self.durations.ttl)
-            .await;
-        self.state = GuardState::Finished;
-        result
+        self.finish_returning(finish).await.0
+    }
+
+    /// [`finish`](Self::finish), handing back the lease it held (for a
+    /// caller that retries the write later), so no copy is made up front.
+    /// The guard holds the lease until the write is over: cancelled midway,
+    /// it records the attempt as failed, as [`Drop`] says.
+    pub(super) async fn finish_returning(
+        &mut self,
+        finish: Finish<'_>,
+    ) -> (Result<()>, Option<Lease>) {
+        let lease = match self.held() {
+            Ok(lease) => lease,
+            Err(e) => return (Err(e), None),
+        };
+        let result = self.checker.finish(lease, finish, self.durations.ttl).await;
+        match std::mem::replace(&mut self.state, GuardState::Finished) {
+            GuardState::Held(lease) => (result, Some(lease)),
+            _ => (result, None),
+        }
     }
 
     /// Renews the lease every third of the lease until dropped (sooner after

@@ -135,7 +135,7 @@ impl IdempotencyChecker {
                 let policy = request
                     .on_duplicate
                     .unwrap_or(self.inner.config.on_duplicate);
-                return replay(policy, key, &record).map_err(E::from);
+                return replay(policy, key, record).map_err(E::from);
             }
             Claimed::InProgress(record) => {
                 return Err(E::from(IdempotencyError::InProgress {
@@ -145,7 +145,6 @@ impl IdempotencyChecker {
             }
         };
         let attempt = lease.attempt;
-        let held = lease.clone();
         let mut guard =
             IdempotencyGuard::new(self.clone(), Claimed::Acquired(lease.clone()), durations);
 
@@ -166,15 +165,15 @@ impl IdempotencyChecker {
         handler_latency(started);
         match outcome {
             Ok(Ok(value)) => match storable(&value) {
-                Ok(json) => match guard.finish(Finish::Completed(Some(&json))).await {
-                    Ok(()) => {
+                Ok(json) => match guard.finish_returning(Finish::Completed(Some(&json))).await {
+                    (Ok(()), _) => {
                         self.remember(&key, &request, attempt, json, durations.ttl);
                         Ok(Processed::Executed(value))
                     }
                     // The side effects happened: report them, and keep
                     // trying to record them. Returning an error would only
                     // invite a redelivery that runs the handler again.
-                    Err(e) if may_land_later(&e) => {
+                    (Err(e), Some(held)) if may_land_later(&e) => {
                         tracing::warn!(
                             error = %e.redacted(),
                             "the handler ran but the store did not take its completion; retrying it in the background"
@@ -182,19 +181,19 @@ impl IdempotencyChecker {
                         self.complete_later(held, Some(json), durations);
                         Ok(Processed::Executed(value))
                     }
-                    Err(e) => Err(E::from(e)),
+                    (Err(e), _) => Err(E::from(e)),
                 },
                 Err(e) => {
                     // The side effects happened: record the key as done with
                     // no result rather than failed, so it never runs again;
                     // duplicates get `ResultNotStored`, never a made-up value.
-                    match guard.finish(Finish::Completed(None)).await {
-                        Ok(()) => {}
-                        Err(store_error) if may_land_later(&store_error) => {
+                    match guard.finish_returning(Finish::Completed(None)).await {
+                        (Ok(()), _) => {}
+                        (Err(store_error), Some(held)) if may_land_later(&store_error) => {
                             tracing::warn!(error = %store_error.redacted(), "could not record the completed attempt yet; retrying it in the background");
                             self.complete_later(held, None, durations);
                         }
-                        Err(store_error) => {
+                        (Err(store_error), _) => {
                             tracing::warn!(error = %store_error.redacted(), "could not record the completed attempt");
                         }
                     }

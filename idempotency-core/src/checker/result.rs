@@ -37,31 +37,34 @@ pub(super) fn storable<T: Serialize + ?Sized>(
 /// The first attempt's result, or [`IdempotencyError::ResultNotStored`]
 /// when the record holds none (the result could not be stored).
 pub(super) fn stored_result(key: &str, record: &IdempotencyRecord) -> Result<serde_json::Value> {
-    record
-        .result
-        .clone()
-        .ok_or_else(|| IdempotencyError::ResultNotStored {
-            key: key.to_owned(),
-            reason: "the first attempt's result could not be serialized to JSON, \
-                     or nested deeper than the limit"
-                .to_owned(),
-        })
+    record.result.clone().ok_or_else(|| not_stored(key))
+}
+
+/// [`IdempotencyError::ResultNotStored`] for `key`.
+fn not_stored(key: &str) -> IdempotencyError {
+    IdempotencyError::ResultNotStored {
+        key: key.to_owned(),
+        reason: "the first attempt's result could not be serialized to JSON, \
+                 or nested deeper than the limit"
+            .to_owned(),
+    }
 }
 
 /// What a duplicate of a `COMPLETED` key gets under `policy`.
+/// The record is taken by value, so its result is decoded without a copy.
 pub(super) fn replay<T: DeserializeOwned>(
     policy: DuplicatePolicy,
     key: String,
-    record: &IdempotencyRecord,
+    record: IdempotencyRecord,
 ) -> Result<Processed<T>> {
     match policy {
         DuplicatePolicy::Error => Err(IdempotencyError::Duplicate {
             key,
-            cached_result: record.result.clone(),
+            cached_result: record.result,
         }),
-        DuplicatePolicy::Replay => {
-            let value = stored_result(&key, record)?;
-            Ok(Processed::Replayed(serde_json::from_value(value)?))
-        }
+        DuplicatePolicy::Replay => match record.result {
+            Some(value) => Ok(Processed::Replayed(serde_json::from_value(value)?)),
+            None => Err(not_stored(&key)),
+        },
     }
 }

@@ -172,41 +172,24 @@ pub(super) struct FingerprintOnly {
     pub(super) fingerprint: Option<String>,
 }
 
-/// How every COMPLETED document starts, up to its `completed_at`
-/// milliseconds (the compare script writes the same head).
-const COMPLETED_HEAD: &str = "{\"status\":\"COMPLETED\",\"completed_at\":";
-
 /// The COMPLETED document, byte for byte as the finish script writes it:
 /// the status first (the claim script's duplicate test reads it there),
 /// `attempts` only when not 1, `ttl_ms` before the result, and the result's
 /// JSON text spliced in last (absent when `result` is empty).
-#[cfg(test)]
 fn completed_doc(
     completed_at_ms: i64,
     held: &HeldDoc,
     ttl_ms: u64,
     result: &str,
 ) -> crate::error::Result<String> {
-    Ok(with_time(
-        completed_at_ms,
-        &completed_tail(held, ttl_ms, result)?,
-    ))
-}
-
-/// [`COMPLETED_HEAD`], the time, then `tail`.
-fn with_time(completed_at_ms: i64, tail: &str) -> String {
-    let mut doc = String::with_capacity(COMPLETED_HEAD.len() + 16 + tail.len());
-    doc.push_str(COMPLETED_HEAD);
-    doc.push_str(&completed_at_ms.to_string());
-    doc.push_str(tail);
-    doc
-}
-
-/// The COMPLETED document after its `completed_at` milliseconds.
-fn completed_tail(held: &HeldDoc, ttl_ms: u64, result: &str) -> crate::error::Result<String> {
     use std::fmt::Write as _;
-    let mut doc = String::with_capacity(64 + result.len());
+    let mut doc =
+        String::with_capacity(96 + held.fingerprint.as_ref().map_or(0, String::len) + result.len());
     // Writing to a String cannot fail.
+    let _ = write!(
+        doc,
+        "{{\"status\":\"COMPLETED\",\"completed_at\":{completed_at_ms}"
+    );
     if held.attempts != 1 {
         let _ = write!(doc, ",\"attempts\":{}", held.attempts);
     }
@@ -233,23 +216,23 @@ pub(super) fn unknown_option(e: &redis::RedisError) -> bool {
 impl RedisStore {
     /// Completes `lease` with its COMPLETED document when the key still
     /// holds exactly `held`'s document: `SET key <doc> IFEQ <held> PX ttl`
-    /// where the server has it, else the compare script. `completed_at` is
-    /// this host's clock with `IFEQ` (only a script can read the store's),
-    /// the store's in the script.
+    /// where the server has it, else the compare script. Both write the same
+    /// bytes: `completed_at_ms` is the completing host's clock (`SET` cannot
+    /// read the store's).
     pub(super) async fn complete_if_equal(
         &self,
         lease: &Lease,
         held: &HeldDoc,
+        completed_at_ms: i64,
         ttl: Duration,
         result: &str,
     ) -> Result<IfeqReply> {
         let ttl_ms = millis(ttl);
-        let tail = completed_tail(held, ttl_ms, result)?;
+        let doc = completed_doc(completed_at_ms, held, ttl_ms, result)?;
         let retried = AtomicBool::new(false);
         loop {
             let native = self.ifeq.supported() != Some(false);
             let cmd = if native {
-                let doc = with_time(Utc::now().timestamp_millis(), &tail);
                 let mut cmd =
                     redis::Cmd::with_capacity(7, 64 + lease.key.len() + doc.len() + held.doc.len());
                 cmd.arg("SET")
@@ -262,7 +245,7 @@ impl RedisStore {
                 cmd
             } else {
                 let mut cmd = evalsha(&self.scripts.complete_if_equal, &lease.key);
-                cmd.arg(&held.doc).arg(&tail).arg(ttl_ms);
+                cmd.arg(&held.doc).arg(&doc).arg(ttl_ms);
                 cmd
             };
             let applied = self

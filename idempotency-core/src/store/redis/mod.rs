@@ -5,7 +5,9 @@
 //!   key hashing on, the key part is the SHA-256 hex digest of the raw key).
 //! - Value: one JSON document, the serialized
 //!   [`IdempotencyRecord`](crate::IdempotencyRecord). Timestamps are
-//!   integer milliseconds since the Unix epoch from Redis `TIME`.
+//!   integer milliseconds since the Unix epoch from Redis `TIME`, except
+//!   `completed_at`: the completing host's clock on every path (a plain
+//!   `SET ... IFEQ` cannot read the store's).
 //! - Expiry: the key's own TTL (`PX`): `max(ttl, lease)` while `PROCESSING`,
 //!   `ttl` from the moment it becomes `COMPLETED` or `FAILED`.
 //!

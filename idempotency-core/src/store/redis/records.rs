@@ -59,7 +59,7 @@ impl IdempotencyStore for RedisStore {
                     reason: StoreRefusal::OutOfMemory,
                     ..
                 },
-            ) => return self.claim_when_full(request, refused).await,
+            ) => return Box::pin(self.claim_when_full(request, refused)).await,
             other => other?,
         };
         let lease = |attempt: u32| Lease {
@@ -127,7 +127,9 @@ impl IdempotencyStore for RedisStore {
                 _ => {}
             }
         }
-        self.claim_script(request).await
+        // Boxed, as every rare path here: the common claim's future stays
+        // small (it is boxed and moved on every call).
+        Box::pin(self.claim_script(request)).await
     }
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
@@ -172,21 +174,27 @@ impl IdempotencyStore for RedisStore {
             Some(result) => serde_json::to_string(result)?,
             None => String::new(),
         };
+        // One clock for `completed_at` on every path: this host's (`SET ...
+        // IFEQ` cannot read the store's).
+        let completed_at = Utc::now().timestamp_millis();
         let mut retried = false;
         if let Some(held) = self.ifeq.take(&lease.key, &lease.token) {
-            match self.complete_if_equal(lease, &held, ttl, &result).await? {
+            match self
+                .complete_if_equal(lease, &held, completed_at, ttl, &result)
+                .await?
+            {
                 IfeqReply::Applied => return Ok(()),
                 // Not our document (any more): the finish script decides,
                 // told whether an earlier try may have been applied.
                 IfeqReply::Mismatch { retried: r } => retried = r,
             }
         }
-        self.finish(lease, ttl, "COMPLETED", &result, retried).await
+        Box::pin(self.finish(lease, ttl, Some(completed_at), &result, retried)).await
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
         self.ifeq.take(&lease.key, &lease.token);
-        self.finish(lease, ttl, "FAILED", error, false).await
+        self.finish(lease, ttl, None, error, false).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
@@ -334,16 +342,22 @@ impl RedisStore {
         }
     }
 
-    /// The finish script; `retried_before`: an earlier try of this call
-    /// (a `SET ... IFEQ`) may have been applied.
+    /// The finish script: COMPLETED at `completed_at` (ms since the epoch)
+    /// when it is given, else FAILED; `retried_before`: an earlier try of
+    /// this call (a compare-and-set) may have been applied.
     async fn finish(
         &self,
         lease: &Lease,
         ttl: Duration,
-        status: &str,
+        completed_at: Option<i64>,
         payload: &str,
         retried_before: bool,
     ) -> Result<()> {
+        let status = if completed_at.is_some() {
+            "COMPLETED"
+        } else {
+            "FAILED"
+        };
         let value: Value = self
             .run(&lease.key, |mut conn, retried| {
                 let mut cmd = evalsha(&self.scripts.finish, &lease.key);
@@ -352,6 +366,9 @@ impl RedisStore {
                     .arg(status)
                     .arg(payload)
                     .arg(if retried || retried_before { "1" } else { "" });
+                if let Some(at) = completed_at {
+                    cmd.arg(at);
+                }
                 async move { eval(&mut conn, &self.scripts.finish, &cmd).await }
             })
             .await?;

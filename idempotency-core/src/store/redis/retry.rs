@@ -79,11 +79,16 @@ impl RedisStore {
                     Ok(v) => return Ok(v),
                     Err(e) if transient(&e) && tries < self.max_retries => {
                         tries += 1;
-                        self.conns.recover().await;
                         let base = 25u64 << tries.min(6);
                         let jitter = uuid::Uuid::new_v4().as_u128() as u64 % base;
                         tracing::debug!(error = %e, tries, "retrying a Redis operation");
-                        tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+                        drop(e);
+                        // The retry path, boxed: the first try's future stays small.
+                        Box::pin(async {
+                            self.conns.recover().await;
+                            tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+                        })
+                        .await;
                     }
                     // WRONGTYPE: something that is not a record lives at the key.
                     Err(e) if e.code() == Some("WRONGTYPE") => {
@@ -98,7 +103,7 @@ impl RedisStore {
                         ));
                     }
                     Err(e) if permission_denied(&e) => {
-                        return Err(self.permission_error(key, e).await);
+                        return Err(Box::pin(self.permission_error(key, e)).await);
                     }
                     Err(e) => return Err(unavailable(e)),
                 }

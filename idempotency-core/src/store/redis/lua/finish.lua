@@ -4,7 +4,9 @@
 -- lost lease).
 -- KEYS[1] key; ARGV token, ttl_ms, status ('COMPLETED' | 'FAILED'), payload
 -- (the result's JSON text, or the error text), retried ('1' when an earlier
--- try of this same call may have been applied).
+-- try of this same call may have been applied), completed_at (ms since the
+-- epoch by the completing host's clock, as every completion path writes it;
+-- COMPLETED only).
 --
 -- A `COMPLETED` record keeps only `status`, `completed_at`, `attempts`
 -- (left out when 1), `ttl_ms` (so a replay knows when the record expires
@@ -28,7 +30,7 @@ if target == 'COMPLETED' then
   -- and the result spliced in verbatim as the last field, so Lua never
   -- re-encodes, and never rounds, the handler's numbers.
   local attempts = tonumber(rec.attempts) or 1
-  doc = '{"status":"COMPLETED","completed_at":' .. int(now_ms())
+  doc = '{"status":"COMPLETED","completed_at":' .. int(tonumber(ARGV[6]) or now_ms())
   if attempts ~= 1 then doc = doc .. ',"attempts":' .. int(attempts) end
   doc = doc .. ',"ttl_ms":' .. int(tonumber(ARGV[2]))
   local fp = val(rec.fingerprint)
