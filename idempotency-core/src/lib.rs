@@ -39,8 +39,8 @@
 //! for _delivery in 0..3 {
 //!     let receipt = checker
 //!         .process(&event, |lease| async move {
-//!             // Side effects go here; `lease.token` can fence them.
-//!             Ok::<_, IdempotencyError>(format!("receipt for attempt {}", lease.attempt))
+//!             // Side effects go here; `lease.token()` can fence them.
+//!             Ok::<_, IdempotencyError>(format!("receipt for attempt {}", lease.attempt()))
 //!         })
 //!         .await?;
 //!     assert_eq!(receipt.value(), "receipt for attempt 1");

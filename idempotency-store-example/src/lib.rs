@@ -92,9 +92,9 @@ fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// An empty string on a request means absent.
+/// A request's optional text, owned (absent is `None`, never `Some("")`).
 fn given(text: Option<&str>) -> Option<String> {
-    text.filter(|t| !t.is_empty()).map(str::to_owned)
+    text.map(str::to_owned)
 }
 
 /// A `COMPLETED` record keeps only what a replay needs.
@@ -132,7 +132,7 @@ impl IdempotencyStore for HashMapStore {
         let now = Utc::now();
         let mut records = self.lock();
         let found = live(&mut records, request.key, now).map(|r| &*r);
-        let fingerprint = request.fingerprint.filter(|f| !f.is_empty());
+        let fingerprint = request.fingerprint;
         let decision = decide_claim(
             found.map(IdempotencyRecord::view),
             fingerprint,

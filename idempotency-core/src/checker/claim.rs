@@ -68,9 +68,10 @@ impl IdempotencyChecker {
         let claim = ClaimRequest {
             key: &key.storage,
             recorded_key: &key.recorded,
-            event_id: request.event_id,
-            event_type: request.event_type,
-            fingerprint: request.fingerprint.as_deref(),
+            // The store contract: absent is `None`, never an empty string.
+            event_id: request.event_id.filter(|s| !s.is_empty()),
+            event_type: request.event_type.filter(|s| !s.is_empty()),
+            fingerprint: request.fingerprint.as_deref().filter(|s| !s.is_empty()),
             token: &token,
             lease: durations.lease,
             ttl: durations.ttl,

@@ -35,9 +35,11 @@ pub struct ClaimRequest<'a> {
     pub key: &'a str,
     /// The value for the record's `idempotency_key` field.
     pub recorded_key: &'a str,
-    /// The event id, written into the record.
+    /// The event id, written into the record. The checker never passes
+    /// `Some("")`: absent is `None`.
     pub event_id: Option<&'a str>,
-    /// The event type, written into the record.
+    /// The event type, written into the record (`None` when absent, never
+    /// `Some("")`).
     pub event_type: Option<&'a str>,
     /// The payload fingerprint; when both it and the stored one are present and
     /// differ, the claim fails with
