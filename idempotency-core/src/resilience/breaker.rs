@@ -30,6 +30,7 @@ use tokio::time::Instant;
 /// The checker's circuit breaker (see
 /// [`IdempotencyConfigBuilder::circuit_breaker`](crate::IdempotencyConfigBuilder::circuit_breaker)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CircuitBreakerConfig {
     /// How many consecutive `StoreUnavailable` answers open the breaker.
     /// Default 5.

@@ -16,6 +16,7 @@ use crate::record::{IdempotencyRecord, RecordStatus};
 /// The optional in-process cache of `COMPLETED` records (see
 /// [`IdempotencyConfigBuilder::local_cache`](crate::IdempotencyConfigBuilder::local_cache)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LocalCache {
     /// The most records kept; past it, the least useful entries are evicted.
     pub max_entries: usize,
