@@ -172,7 +172,7 @@ async fn failed_attempt_is_retried_then_replayed(kind: Kind) {
         !env.checker
             .would_skip("retry-me")
             .await
-            .expect("is_duplicate")
+            .expect("would_skip")
     );
 
     let second = env
@@ -206,7 +206,7 @@ async fn failed_attempt_is_retried_then_replayed(kind: Kind) {
         env.checker
             .would_skip("retry-me")
             .await
-            .expect("is_duplicate")
+            .expect("would_skip")
     );
 }
 

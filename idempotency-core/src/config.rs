@@ -328,7 +328,7 @@ impl IdempotencyConfigBuilder {
     ///
     /// The breaker gates the calls that start work or only read: claims
     /// (`process`, `guard`, `claim`), `get_record`,
-    /// `is_duplicate`, `delete_record` and `health_check`. Writes on behalf
+    /// `would_skip`, `delete_record` and `health_check`. Writes on behalf
     /// of an attempt whose handler is running or has run (lease renewals,
     /// `complete`, `fail`, a dropped guard's release) always go to the
     /// store: they record real outcomes, and skipping a renewal could hand a
