@@ -690,8 +690,8 @@ async fn out_of_range_durations_are_config_errors(kind: Kind) {
 /// A handler whose side effects happened but whose result cannot be stored
 /// must not run again on redelivery, and a redelivery must never get a
 /// value that was not the first result (the result type here reads `null`
-/// as `None`, which is what duplicates used to be handed): it gets
-/// `ResultNotStored`.
+/// as `None`, so a `null` replayed in place of the missing result would
+/// pass unnoticed): it gets `ResultNotStored`.
 async fn unstorable_result_never_runs_twice_nor_replays_a_made_up_value(kind: Kind) {
     let env = env(kind, config().build().expect("config")).await;
     let runs = AtomicUsize::new(0);

@@ -733,7 +733,7 @@ async fn progress_acks_keep_a_slow_handler_from_being_redelivered() {
 }
 
 // ---------------------------------------------------------------------------
-// Edge cases found by real producers (issue 14, items 10-15).
+// Edge cases real producers send.
 
 /// Every log line at `WARN` and above, from every test in this binary.
 fn captured_logs() -> &'static Mutex<Vec<u8>> {

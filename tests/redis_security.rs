@@ -106,8 +106,8 @@ fn idem_url(server: &RedisServer) -> String {
     format!("redis://idem:idem-pass@127.0.0.1:{}", server.port())
 }
 
-/// Issue 14 item 21: the guide quotes the rules the tests run under, so the
-/// documented ACL cannot fall behind the commands the store sends.
+/// The guide quotes the rules the tests run under, so the documented ACL
+/// cannot fall behind the commands the store sends.
 #[test]
 fn the_guide_documents_the_tested_acl() {
     let guide = include_str!("../docs/guide/04-configuration.md");
@@ -139,7 +139,7 @@ async fn a_least_privilege_acl_user_is_enough() {
     refused(&format!("redis://nobody:idem-pass@127.0.0.1:{port}")).await;
 }
 
-/// Issue 16: on Valkey 9 the documented ACL is enough for the `SET ... IFEQ`
+/// On Valkey 9 the documented ACL is enough for the `SET ... IFEQ`
 /// completion too: the connect-time probe (on `idempotency:capability-probe`)
 /// finds it; a user whose key patterns exclude the probe's key still gets
 /// it, decided by the first completion.
@@ -227,10 +227,10 @@ async fn tls_refuses_an_untrusted_certificate_and_plain_text() {
     }
 }
 
-/// Issue 14 item 21: a command the ACL refuses is
-/// `StoreRefused { PermissionDenied }` naming the command, not
-/// "unavailable": at connect (`INFO`, for the eviction check), and inside a
-/// script, where Redis itself does not say which command it refused.
+/// A command the ACL refuses is `StoreRefused { PermissionDenied }` naming
+/// the command, not "unavailable": at connect (`INFO`, for the eviction
+/// check), and inside a script, where Redis itself does not say which
+/// command it refused.
 #[tokio::test]
 async fn a_missing_acl_permission_is_a_permission_error_naming_the_command() {
     use idempotency::StoreRefusal;
@@ -271,7 +271,7 @@ async fn a_missing_acl_permission_is_a_permission_error_naming_the_command() {
     checker.health_check().await.expect("healthy");
 }
 
-/// Issue 14 item 21: the whole store conformance suite passes under the
+/// The whole store conformance suite passes under the
 /// documented least-privilege ACL user.
 macro_rules! acl_conformance {
     ($($name:ident),* $(,)?) => {

@@ -412,8 +412,9 @@ pub(crate) async fn redis_phases(
     bench.server_cpu().await
 }
 
-/// Issue 16's targets against `idempotent` 0.3.0 and the hand-written
-/// client on Redis 7.
+/// The performance targets on Redis 7: `checker.process` throughput against
+/// `idempotent` 0.3.0, and client CPU per event against the hand-written
+/// client.
 fn peer_targets(report: &mut Report, server: &str, compared: &[(Kind, &'static str, Compared)]) {
     for (kind, label, c) in compared {
         let floor = match kind {
