@@ -217,10 +217,10 @@ pub struct Lease {
     /// The attempt number (1 for the first attempt).
     pub(crate) attempt: u32,
     /// When the lease runs out unless renewed, as of the last claim or renewal.
-    /// Stores report it on their own clock; a store whose claim cannot read
-    /// that clock (the Redis store's plain `SET NX` claim) measures it on
-    /// this host's clock from the moment the claim was sent, so it errs
-    /// early.
+    /// Stores report it on their own clock; a store whose claim writes
+    /// without reading that clock (Redis, for example, may claim with a
+    /// plain conditional write) measures it on this host's clock from the
+    /// moment the claim was sent, so it errs early.
     pub(crate) expires_at: DateTime<Utc>,
     /// This attempt took over a `PROCESSING` record whose lease had run out:
     /// an earlier attempt died (or stalled) part-way, so some of its side
@@ -284,9 +284,9 @@ impl Lease {
 
     /// When the lease runs out unless renewed, as of the last claim or
     /// renewal. Stores report it on their own clock; a store whose claim
-    /// cannot read that clock (the Redis store's plain `SET NX` claim)
-    /// measures it on this host's clock from the moment the claim was sent,
-    /// so it errs early.
+    /// writes without reading that clock (Redis, for example, may claim
+    /// with a plain conditional write) measures it on this host's clock
+    /// from the moment the claim was sent, so it errs early.
     pub fn expires_at(&self) -> DateTime<Utc> {
         self.expires_at
     }
