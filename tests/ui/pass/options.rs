@@ -51,9 +51,16 @@ where
     Ok(envelope.event_type.clone())
 }
 
-/// The bounds the runtime accepts, at both ends.
-#[idempotent(checker = checker(), ttl = "3650d", lease = "1ms")]
-async fn at_the_bounds(envelope: EventEnvelope<Order>) -> Result<u64, AppError> {
+/// The longest durations core accepts (3650 days) compile, and core
+/// accepts them when called: the macro's copy of the bound and core's agree.
+#[idempotent(checker = checker(), ttl = "3650d", lease = "3650d")]
+async fn at_the_max(envelope: EventEnvelope<Order>) -> Result<u64, AppError> {
+    Ok(envelope.payload.amount)
+}
+
+/// The shortest durations core accepts compile.
+#[idempotent(checker = checker(), ttl = "1ms", lease = "1ms")]
+async fn at_the_min(envelope: EventEnvelope<Order>) -> Result<u64, AppError> {
     Ok(envelope.payload.amount)
 }
 
@@ -91,6 +98,10 @@ async fn main() {
     ));
     let other = EventEnvelope::new("order.placed", order);
     assert_eq!(marked(EventEnvelope::new("note", ()), other).await.expect("runs"), 5);
+    let longest = EventEnvelope::new("order.placed", Order { tenant: "t2".into(), amount: 7 });
+    assert_eq!(at_the_max(longest.clone()).await.expect("core accepts the max"), 7);
+    assert_eq!(at_the_max(longest).await.expect("replays"), 7);
+    let _ = at_the_min;
 
     let config = IdempotencyConfig::builder().ttl("1h").build().expect("config");
     let service = Service { checker: Arc::new(IdempotencyChecker::with_config(MemoryStore::new(), config)) };
