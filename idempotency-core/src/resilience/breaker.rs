@@ -402,15 +402,20 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let probes = std::sync::Arc::new(AtomicU32::new(0));
         let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(16));
+        let asked = std::sync::Arc::new(tokio::sync::Barrier::new(16));
         let tasks: Vec<_> = (0..16)
             .map(|_| {
-                let (b, probes, barrier) = (b.clone(), probes.clone(), barrier.clone());
+                let (b, probes, barrier, asked) =
+                    (b.clone(), probes.clone(), barrier.clone(), asked.clone());
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    if let Ok(permit) = b.admit() {
+                    let admitted = b.admit();
+                    if admitted.is_ok() {
                         probes.fetch_add(1, Ordering::SeqCst);
-                        // Keep the probe out until every task has asked.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    // The probe stays out until every task has asked.
+                    asked.wait().await;
+                    if let Ok(permit) = admitted {
                         let _ = permit.record(true);
                     }
                 })
