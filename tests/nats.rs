@@ -5,14 +5,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::PullConsumer, stream::Stream};
 use bytes::Bytes;
-use common::{NatsServer, RedisServer};
+use common::{NatsServer, RedisServer, eventually};
 use idempotency::nats::{DedupRelay, JetStreamWorker, KeyExtractor, Runner, Subscriber};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, RecordStatus,
@@ -103,12 +103,25 @@ fn envelope_json(key: &str, copy: usize) -> Bytes {
     Bytes::from(serde_json::to_vec(&envelope).expect("json"))
 }
 
-/// Waits until `done()` or panics after `limit`.
-async fn eventually(limit: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Sends a request to `subject`, again while the server answers "no
+/// responders" (nothing subscribed yet, so nothing was delivered), until a
+/// subscriber answers; panics after 10 s.
+async fn answered_request(
+    client: &async_nats::Client,
+    subject: &str,
+    request: Bytes,
+) -> async_nats::Message {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.request(subject.to_owned(), request.clone()).await {
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answered => return answered.expect("a subscriber answers"),
+        }
     }
 }
 
@@ -451,8 +464,6 @@ async fn duplicate_requests_get_identical_replies_and_one_execution() {
         }),
         shutdown(),
     ));
-    client.flush().await.expect("flush");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
     let request = Bytes::from(
         serde_json::to_vec(
@@ -460,10 +471,8 @@ async fn duplicate_requests_get_identical_replies_and_one_execution() {
         )
         .expect("json"),
     );
-    let first = client
-        .request("rpc.quote", request.clone())
-        .await
-        .expect("first reply");
+    // Sent again until the subscriber has subscribed.
+    let first = answered_request(&client, "rpc.quote", request.clone()).await;
     let second = client
         .request("rpc.quote", request)
         .await
@@ -494,29 +503,62 @@ async fn queue_group_of_three_executes_each_key_once() {
     let client = async_nats::connect(nats.url()).await.expect("nats");
     let checker = checker(&redis, IdempotencyConfig::default()).await;
     let executions = Arc::new(Executions::default());
+    // Which members have handled a probe, and how many probes were handled.
+    let ready: Arc<[AtomicBool; 3]> = Arc::default();
+    let probes = Arc::new(AtomicUsize::new(0));
     let (stop, shutdown) = shutdown_signal();
     let mut members = Vec::new();
-    for _ in 0..3 {
+    for member in 0..3 {
         let member_client = async_nats::connect(nats.url()).await.expect("nats");
-        let seen = Arc::clone(&executions);
+        let (seen, ready, probes) = (
+            Arc::clone(&executions),
+            Arc::clone(&ready),
+            Arc::clone(&probes),
+        );
         members.push(tokio::spawn(
             Subscriber::new(member_client.clone(), "orders.created")
                 .queue_group("workers")
                 .run(
                     Runner::new(checker.clone(), move |envelope: EventEnvelope<Value>| {
-                        let seen = Arc::clone(&seen);
+                        let (seen, ready, probes) =
+                            (Arc::clone(&seen), Arc::clone(&ready), Arc::clone(&probes));
                         async move {
-                            seen.record(envelope.effective_key());
-                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            if envelope.event_type == "probe" {
+                                ready[member].store(true, Ordering::SeqCst);
+                                probes.fetch_add(1, Ordering::SeqCst);
+                            } else {
+                                seen.record(envelope.effective_key());
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
                             Ok::<_, IdempotencyError>(())
                         }
                     }),
                     shutdown(),
                 ),
         ));
-        member_client.flush().await.expect("flush");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Probes (each its own key) until every member has handled one, so all
+    // three are subscribed before the events go out.
+    let mut probe = 0;
+    eventually(
+        Duration::from_secs(20),
+        "every member subscribed",
+        async || {
+            probe += 1;
+            let envelope = EventEnvelope::new("probe", json!({}))
+                .with_idempotency_key(format!("probe-{probe}"));
+            client
+                .publish(
+                    "orders.created",
+                    Bytes::from(serde_json::to_vec(&envelope).expect("json")),
+                )
+                .await
+                .expect("publish");
+            client.flush().await.expect("flush");
+            ready.iter().all(|member| member.load(Ordering::SeqCst))
+        },
+    )
+    .await;
     // 300 keys, each published three times.
     for copy in 0..3 {
         for i in 0..300 {
@@ -531,14 +573,23 @@ async fn queue_group_of_three_executes_each_key_once() {
         executions.snapshot().len() == 300
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every copy and every probe delivered has been through the checker
+    // once: run, replayed, or turned away as in progress. (A probe counts
+    // itself before the checker records it.)
+    eventually(Duration::from_secs(20), "every copy answered", async || {
+        let stats = checker.stats();
+        let answered = stats.executed + stats.replayed + stats.in_progress;
+        answered == 900 + probes.load(Ordering::SeqCst) as u64
+    })
+    .await;
     stop.send(true).expect("stop");
     let mut received = 0;
     for member in members {
         let stats = member.await.expect("task").expect("member");
         received += stats.completed + stats.failed;
     }
-    assert_eq!(received, 900, "every copy reached one member");
+    let probes = probes.load(Ordering::SeqCst) as u64;
+    assert_eq!(received, 900 + probes, "every copy reached one member");
     assert!(
         executions.snapshot().values().all(|n| *n == 1),
         "a key ran twice"
@@ -593,11 +644,12 @@ async fn relay_forwards_each_unique_event_once_even_when_the_output_is_missing()
         .retry_delay(Duration::from_millis(200), Duration::from_millis(500))
         .run(checker.clone(), shutdown()),
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        checker.stats().failed > 0,
-        "publishes failed while the output was missing"
-    );
+    eventually(
+        Duration::from_secs(20),
+        "publishes failed while the output was missing",
+        async || checker.stats().failed > 0,
+    )
+    .await;
     assert_eq!(checker.stats().executed, 0);
 
     let mut unique = stream(&js, "UNIQUE", "unique.>").await;
@@ -610,7 +662,14 @@ async fn relay_forwards_each_unique_event_once_even_when_the_output_is_missing()
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every input is acked on the server; the relay counts each ack as its
+    // task ends, and stopping lets tasks in flight finish.
+    eventually(
+        Duration::from_secs(20),
+        "every relay recorded",
+        async || checker.stats().executed == 3_500,
+    )
+    .await;
     stop.send(true).expect("stop");
     let stats = relay.await.expect("task").expect("relay");
     assert_eq!(stats.acked, 5_000, "{stats:?}");
@@ -1017,14 +1076,10 @@ async fn subscriber_answers_keyless_requests_as_invalid_without_running_the_hand
         }),
         shutdown(),
     ));
-    client.flush().await.expect("flush");
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let keyless = body(&json!({"event_type": "t", "payload": {}}));
     for _ in 0..2 {
-        let reply = client
-            .request("rpc.keyless", keyless.clone())
-            .await
-            .expect("reply");
+        // The first is sent again until the subscriber has subscribed.
+        let reply = answered_request(&client, "rpc.keyless", keyless.clone()).await;
         let status = reply
             .headers
             .as_ref()

@@ -83,7 +83,12 @@ async fn open_breaker_fails_fast_without_calling_the_store_then_recovers() {
     assert_eq!(checker.stats().circuit_opened, 1);
 
     // Let calls admitted before the breaker opened settle.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    common::eventually(
+        Duration::from_secs(5),
+        "admitted store calls returned",
+        async || instrumented.in_flight.load(Ordering::SeqCst) == 0,
+    )
+    .await;
     let calls = instrumented.calls.load(Ordering::SeqCst);
     for i in 0..20 {
         let started = Instant::now();

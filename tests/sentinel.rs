@@ -96,7 +96,13 @@ async fn processing_continues_after_the_master_fails_over() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The master dies once the stream has run a few events.
+    common::eventually(
+        Duration::from_secs(10),
+        "the stream under way",
+        async || runs.lock().expect("runs").len() >= 26,
+    )
+    .await;
     setup.kill_master();
     let killed = Instant::now();
     let mut failures = 0;

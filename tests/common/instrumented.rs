@@ -9,6 +9,8 @@ use std::time::Duration;
 pub struct Instrumented {
     pub inner: std::sync::Arc<dyn idempotency::SeenSet>,
     pub calls: std::sync::atomic::AtomicUsize,
+    /// Calls counted in [`calls`](Self::calls) that have not returned yet.
+    pub in_flight: std::sync::atomic::AtomicUsize,
     pub lose_claim_replies: std::sync::atomic::AtomicBool,
     /// How many coming `complete` calls fail with `StoreUnavailable`
     /// without reaching the store.
@@ -34,6 +36,7 @@ impl Instrumented {
         Self {
             inner,
             calls: Default::default(),
+            in_flight: Default::default(),
             lose_claim_replies: Default::default(),
             refuse_completes: Default::default(),
             down: Default::default(),
@@ -43,8 +46,12 @@ impl Instrumented {
         }
     }
 
-    fn count(&self) {
+    /// Counts a call; it is in flight until the returned guard drops.
+    fn count(&self) -> InFlight<'_> {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(&self.in_flight)
     }
 
     /// `Err(StoreUnavailable)` while [`down`](Self::down) is set.
@@ -59,6 +66,15 @@ impl Instrumented {
     }
 }
 
+/// One call in flight, until dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[async_trait::async_trait]
 impl idempotency::IdempotencyStore for Instrumented {
     fn name(&self) -> &'static str {
@@ -68,7 +84,7 @@ impl idempotency::IdempotencyStore for Instrumented {
         &self,
         request: &idempotency::ClaimRequest<'_>,
     ) -> idempotency::Result<idempotency::ClaimOutcome> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         if self
             .answer_unexpectedly
@@ -102,7 +118,7 @@ impl idempotency::IdempotencyStore for Instrumented {
         lease: &idempotency::Lease,
         d: Duration,
     ) -> idempotency::Result<idempotency::Lease> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         self.inner.renew(lease, d).await
     }
@@ -112,7 +128,7 @@ impl idempotency::IdempotencyStore for Instrumented {
         result: Option<&serde_json::Value>,
         ttl: Duration,
     ) -> idempotency::Result<()> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         let refused = self.refuse_completes.fetch_update(
             std::sync::atomic::Ordering::SeqCst,
@@ -144,22 +160,22 @@ impl idempotency::IdempotencyStore for Instrumented {
         error: &str,
         ttl: Duration,
     ) -> idempotency::Result<()> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         self.inner.fail(lease, error, ttl).await
     }
     async fn get(&self, key: &str) -> idempotency::Result<Option<idempotency::IdempotencyRecord>> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         self.inner.get(key).await
     }
     async fn delete(&self, key: &str) -> idempotency::Result<bool> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         self.inner.delete(key).await
     }
     async fn health(&self) -> idempotency::Result<()> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         self.inner.health().await
     }
@@ -168,12 +184,12 @@ impl idempotency::IdempotencyStore for Instrumented {
 #[async_trait::async_trait]
 impl idempotency::SeenSet for Instrumented {
     async fn mark(&self, keys: &[&str], ttl: Duration) -> idempotency::Result<Vec<bool>> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         self.inner.mark(keys, ttl).await
     }
     async fn contains(&self, keys: &[&str]) -> idempotency::Result<Vec<bool>> {
-        self.count();
+        let _in_flight = self.count();
         self.up()?;
         self.inner.contains(keys).await
     }

@@ -9,3 +9,14 @@ mod races;
 pub use idempotency_test_support::*;
 pub use instrumented::Instrumented;
 pub use races::process_each_key;
+
+use std::time::{Duration, Instant};
+
+/// Waits until `done()`, checking every 20 ms; panics after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
