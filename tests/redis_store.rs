@@ -1195,6 +1195,63 @@ async fn completions_take_set_ifeq_on_valkey_and_a_script_on_redis_7() {
     }
 }
 
+/// A handler that outlives a lease renewal still completes by comparison:
+/// the renewed lease (whose version is the renewed document) is the one the
+/// completion writes under. The finish script never runs: on Valkey the
+/// completion runs no script at all, on Redis 7 only the compare script.
+#[tokio::test]
+async fn a_completion_after_a_renewal_compares_the_renewed_document() {
+    for kind in ServerKind::ALL {
+        let server = RedisServer::start_kind(kind);
+        let config = IdempotencyConfig::builder()
+            .lease("1500ms")
+            .build()
+            .expect("config");
+        let store = RedisStore::connect(&server.url()).await.expect("connect");
+        let checker = IdempotencyChecker::with_config(store, config);
+        let key = "renewed-then-completed";
+        let e = event(key);
+        let mut counted = server.client().await;
+        let reader = checker.clone();
+        let scripts_before_completion = checker
+            .process(&e, |lease| async move {
+                // Wait for the heartbeat's first renewal (every 500 ms).
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let record = reader.get_record(key).await.expect("read").expect("record");
+                    if record.lease_expires_at.expect("a lease") > lease.expires_at() {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{kind:?}: the lease was never renewed"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok::<_, IdempotencyError>(command_calls(&mut counted, "evalsha").await)
+            })
+            .await
+            .expect("process")
+            .into_inner();
+        let mut redis = server.client().await;
+        let by_completion = command_calls(&mut redis, "evalsha").await - scripts_before_completion;
+        assert_eq!(
+            by_completion,
+            u64::from(kind != ServerKind::Valkey),
+            "{kind:?}: scripts run by the completion"
+        );
+        assert_eq!(
+            checker
+                .get_record(key)
+                .await
+                .expect("read")
+                .expect("record")
+                .status,
+            idempotency::RecordStatus::Completed
+        );
+    }
+}
+
 /// The remembered document is only a shortcut. When the stored
 /// one differs (rewritten with the same meaning, taken over, completed by an
 /// earlier try), the finish script decides, as on Redis 7.

@@ -74,6 +74,12 @@
 //! targets), in well under a minute: for working on the NATS or HTTP
 //! adapters. The load check at the end is skipped then.
 //!
+//! `IDEMPOTENCY_BENCH_ONLY=spin:<job>[:<tasks>[:<seconds>]]` runs one
+//! workload on Redis alone (`ref-new`, `ref-dup`, `process-new`,
+//! `process-dup`, `peer-new`, `peer-dup`; 32 tasks for 20 seconds unless
+//! told) and prints its rate and client CPU per event: for a profiler
+//! (`perf record -p`) to attach to. It compares nothing.
+//!
 //! ## Method
 //!
 //! The Redis phases run on a multi-thread tokio runtime with 2 workers; the
@@ -131,6 +137,7 @@ mod problems;
 mod redis_memory;
 mod redis_phases;
 mod report;
+mod spin;
 mod valkey;
 mod workload;
 
@@ -219,9 +226,16 @@ fn main() {
 
     let server = RedisServer::start();
     let mut report = Report::default();
-    if std::env::var("IDEMPOTENCY_BENCH_ONLY").as_deref() == Ok("pipelines") {
-        pipelines_alone(&server, started, &mut report);
-        return;
+    match std::env::var("IDEMPOTENCY_BENCH_ONLY").as_deref() {
+        Ok("pipelines") => {
+            pipelines_alone(&server, started, &mut report);
+            return;
+        }
+        Ok(spin) if spin.starts_with("spin:") => {
+            spin::spin_alone(&server, started, spin);
+            return;
+        }
+        _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

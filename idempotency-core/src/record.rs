@@ -25,6 +25,8 @@
 //! table there and is held to it by the same suite. Every store passes one conformance suite
 //! (the `testing` feature's `idempotency_core::testing`).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -227,6 +229,9 @@ pub struct Lease {
     /// effects may already have happened. Handlers whose effects are not
     /// naturally idempotent can check for them when this is set.
     pub(crate) taken_over: bool,
+    /// The store's own version of the record as this lease last wrote it
+    /// (see [`version`](Self::version)).
+    pub(crate) version: Option<Arc<[u8]>>,
 }
 
 impl Lease {
@@ -248,7 +253,17 @@ impl Lease {
             attempt,
             expires_at,
             taken_over: false,
+            version: None,
         }
+    }
+
+    /// This lease, carrying `version`: the store's own version of the record
+    /// as this lease's claim or renewal wrote it (see
+    /// [`version`](Self::version)).
+    #[must_use]
+    pub fn with_version(mut self, version: impl Into<Arc<[u8]>>) -> Self {
+        self.version = Some(version.into());
+        self
     }
 
     /// This lease, marked as having taken over an attempt whose lease ran
@@ -264,6 +279,18 @@ impl Lease {
     pub fn with_expiry(mut self, expires_at: DateTime<Utc>) -> Self {
         self.expires_at = expires_at;
         self
+    }
+
+    /// The store's own version of the record as this lease's claim or its
+    /// last renewal wrote it, if the store keeps one: opaque bytes that only
+    /// the store that made the lease reads, for a compare-and-set write
+    /// (the Redis store keeps the exact document, for `SET ... IFEQ`; a
+    /// key-value store with revisions would keep the revision). A lease
+    /// with an older version or none (a copy taken before a renewal, a
+    /// lease made by hand) must only make the store fall back to checking
+    /// the token; fencing never depends on it.
+    pub fn version(&self) -> Option<&[u8]> {
+        self.version.as_deref()
     }
 
     /// The storage key (prefix included).

@@ -464,6 +464,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
 pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
     let forged = Lease {
         taken_over: false,
+        version: None,
         key: "c:forged".into(),
         token: "nobody".into(),
         attempt: 1,

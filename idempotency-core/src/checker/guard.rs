@@ -2,7 +2,6 @@
 //! fail), and the lease heartbeat [`process`](IdempotencyChecker::process)
 //! runs beside a handler.
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
@@ -210,29 +209,32 @@ impl IdempotencyGuard {
     }
 
     /// Renews the lease every third of the lease until dropped (sooner after
-    /// a failed renewal). Never returns. The lease is copied only when a
-    /// renewal replaces it, so a short handler costs no copy.
-    pub(super) fn heartbeat(&self) -> impl Future<Output = Infallible> + '_ {
-        let checker = &self.checker;
+    /// a failed renewal). Never returns. Each renewed lease replaces the one
+    /// the guard holds, so the completion writes under the latest (its
+    /// [`version`](Lease::version) is what the store compares).
+    pub(super) fn heartbeat(&mut self) -> impl Future<Output = Infallible> + '_ {
         let lease_duration = self.durations.lease;
         async move {
-            let Some(lease) = self.lease() else {
+            if self.lease().is_none() {
                 return std::future::pending().await;
-            };
-            let mut lease = Cow::Borrowed(lease);
+            }
             let every = (lease_duration / 3).max(Duration::from_millis(1));
             let mut pause = every;
             loop {
                 tokio::time::sleep(pause).await;
+                let GuardState::Held(lease) = &self.state else {
+                    return std::future::pending().await;
+                };
+                let checker = &self.checker;
                 let span = tracing::debug_span!("idempotency.renew", key = %lease.key);
                 let renewed = checker
                     .store_call(StoreCall::observed("renew").in_background(), span, || {
-                        checker.inner.store.renew(&lease, lease_duration)
+                        checker.inner.store.renew(lease, lease_duration)
                     })
                     .await;
                 match renewed {
                     Ok(renewed) => {
-                        lease = Cow::Owned(renewed);
+                        self.state = GuardState::Held(renewed);
                         pause = every;
                     }
                     Err(IdempotencyError::LeaseLost { .. }) => {

@@ -246,6 +246,7 @@ impl IdempotencyChecker {
             attempt: 0,
             expires_at: crate::store::after(Utc::now(), lease_for),
             taken_over: false,
+            version: None,
         };
         let started = Instant::now();
         let value = CURRENT_LEASE

@@ -53,6 +53,7 @@ impl IdempotencyChecker {
             attempt: 0,
             expires_at: Utc::now(),
             taken_over: false,
+            version: None,
         };
         self.write_later(&runtime, lease, LateWrite::Fail, durations, durations.lease);
     }

@@ -282,6 +282,7 @@ impl IdempotencyStore for MemoryStore {
                     attempt: slot.attempts,
                     expires_at: slot.lease_expires_at().unwrap_or(now),
                     taken_over: false,
+                    version: None,
                 }));
             }
         };
@@ -495,6 +496,7 @@ fn acquire(
         attempt,
         expires_at: lease_expires_at,
         taken_over: existing.is_some_and(|s| s.status() == RecordStatus::Processing),
+        version: None,
     };
     (slot, lease)
 }

@@ -6,20 +6,21 @@
 //! Valkey) it is the same comparison in a four-line script
 //! (`lua/complete_if_equal.lua`) that decodes nothing.
 //!
-//! So the store remembers, per held lease, the exact document it (or its last
-//! renewal) wrote: the claim the client's `SET NX` wrote, the document the
-//! claim script returns, or the one the renew script returns. A completion
+//! The lease carries what the comparison needs as its
+//! [`version`](Lease::version): the exact document its claim (the client's
+//! `SET NX`, or the claim script's reply) or its last renewal (the renew
+//! script's reply) wrote, with the record's fingerprint, which the COMPLETED
+//! document keeps. Nothing is kept in the store's memory. A completion
 //! whose comparison fails (a retried try whose first one was applied, a
-//! document another script rewrote, a lost lease) falls back to the finish
-//! script, which decides it.
+//! document another script rewrote, a lost lease, a copy of the lease taken
+//! before a renewal) and a lease with no version fall back to the finish
+//! script, which decides by the token.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use redis::Value;
 
 use super::RedisStore;
@@ -35,36 +36,65 @@ const YES: u8 = 1;
 /// It has not (Redis 7, Valkey before 8.1): completions compare in a script.
 const NO: u8 = 2;
 
-/// How many held documents the store remembers at most. Entries leave when
-/// their lease is completed or failed; those of abandoned leases leave once
-/// their lease has run out and the map is full. A lease whose document is not
-/// remembered completes through the finish script: slower, as correct.
-const MAX_HELD: usize = 100_000;
-
-/// What the store knows about a held lease's document.
-#[derive(Debug, Clone)]
-pub(super) struct HeldDoc {
-    /// The exact bytes stored at the key (the `IFEQ` comparand).
-    pub(super) doc: String,
-    /// The record's fingerprint, which the COMPLETED document keeps.
-    pub(super) fingerprint: Option<String>,
-    /// The record's attempt count, which the COMPLETED document keeps.
+/// What a completion needs from a held lease: the exact document at the key
+/// (the comparand), and what the COMPLETED document keeps of the record.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Held<'a> {
+    /// The exact bytes stored at the key.
+    pub(super) doc: &'a [u8],
+    /// The record's fingerprint.
+    pub(super) fingerprint: Option<&'a str>,
+    /// The record's attempt count.
     pub(super) attempts: u32,
-    /// When the lease runs out (after which an entry may be dropped).
-    pub(super) expires_at: DateTime<Utc>,
 }
 
-/// The server's `IFEQ` capability and the held documents; shared by clones.
+/// The [`version`](Lease::version) of a lease whose claim or renewal wrote
+/// `doc` on a record with `fingerprint`: a flag byte (1: a fingerprint
+/// follows), the fingerprint's length (4 bytes, little-endian) and bytes,
+/// then the document.
+pub(super) fn version(fingerprint: Option<&str>, doc: &[u8]) -> Arc<[u8]> {
+    let mut bytes = Vec::with_capacity(5 + fingerprint.map_or(0, str::len) + doc.len());
+    match fingerprint {
+        Some(fingerprint) => {
+            bytes.push(1);
+            let len = u32::try_from(fingerprint.len()).unwrap_or(u32::MAX);
+            bytes.extend_from_slice(&len.to_le_bytes());
+            bytes.extend_from_slice(fingerprint.as_bytes());
+        }
+        None => bytes.push(0),
+    }
+    bytes.extend_from_slice(doc);
+    bytes.into()
+}
+
+/// What `lease`'s version says, when it has one this store made.
+pub(super) fn held(lease: &Lease) -> Option<Held<'_>> {
+    let version = lease.version()?;
+    let (&flag, rest) = version.split_first()?;
+    let (fingerprint, doc) = match flag {
+        0 => (None, rest),
+        1 => {
+            let (len, rest) = rest.split_first_chunk::<4>()?;
+            let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+            if len > rest.len() {
+                return None;
+            }
+            let (fingerprint, doc) = rest.split_at(len);
+            (Some(std::str::from_utf8(fingerprint).ok()?), doc)
+        }
+        _ => return None,
+    };
+    Some(Held {
+        doc,
+        fingerprint,
+        attempts: lease.attempt,
+    })
+}
+
+/// The server's `IFEQ` capability, found out once; shared by clones.
 #[derive(Debug, Default)]
 pub(super) struct Ifeq {
     support: AtomicU8,
-    /// By storage key: the holding lease's token and its document. One lease
-    /// per key at a time: a later claim of the key replaces the entry.
-    held: Mutex<HashMap<String, (String, HeldDoc)>>,
-    /// Until when (ms since the epoch) the map stays full without another
-    /// scan: a full map of live leases is pruned at most once a second, not
-    /// on every claim.
-    full_until_ms: AtomicI64,
 }
 
 impl Ifeq {
@@ -82,86 +112,6 @@ impl Ifeq {
         self.support
             .store(if yes { YES } else { NO }, Ordering::Relaxed);
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, HeldDoc)>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Remembers the document now stored for the lease `(key, token)`.
-    pub(super) fn remember(&self, key: &str, token: &str, held: HeldDoc) {
-        let mut map = self.lock();
-        if map.len() >= MAX_HELD {
-            // Not remembered: this lease completes through the finish
-            // script, which is slower but as correct.
-            let now = Utc::now();
-            if now.timestamp_millis() < self.full_until_ms.load(Ordering::Relaxed) {
-                return;
-            }
-            map.retain(|_, (_, h)| h.expires_at > now);
-            if map.len() >= MAX_HELD {
-                self.full_until_ms
-                    .store(now.timestamp_millis() + 1000, Ordering::Relaxed);
-                return;
-            }
-        }
-        match map.get_mut(key) {
-            Some(entry) => *entry = (token.to_owned(), held),
-            None => {
-                map.insert(key.to_owned(), (token.to_owned(), held));
-            }
-        }
-    }
-
-    /// Replaces the remembered document of `(key, token)` after a renewal.
-    pub(super) fn renewed(
-        &self,
-        key: &str,
-        token: &str,
-        doc: String,
-        expires_at: DateTime<Utc>,
-        attempts: u32,
-    ) {
-        let existing = self
-            .lock()
-            .get(key)
-            .filter(|(holder, _)| holder == token)
-            .map(|(_, held)| held.fingerprint.clone());
-        let fingerprint = match existing {
-            Some(fingerprint) => fingerprint,
-            // Not remembered (claimed on a full server, or dropped): the
-            // renewed document names its fingerprint.
-            None => match serde_json::from_str::<FingerprintOnly>(&doc) {
-                Ok(parsed) => parsed.fingerprint,
-                Err(_) => return,
-            },
-        };
-        self.remember(
-            key,
-            token,
-            HeldDoc {
-                doc,
-                fingerprint,
-                attempts,
-                expires_at,
-            },
-        );
-    }
-
-    /// Takes the remembered document of `(key, token)` out of the map.
-    /// Another lease's entry for the key stays.
-    pub(super) fn take(&self, key: &str, token: &str) -> Option<HeldDoc> {
-        let mut map = self.lock();
-        if map.get(key)?.0 != token {
-            return None;
-        }
-        map.remove(key).map(|(_, held)| held)
-    }
-
-    /// How many documents are remembered (for tests).
-    #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 /// The one field of a stored document the completion copies and a claim
@@ -178,13 +128,12 @@ pub(super) struct FingerprintOnly {
 /// JSON text spliced in last (absent when `result` is empty).
 fn completed_doc(
     completed_at_ms: i64,
-    held: &HeldDoc,
+    held: &Held<'_>,
     ttl_ms: u64,
     result: &str,
 ) -> crate::error::Result<String> {
     use std::fmt::Write as _;
-    let mut doc =
-        String::with_capacity(96 + held.fingerprint.as_ref().map_or(0, String::len) + result.len());
+    let mut doc = String::with_capacity(96 + held.fingerprint.map_or(0, str::len) + result.len());
     // Writing to a String cannot fail.
     let _ = write!(
         doc,
@@ -194,7 +143,7 @@ fn completed_doc(
         let _ = write!(doc, ",\"attempts\":{}", held.attempts);
     }
     let _ = write!(doc, ",\"ttl_ms\":{ttl_ms}");
-    if let Some(fingerprint) = &held.fingerprint {
+    if let Some(fingerprint) = held.fingerprint {
         doc.push_str(",\"fingerprint\":");
         push_json_str(&mut doc, fingerprint)?;
     }
@@ -222,7 +171,7 @@ impl RedisStore {
     pub(super) async fn complete_if_equal(
         &self,
         lease: &Lease,
-        held: &HeldDoc,
+        held: &Held<'_>,
         completed_at_ms: i64,
         ttl: Duration,
         result: &str,
@@ -239,13 +188,13 @@ impl RedisStore {
                     .arg(&lease.key)
                     .arg(&doc)
                     .arg("IFEQ")
-                    .arg(&held.doc)
+                    .arg(held.doc)
                     .arg("PX")
                     .arg(ttl_ms);
                 cmd
             } else {
                 let mut cmd = evalsha(&self.scripts.complete_if_equal, &lease.key);
-                cmd.arg(&held.doc).arg(&doc).arg(ttl_ms);
+                cmd.arg(held.doc).arg(&doc).arg(ttl_ms);
                 cmd
             };
             let applied = self
@@ -332,27 +281,26 @@ pub(super) enum IfeqReply {
 
 #[cfg(test)]
 mod tests {
-    use super::{HeldDoc, Ifeq, completed_doc};
-    use crate::record::IdempotencyRecord;
+    use super::{Held, completed_doc, held, version};
+    use crate::record::{IdempotencyRecord, Lease};
 
-    fn held(attempts: u32, fingerprint: Option<&str>) -> HeldDoc {
-        HeldDoc {
-            doc: String::new(),
-            fingerprint: fingerprint.map(str::to_owned),
+    fn held_by(attempts: u32, fingerprint: Option<&str>) -> Held<'_> {
+        Held {
+            doc: b"",
+            fingerprint,
             attempts,
-            expires_at: chrono::Utc::now() + chrono::TimeDelta::seconds(60),
         }
     }
 
     #[test]
     fn completed_documents_have_the_finish_scripts_shape() {
         let doc =
-            completed_doc(1_700_000_000_123, &held(1, None), 60_000, r#"{"a":1}"#).expect("doc");
+            completed_doc(1_700_000_000_123, &held_by(1, None), 60_000, r#"{"a":1}"#).expect("doc");
         assert_eq!(
             doc,
             r#"{"status":"COMPLETED","completed_at":1700000000123,"ttl_ms":60000,"result":{"a":1}}"#
         );
-        let doc = completed_doc(5, &held(3, Some("f\"p")), 10, "").expect("doc");
+        let doc = completed_doc(5, &held_by(3, Some("f\"p")), 10, "").expect("doc");
         assert_eq!(
             doc,
             r#"{"status":"COMPLETED","completed_at":5,"attempts":3,"ttl_ms":10,"fingerprint":"f\"p"}"#
@@ -364,20 +312,26 @@ mod tests {
     }
 
     #[test]
-    fn leases_are_remembered_per_key_and_token_on_every_server() {
-        let ifeq = Ifeq::default();
-        ifeq.remember("k1", "t", held(1, None));
-        ifeq.remember("k2", "t", held(2, None));
-        assert_eq!(ifeq.take("k2", "t").map(|h| h.attempts), Some(2));
-        assert!(ifeq.take("k2", "t").is_none());
-        // A later lease of the key replaces the entry; the earlier one
-        // finds nothing and leaves it.
-        ifeq.remember("k1", "t2", held(4, None));
-        assert!(ifeq.take("k1", "t").is_none());
-        assert_eq!(ifeq.len(), 1);
-        ifeq.set_supported(false);
-        assert_eq!(ifeq.take("k1", "t2").map(|h| h.attempts), Some(4));
-        ifeq.remember("k3", "t", held(3, None));
-        assert_eq!(ifeq.take("k3", "t").map(|h| h.attempts), Some(3));
+    fn a_lease_carries_its_document_and_fingerprint() {
+        let lease = |v: Option<std::sync::Arc<[u8]>>| {
+            let lease = Lease::new("k", "t", 4, chrono::Utc::now());
+            match v {
+                Some(v) => lease.with_version(v),
+                None => lease,
+            }
+        };
+        let with = lease(Some(version(Some("fp"), br#"{"status":"PROCESSING"}"#)));
+        let read = held(&with).expect("readable");
+        assert_eq!(read.doc, br#"{"status":"PROCESSING"}"#);
+        assert_eq!(read.fingerprint, Some("fp"));
+        assert_eq!(read.attempts, 4);
+        let without = lease(Some(version(None, b"doc")));
+        let read = held(&without).expect("readable");
+        assert_eq!((read.doc, read.fingerprint), (&b"doc"[..], None));
+        // No version, or one this store did not make: the finish script.
+        assert!(held(&lease(None)).is_none());
+        assert!(held(&lease(Some(vec![7u8, 1].into()))).is_none());
+        assert!(held(&lease(Some(vec![1u8, 9, 0, 0, 0, b'x'].into()))).is_none());
+        assert!(held(&lease(Some(Vec::new().into()))).is_none());
     }
 }

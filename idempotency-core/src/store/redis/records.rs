@@ -68,23 +68,12 @@ impl IdempotencyStore for RedisStore {
             attempt,
             expires_at: crate::store::after(sent_at, request.lease),
             taken_over: false,
+            version: None,
         };
         let Some(existing) = existing else {
-            let lease = lease(1);
-            self.ifeq.remember(
-                request.key,
-                request.token,
-                ifeq::HeldDoc {
-                    doc,
-                    fingerprint: request
-                        .fingerprint
-                        .filter(|f| !f.is_empty())
-                        .map(str::to_owned),
-                    attempts: 1,
-                    expires_at: lease.expires_at,
-                },
-            );
-            return Ok(ClaimOutcome::Acquired(lease));
+            let fingerprint = request.fingerprint.filter(|f| !f.is_empty());
+            let version = ifeq::version(fingerprint, doc.as_bytes());
+            return Ok(ClaimOutcome::Acquired(lease(1).with_version(version)));
         };
         let record = std::str::from_utf8(&existing)
             .ok()
@@ -111,18 +100,10 @@ impl IdempotencyStore for RedisStore {
                 RecordStatus::Processing
                     if record.lease_token.as_deref() == Some(request.token) =>
                 {
-                    let lease = lease(record.attempts);
-                    self.ifeq.remember(
-                        request.key,
-                        request.token,
-                        ifeq::HeldDoc {
-                            doc: raw.to_owned(),
-                            fingerprint: record.fingerprint,
-                            attempts: record.attempts,
-                            expires_at: lease.expires_at,
-                        },
-                    );
-                    return Ok(ClaimOutcome::Acquired(lease));
+                    let version = ifeq::version(record.fingerprint.as_deref(), raw.as_bytes());
+                    return Ok(ClaimOutcome::Acquired(
+                        lease(record.attempts).with_version(version),
+                    ));
                 }
                 _ => {}
             }
@@ -139,27 +120,31 @@ impl IdempotencyStore for RedisStore {
         let reply = Reply::parse(&lease.key, value)?;
         match reply.tag.as_str() {
             "ok" => {
-                let renewed = Lease {
-                    expires_at: ms_to_time(reply.int(0)?),
-                    ..lease.clone()
+                let expires_at = ms_to_time(reply.int(0)?);
+                // The renewed document, which the next completion compares
+                // against; the fingerprint is the claim's (or, for a lease
+                // without a version, the document's own).
+                let version = match reply.rest.into_iter().nth(1) {
+                    Some(doc) => {
+                        let doc = text(&lease.key, doc)?;
+                        match ifeq::held(lease) {
+                            Some(held) => Some(ifeq::version(held.fingerprint, doc.as_bytes())),
+                            None => serde_json::from_str::<ifeq::FingerprintOnly>(&doc)
+                                .ok()
+                                .map(|p| ifeq::version(p.fingerprint.as_deref(), doc.as_bytes())),
+                        }
+                    }
+                    None => None,
                 };
-                if let Some(doc) = reply.rest.into_iter().nth(1) {
-                    self.ifeq.renewed(
-                        &lease.key,
-                        &lease.token,
-                        text(&lease.key, doc)?,
-                        renewed.expires_at,
-                        lease.attempt,
-                    );
-                }
-                Ok(renewed)
-            }
-            _ => {
-                self.ifeq.take(&lease.key, &lease.token);
-                Err(IdempotencyError::LeaseLost {
-                    key: lease.key.clone(),
+                Ok(Lease {
+                    expires_at,
+                    version,
+                    ..lease.clone()
                 })
             }
+            _ => Err(IdempotencyError::LeaseLost {
+                key: lease.key.clone(),
+            }),
         }
     }
 
@@ -178,7 +163,7 @@ impl IdempotencyStore for RedisStore {
         // IFEQ` cannot read the store's).
         let completed_at = Utc::now().timestamp_millis();
         let mut retried = false;
-        if let Some(held) = self.ifeq.take(&lease.key, &lease.token) {
+        if let Some(held) = ifeq::held(lease) {
             match self
                 .complete_if_equal(lease, &held, completed_at, ttl, &result)
                 .await?
@@ -193,7 +178,6 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
-        self.ifeq.take(&lease.key, &lease.token);
         self.finish(lease, ttl, None, error, false).await
     }
 
@@ -280,6 +264,7 @@ impl RedisStore {
                 attempt: record.attempts,
                 expires_at: record.lease_expires_at.unwrap_or(now),
                 taken_over: false,
+                version: None,
             })),
             ClaimDecision::FingerprintMismatch => Err(IdempotencyError::FingerprintMismatch {
                 key: request.key.to_owned(),
@@ -300,26 +285,19 @@ impl RedisStore {
         let reply = Reply::parse(request.key, value)?;
         match reply.tag.as_str() {
             "acquired" => {
-                let lease = Lease {
+                let mut lease = Lease {
                     key: request.key.to_owned(),
                     token: request.token.to_owned(),
                     attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
                     expires_at: ms_to_time(reply.int(1)?),
                     taken_over: reply.int(2)? == 1,
+                    version: None,
                 };
                 if let Some(doc) = reply.rest.into_iter().nth(3) {
                     let doc = text(request.key, doc)?;
                     if let Ok(parsed) = serde_json::from_str::<ifeq::FingerprintOnly>(&doc) {
-                        self.ifeq.remember(
-                            request.key,
-                            request.token,
-                            ifeq::HeldDoc {
-                                doc,
-                                fingerprint: parsed.fingerprint,
-                                attempts: lease.attempt,
-                                expires_at: lease.expires_at,
-                            },
-                        );
+                        lease.version =
+                            Some(ifeq::version(parsed.fingerprint.as_deref(), doc.as_bytes()));
                     }
                 }
                 Ok(ClaimOutcome::Acquired(lease))

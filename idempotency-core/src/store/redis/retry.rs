@@ -66,52 +66,70 @@ impl RedisStore {
     /// operation timeout.
     ///
     /// `op` gets a connection and whether this is a retry (an earlier try may
-    /// have been applied).
+    /// have been applied). The first try is bounded by the connection's own
+    /// response timeout (on a cluster, with redis-rs's own redirects), so it
+    /// arms no timer of its own: the operation's deadline (`op_timeout` from
+    /// the start) is armed only when a try fails.
     pub(super) async fn run<T, F, Fut>(&self, key: &str, op: F) -> Result<T>
     where
         F: Fn(Conn, bool) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let attempts = async {
-            let mut tries = 0;
-            loop {
-                match op(self.conns.get(), tries > 0).await {
-                    Ok(v) => return Ok(v),
-                    Err(e) if transient(&e) && tries < self.max_retries => {
-                        tries += 1;
-                        let base = 25u64 << tries.min(6);
-                        let jitter = uuid::Uuid::new_v4().as_u128() as u64 % base;
-                        tracing::debug!(error = %e, tries, "retrying a Redis operation");
-                        drop(e);
-                        // The retry path, boxed: the first try's future stays small.
-                        Box::pin(async {
-                            self.conns.recover().await;
-                            tokio::time::sleep(Duration::from_millis(base + jitter)).await;
-                        })
-                        .await;
-                    }
-                    // WRONGTYPE: something that is not a record lives at the key.
-                    Err(e) if e.code() == Some("WRONGTYPE") => {
-                        return Err(IdempotencyError::corrupt(key, e));
-                    }
-                    // Redis answered, and refused: no outage.
-                    Err(e) if error_code(&e).as_deref() == Some("OOM") => {
-                        return Err(IdempotencyError::store_refused(
-                            STORE,
-                            StoreRefusal::OutOfMemory,
-                            e,
-                        ));
-                    }
-                    Err(e) if permission_denied(&e) => {
-                        return Err(Box::pin(self.permission_error(key, e)).await);
-                    }
-                    Err(e) => return Err(unavailable(e)),
-                }
-            }
-        };
-        tokio::time::timeout(self.op_timeout, attempts)
+        let started = tokio::time::Instant::now();
+        match op(self.conns.get(), false).await {
+            Ok(v) => Ok(v),
+            // The error path, boxed: the first try's future stays small.
+            Err(e) => Box::pin(tokio::time::timeout_at(
+                started + self.op_timeout,
+                self.after_error(key, &op, e),
+            ))
             .await
-            .map_err(unavailable)?
+            .map_err(unavailable)?,
+        }
+    }
+
+    /// What follows a failed try of `op`: the error's meaning, and the
+    /// retries a transient error allows.
+    async fn after_error<T, F, Fut>(&self, key: &str, op: &F, first: RedisError) -> Result<T>
+    where
+        F: Fn(Conn, bool) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let mut tries = 0;
+        let mut failed = first;
+        loop {
+            match failed {
+                e if transient(&e) && tries < self.max_retries => {
+                    tries += 1;
+                    let base = 25u64 << tries.min(6);
+                    let jitter = uuid::Uuid::new_v4().as_u128() as u64 % base;
+                    tracing::debug!(error = %e, tries, "retrying a Redis operation");
+                    drop(e);
+                    self.conns.recover().await;
+                    tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+                }
+                // WRONGTYPE: something that is not a record lives at the key.
+                e if e.code() == Some("WRONGTYPE") => {
+                    return Err(IdempotencyError::corrupt(key, e));
+                }
+                // Redis answered, and refused: no outage.
+                e if error_code(&e).as_deref() == Some("OOM") => {
+                    return Err(IdempotencyError::store_refused(
+                        STORE,
+                        StoreRefusal::OutOfMemory,
+                        e,
+                    ));
+                }
+                e if permission_denied(&e) => {
+                    return Err(Box::pin(self.permission_error(key, e)).await);
+                }
+                e => return Err(unavailable(e)),
+            }
+            match op(self.conns.get(), true).await {
+                Ok(v) => return Ok(v),
+                Err(e) => failed = e,
+            }
+        }
     }
 
     /// The script commands the connection's user may not run on `key`.

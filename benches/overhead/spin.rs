@@ -1,0 +1,53 @@
+//! `IDEMPOTENCY_BENCH_ONLY=spin:<job>[:<tasks>[:<seconds>]]`: one workload
+//! on Redis, alone and long enough for a profiler to attach to.
+
+use std::time::{Duration, Instant};
+
+use idempotency_test_support::RedisServer;
+
+use crate::bench::Bench;
+use crate::cpu::{TICKS_PER_SECOND, cpu_sample};
+use crate::workload::{Job, run};
+
+/// Runs the job `spec` names and prints its rate and the client's CPU per
+/// event.
+pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
+    let mut parts = spec.split(':').skip(1);
+    let job = match parts.next() {
+        Some("ref-new") => Job::RefNew,
+        Some("ref-dup") => Job::RefDup,
+        Some("process-new") => Job::ProcessNew,
+        Some("process-dup") => Job::ProcessDup,
+        Some("peer-new") => Job::PeerNew,
+        Some("peer-dup") => Job::PeerDup,
+        other => {
+            eprintln!(
+                "unknown job {other:?}: one of ref-new, ref-dup, process-new, process-dup, peer-new, peer-dup"
+            );
+            std::process::exit(2);
+        }
+    };
+    let tasks = parts.next().and_then(|t| t.parse().ok()).unwrap_or(32);
+    let seconds = parts.next().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let bench = Bench::connect(server, started).await;
+        bench.seed_duplicates().await;
+        bench.progress(format_args!(
+            "spinning {job:?} in {tasks} tasks for {seconds} s (pid {})",
+            std::process::id()
+        ));
+        let before = cpu_sample();
+        let (events, rate) = run(&bench.worker(job), tasks, Duration::from_secs(seconds)).await;
+        let after = cpu_sample();
+        let own = (after.own - before.own) as f64 / TICKS_PER_SECOND;
+        println!(
+            "{job:?}, {tasks} tasks: {rate:.0}/s; client CPU {:.1} us per event",
+            own * 1e6 / events.max(1) as f64
+        );
+    });
+}
