@@ -79,6 +79,8 @@
 //! `process-dup`, `peer-new`, `peer-dup`; 32 tasks for 20 seconds unless
 //! told) and prints its rate and client CPU per event: for a profiler
 //! (`perf record -p`) to attach to. It compares nothing.
+//! `spin:worker[:<messages>]` runs the `JetStreamWorker` alone over that
+//! many new events (100,000 unless told).
 //!
 //! ## Method
 //!

@@ -48,8 +48,8 @@ pub(crate) async fn pipeline_phases(redis: &RedisServer, started: Instant, repor
     http(redis, report).await;
 }
 
-async fn jetstream(redis: &RedisServer, report: &mut Report) {
-    let nats = NatsServer::start();
+/// A stream `BENCH` on a fresh `nats-server` holding `messages` new events.
+async fn bench_stream(nats: &NatsServer, messages: u64) -> stream::Stream {
     let client = async_nats::connect(nats.url())
         .await
         .expect("connect to the benchmark's nats-server");
@@ -64,17 +64,45 @@ async fn jetstream(redis: &RedisServer, report: &mut Report) {
         .expect("create the stream");
     // Publish every event once, acks awaited in batches.
     let mut acks = Vec::new();
-    for n in 0..MESSAGES {
+    for n in 0..messages {
         let body = serde_json::to_vec(&envelope(STREAM_BASE + n)).expect("an envelope");
         if let Some(ack) = ok(js.publish("bench.orders", body.into()).await) {
             acks.push(ack);
         }
-        if acks.len() == 512 || n + 1 == MESSAGES {
+        if acks.len() == 512 || n + 1 == messages {
             for ack in acks.drain(..) {
                 ok(ack.await);
             }
         }
     }
+    orders
+}
+
+/// `IDEMPOTENCY_BENCH_ONLY=spin:worker`: the `JetStreamWorker` alone over
+/// `messages` new events, for a profiler.
+pub(crate) async fn spin_worker(redis: &RedisServer, messages: u64) -> f64 {
+    let nats = NatsServer::start();
+    let orders = bench_stream(&nats, messages).await;
+    let store = RedisStore::connect(&redis.url())
+        .await
+        .expect("connect the store to the benchmark's redis-server");
+    let consumer = orders
+        .create_consumer(pull::Config {
+            durable_name: Some("spin".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("create a consumer");
+    eprintln!(
+        "worker: {messages} messages published; pid {}",
+        std::process::id()
+    );
+    run_worker(consumer, &IdempotencyChecker::new(store), messages).await
+}
+
+async fn jetstream(redis: &RedisServer, report: &mut Report) {
+    let nats = NatsServer::start();
+    let orders = bench_stream(&nats, MESSAGES).await;
     let store = RedisStore::connect(&redis.url())
         .await
         .expect("connect the store to the benchmark's redis-server");
@@ -96,7 +124,7 @@ async fn jetstream(redis: &RedisServer, report: &mut Report) {
                 // Every round's events are new to the store.
                 let _: Option<redis::Value> =
                     ok(redis::cmd("FLUSHALL").query_async(&mut inspect).await);
-                worker.push(run_worker(consumer, &checker).await);
+                worker.push(run_worker(consumer, &checker, MESSAGES).await);
             } else {
                 bare.push(run_bare(consumer).await);
             }
@@ -149,6 +177,7 @@ async fn run_bare(consumer: jetstream::consumer::PullConsumer) -> f64 {
 async fn run_worker(
     consumer: jetstream::consumer::PullConsumer,
     checker: &IdempotencyChecker,
+    messages: u64,
 ) -> f64 {
     let handled = Arc::new(AtomicU64::new(0));
     let all_done = Arc::new(Notify::new());
@@ -157,7 +186,7 @@ async fn run_worker(
     let handler = {
         let (handled, all_done) = (Arc::clone(&handled), Arc::clone(&all_done));
         move |_event: EventEnvelope<Payload>| {
-            if handled.fetch_add(1, Ordering::Relaxed) + 1 == MESSAGES {
+            if handled.fetch_add(1, Ordering::Relaxed) + 1 == messages {
                 all_done.notify_one();
             }
             async { Ok::<_, Infallible>(RESULT.to_owned()) }
@@ -178,10 +207,10 @@ async fn run_worker(
         .run(Runner::new(checker.clone(), handler), shutdown)
         .await);
     let executed = checker.stats().executed - before.executed;
-    if executed != MESSAGES {
+    if executed != messages {
         problem(
             &ANOMALIES,
-            format_args!("JetStreamWorker: {executed} of {MESSAGES} events executed"),
+            format_args!("JetStreamWorker: {executed} of {messages} events executed"),
         );
     }
     let elapsed = finished

@@ -13,7 +13,19 @@ use crate::workload::{Job, run};
 /// event.
 pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
     let mut parts = spec.split(':').skip(1);
-    let job = match parts.next() {
+    let name = parts.next();
+    if name == Some("worker") {
+        let messages = parts.next().and_then(|m| m.parse().ok()).unwrap_or(100_000);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let rate = runtime.block_on(crate::pipelines::spin_worker(server, messages));
+        println!("JetStreamWorker: {rate:.0} msg/s over {messages} messages");
+        return;
+    }
+    let job = match name {
         Some("ref-new") => Job::RefNew,
         Some("ref-dup") => Job::RefDup,
         Some("process-new") => Job::ProcessNew,
@@ -22,7 +34,7 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
         Some("peer-dup") => Job::PeerDup,
         other => {
             eprintln!(
-                "unknown job {other:?}: one of ref-new, ref-dup, process-new, process-dup, peer-new, peer-dup"
+                "unknown job {other:?}: one of ref-new, ref-dup, process-new, process-dup, peer-new, peer-dup, worker"
             );
             std::process::exit(2);
         }
