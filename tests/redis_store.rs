@@ -1100,7 +1100,7 @@ async fn completing_a_claim_compares_its_document_and_decodes_nothing() {
 }
 
 /// Where the server has `SET ... IFEQ` (Valkey 9), every
-/// completion of a lease whose document the store remembers is one plain
+/// completion of a lease that carries its document (its version) is one plain
 /// `SET ... IFEQ`: after a fast claim, a retried claim, a claim by the claim
 /// script, and a renewal. On Redis 7 each is one script (the same
 /// comparison).
@@ -1252,7 +1252,7 @@ async fn a_completion_after_a_renewal_compares_the_renewed_document() {
     }
 }
 
-/// The remembered document is only a shortcut. When the stored
+/// The lease's document is only a shortcut. When the stored
 /// one differs (rewritten with the same meaning, taken over, completed by an
 /// earlier try), the finish script decides, as on Redis 7.
 #[tokio::test]

@@ -103,7 +103,9 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
     /// Claims `request.key`. See the trait docs for the outcomes.
     async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome>;
 
-    /// Extends a held lease to `lease` from now; returns the lease with its new expiry.
+    /// Extends a held lease to `lease` from now; returns the lease with its
+    /// new expiry (and, for a store that versions its records, the new
+    /// [`version`](Lease::version)).
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease>;
 
     /// Marks the key `COMPLETED` with `result`; the record then lives `ttl`.

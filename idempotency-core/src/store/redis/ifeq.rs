@@ -274,7 +274,7 @@ impl RedisStore {
 pub(super) enum IfeqReply {
     /// Written.
     Applied,
-    /// The key does not hold the remembered document; `retried`: an earlier
+    /// The key does not hold the lease's document; `retried`: an earlier
     /// try of this call may have been applied.
     Mismatch { retried: bool },
 }
