@@ -23,10 +23,10 @@ pub(crate) fn after(
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
-pub mod memory;
+// The stores this crate ships; their types are exported at the crate root.
+pub(crate) mod memory;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub mod redis;
+pub(crate) mod redis;
 
 /// Everything a store needs to claim a key.
 #[derive(Debug, Clone, Copy)]
