@@ -82,16 +82,10 @@ pub(crate) async fn memory_loop(
             MemoryPath::Store => {
                 uuid_key(&mut key, PREFIX, n);
                 let raw = &key[PREFIX.len()..];
-                let request = ClaimRequest {
-                    key: &key,
-                    recorded_key: raw,
-                    event_id: Some(raw),
-                    event_type: Some("order.placed"),
-                    fingerprint: None,
-                    token: TOKEN,
-                    lease,
-                    ttl,
-                };
+                let mut request = ClaimRequest::new(&key, TOKEN, lease, ttl);
+                request.recorded_key = raw;
+                request.event_id = Some(raw);
+                request.event_type = Some("order.placed");
                 match store.claim(&request).await {
                     Ok(ClaimOutcome::Acquired(lease)) => {
                         ok(store.complete(&lease, Some(black_box(&result)), ttl).await);

@@ -22,6 +22,10 @@ use crate::error::{IdempotencyError, InvalidKeyReason};
 /// the handler for each copy. [`EventEnvelope::new`] does give a fresh
 /// UUID v4 `event_id` to events built in Rust.
 ///
+/// `#[non_exhaustive]`, so fields can be added: build one with
+/// [`EventEnvelope::new`] and the `with_*` methods (or read it from JSON);
+/// its fields stay public to read and set.
+///
 /// ```
 /// use idempotency_core::EventEnvelope;
 ///
@@ -31,6 +35,7 @@ use crate::error::{IdempotencyError, InvalidKeyReason};
 /// # Ok::<(), serde_json::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct EventEnvelope<P = serde_json::Value> {
     /// Unique id of the event. [`EventEnvelope::new`] sets a UUID v4; it is
     /// empty when the JSON the envelope was read from had none (and is then

@@ -197,16 +197,10 @@ const LONG: Duration = Duration::from_secs(60);
 /// type `test.event`, no fingerprint, and a 60 s lease and ttl: what the
 /// rules claim with, for a store's own tests too.
 pub fn claim_request<'a>(key: &'a str, token: &'a str) -> ClaimRequest<'a> {
-    ClaimRequest {
-        key,
-        recorded_key: key,
-        event_id: Some("evt-1"),
-        event_type: Some("test.event"),
-        fingerprint: None,
-        token,
-        lease: LONG,
-        ttl: LONG,
-    }
+    let mut request = ClaimRequest::new(key, token, LONG, LONG);
+    request.event_id = Some("evt-1");
+    request.event_type = Some("test.event");
+    request
 }
 
 async fn acquire(store: &dyn IdempotencyStore, req: &ClaimRequest<'_>) -> Lease {

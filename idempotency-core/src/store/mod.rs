@@ -29,7 +29,12 @@ pub(crate) mod memory;
 pub(crate) mod redis;
 
 /// Everything a store needs to claim a key.
+///
+/// The checker makes these; a store reads them. `#[non_exhaustive]`: build
+/// one (in a store's tests, say) with [`ClaimRequest::new`] and set the
+/// optional fields.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct ClaimRequest<'a> {
     /// The storage key (prefix included).
     pub key: &'a str,
@@ -52,6 +57,25 @@ pub struct ClaimRequest<'a> {
     pub lease: Duration,
     /// How long the record lives.
     pub ttl: Duration,
+}
+
+impl<'a> ClaimRequest<'a> {
+    /// A claim of `key` (the storage key, also recorded as the record's
+    /// `idempotency_key`) under the fencing `token`, for a lease of `lease`
+    /// and a record that lives `ttl`; no event id, event type or
+    /// fingerprint.
+    pub fn new(key: &'a str, token: &'a str, lease: Duration, ttl: Duration) -> Self {
+        Self {
+            key,
+            recorded_key: key,
+            event_id: None,
+            event_type: None,
+            fingerprint: None,
+            token,
+            lease,
+            ttl,
+        }
+    }
 }
 
 /// The storage contract every backend implements.

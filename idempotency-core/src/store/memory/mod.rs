@@ -110,16 +110,7 @@ impl MemoryStore {
     ///
     /// let store = MemoryStore::with_tokio_clock();
     /// let hour = Duration::from_secs(3600);
-    /// let request = ClaimRequest {
-    ///     key: "k",
-    ///     recorded_key: "k",
-    ///     event_id: None,
-    ///     event_type: None,
-    ///     fingerprint: None,
-    ///     token: "t1",
-    ///     lease: hour,
-    ///     ttl: hour,
-    /// };
+    /// let request = ClaimRequest::new("k", "t1", hour, hour);
     /// store.claim(&request).await?;
     /// tokio::time::advance(Duration::from_secs(3601)).await;
     /// assert!(store.get("k").await?.is_none());

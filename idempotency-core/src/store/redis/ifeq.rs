@@ -53,18 +53,23 @@ pub(super) struct Held<'a> {
 /// follows), the fingerprint's length (4 bytes, little-endian) and bytes,
 /// then the document.
 pub(super) fn version(fingerprint: Option<&str>, doc: &[u8]) -> Arc<[u8]> {
-    let mut bytes = Vec::with_capacity(5 + fingerprint.map_or(0, str::len) + doc.len());
-    match fingerprint {
+    let mut header = [0u8; 5];
+    let (header, fingerprint): (&[u8], &[u8]) = match fingerprint {
         Some(fingerprint) => {
-            bytes.push(1);
             let len = u32::try_from(fingerprint.len()).unwrap_or(u32::MAX);
-            bytes.extend_from_slice(&len.to_le_bytes());
-            bytes.extend_from_slice(fingerprint.as_bytes());
+            header[0] = 1;
+            header[1..].copy_from_slice(&len.to_le_bytes());
+            (&header, fingerprint.as_bytes())
         }
-        None => bytes.push(0),
-    }
-    bytes.extend_from_slice(doc);
-    bytes.into()
+        None => (&header[..1], &[]),
+    };
+    // One allocation: the chained slices' length is known up front.
+    header
+        .iter()
+        .chain(fingerprint)
+        .chain(doc)
+        .copied()
+        .collect()
 }
 
 /// What `lease`'s version says, when it has one this store made.
