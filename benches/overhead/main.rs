@@ -80,7 +80,8 @@
 //! told) and prints its rate and client CPU per event: for a profiler
 //! (`perf record -p`) to attach to. It compares nothing.
 //! `spin:worker[:<messages>]` runs the `JetStreamWorker` alone over that
-//! many new events (100,000 unless told).
+//! many new events (100,000 unless told), `spin:bare[:<messages>]` the bare
+//! pull consumer.
 //!
 //! ## Method
 //!

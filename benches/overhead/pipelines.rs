@@ -78,9 +78,10 @@ async fn bench_stream(nats: &NatsServer, messages: u64) -> stream::Stream {
     orders
 }
 
-/// `IDEMPOTENCY_BENCH_ONLY=spin:worker`: the `JetStreamWorker` alone over
-/// `messages` new events, for a profiler.
-pub(crate) async fn spin_worker(redis: &RedisServer, messages: u64) -> f64 {
+/// `IDEMPOTENCY_BENCH_ONLY=spin:worker` (or `spin:bare`): the
+/// `JetStreamWorker` (or the bare consumer) alone over `messages` new
+/// events, for a profiler.
+pub(crate) async fn spin_worker(redis: &RedisServer, messages: u64, bare: bool) -> f64 {
     let nats = NatsServer::start();
     let orders = bench_stream(&nats, messages).await;
     let store = RedisStore::connect(&redis.url())
@@ -93,11 +94,12 @@ pub(crate) async fn spin_worker(redis: &RedisServer, messages: u64) -> f64 {
         })
         .await
         .expect("create a consumer");
-    eprintln!(
-        "worker: {messages} messages published; pid {}",
-        std::process::id()
-    );
-    run_worker(consumer, &IdempotencyChecker::new(store), messages).await
+    eprintln!("{messages} messages published; pid {}", std::process::id());
+    if bare {
+        run_bare(consumer, messages).await
+    } else {
+        run_worker(consumer, &IdempotencyChecker::new(store), messages).await
+    }
 }
 
 async fn jetstream(redis: &RedisServer, report: &mut Report) {
@@ -126,7 +128,7 @@ async fn jetstream(redis: &RedisServer, report: &mut Report) {
                     ok(redis::cmd("FLUSHALL").query_async(&mut inspect).await);
                 worker.push(run_worker(consumer, &checker, MESSAGES).await);
             } else {
-                bare.push(run_bare(consumer).await);
+                bare.push(run_bare(consumer, MESSAGES).await);
             }
         }
     }
@@ -154,11 +156,11 @@ async fn jetstream(redis: &RedisServer, report: &mut Report) {
 
 /// Messages per second of a pull consumer that acks each message, until it
 /// has seen the whole stream.
-async fn run_bare(consumer: jetstream::consumer::PullConsumer) -> f64 {
+async fn run_bare(consumer: jetstream::consumer::PullConsumer, count: u64) -> f64 {
     let mut messages = consumer.messages().await.expect("pull messages");
     let start = Instant::now();
     let mut seen = 0;
-    while seen < MESSAGES {
+    while seen < count {
         match messages.next().await {
             Some(Ok(message)) => {
                 ok(message.ack().await);

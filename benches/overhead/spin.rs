@@ -14,15 +14,19 @@ use crate::workload::{Job, run};
 pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
     let mut parts = spec.split(':').skip(1);
     let name = parts.next();
-    if name == Some("worker") {
+    if let Some(which @ ("worker" | "bare")) = name {
         let messages = parts.next().and_then(|m| m.parse().ok()).unwrap_or(100_000);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let rate = runtime.block_on(crate::pipelines::spin_worker(server, messages));
-        println!("JetStreamWorker: {rate:.0} msg/s over {messages} messages");
+        let rate = runtime.block_on(crate::pipelines::spin_worker(
+            server,
+            messages,
+            which == "bare",
+        ));
+        println!("{which}: {rate:.0} msg/s over {messages} messages");
         return;
     }
     let job = match name {
@@ -34,7 +38,7 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
         Some("peer-dup") => Job::PeerDup,
         other => {
             eprintln!(
-                "unknown job {other:?}: one of ref-new, ref-dup, process-new, process-dup, peer-new, peer-dup, worker"
+                "unknown job {other:?}: one of ref-new, ref-dup, process-new, process-dup, peer-new, peer-dup, worker, bare"
             );
             std::process::exit(2);
         }
