@@ -373,7 +373,7 @@ mod tests {
                     return ControlFlow::Break(n);
                 }
                 let flight = Arc::clone(&flight);
-                ControlFlow::Continue((n % 2 == 0).then(|| async move {
+                ControlFlow::Continue((n % 2 == 0).then_some(async move {
                     flight.enter();
                     tokio::task::yield_now().await;
                     flight.leave();
