@@ -11,11 +11,9 @@ use async_nats::jetstream::consumer::pull::{MessagesError, MessagesErrorKind};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt;
-use idempotency_core::consume::{Disposition, EventHandler, Runner};
+use idempotency_core::consume::{Disposition, EventHandler, RetryDelays, Runner, run_bounded};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 /// What a worker did with the messages it pulled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -171,34 +169,6 @@ impl Counters {
     }
 }
 
-/// Delays for nak: `busy` while another worker holds the key; otherwise
-/// `base × 2^(delivered − 1)`, at most `max`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Delays {
-    pub(crate) busy: Duration,
-    pub(crate) base: Duration,
-    pub(crate) max: Duration,
-}
-
-impl Default for Delays {
-    fn default() -> Self {
-        Self {
-            busy: Duration::from_secs(1),
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-        }
-    }
-}
-
-impl Delays {
-    fn backoff(&self, delivered: i64) -> Duration {
-        let exponent = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
-        self.base
-            .saturating_mul(2u32.saturating_pow(exponent))
-            .min(self.max)
-    }
-}
-
 /// Acks, naks or terms a message according to its disposition: ack for
 /// [`Ack`](Disposition::Ack); nak with `busy` or the backoff delay for
 /// [`Retry`](Disposition::Retry); term for [`Reject`](Disposition::Reject)
@@ -212,10 +182,15 @@ impl Delays {
 pub(crate) async fn settle(
     message: &Message,
     disposition: Disposition,
-    delays: Delays,
+    delays: RetryDelays,
     counters: &Counters,
 ) {
-    let delivered = || message.info().map(|info| info.delivered).unwrap_or(1);
+    // JetStream counts deliveries from 1.
+    let delivered = || {
+        message
+            .info()
+            .map_or(1, |info| u64::try_from(info.delivered).unwrap_or(1))
+    };
     let (kind, counter) = match disposition {
         Disposition::Ack { .. } => (AckKind::Ack, &counters.acked),
         Disposition::Retry { busy: true, .. } => (AckKind::Nak(Some(delays.busy)), &counters.busy),
@@ -239,7 +214,7 @@ pub(crate) async fn settle(
             let delivered = delivered();
             tracing::warn!(subject = %message.subject, delivered, %reason, "handler failed; the message will be redelivered");
             (
-                AckKind::Nak(Some(delays.backoff(delivered))),
+                AckKind::Nak(Some(delays.for_delivery(delivered))),
                 &counters.retried,
             )
         }
@@ -307,7 +282,7 @@ where
             }
         }
     });
-    bounded(
+    run_bounded(
         std::pin::pin!(checked),
         concurrency,
         shutdown,
@@ -362,68 +337,6 @@ async fn check_pull_error(consumer: &PullConsumer, error: MessagesError) -> Opti
     }
 }
 
-/// Runs `per_item` for the items of `items` as tasks, at most `concurrency`
-/// at a time, until the stream ends, `shutdown` completes or `per_item`
-/// breaks; then stops receiving (drops the stream: no more pulls, the
-/// subscription ends) and waits for the tasks in flight. Shared by every
-/// NATS integration; returns the reason `per_item` broke with.
-pub(crate) async fn bounded<S, F, Fut, E>(
-    mut items: S,
-    concurrency: usize,
-    shutdown: impl Future<Output = ()>,
-    per_item: F,
-) -> Result<(), E>
-where
-    S: futures_util::Stream + Unpin,
-    F: Fn(S::Item) -> ControlFlow<E, Option<Fut>>,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut tasks = JoinSet::new();
-    let mut outcome = Ok(());
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit,
-        };
-        // The semaphore is never closed.
-        let Ok(permit) = permit else { break };
-        let next = tokio::select! {
-            () = &mut shutdown => break,
-            next = items.next() => next,
-        };
-        let Some(item) = next else { break };
-        match per_item(item) {
-            ControlFlow::Continue(Some(work)) => {
-                tasks.spawn(async move {
-                    work.await;
-                    drop(permit);
-                });
-            }
-            ControlFlow::Continue(None) => {}
-            ControlFlow::Break(reason) => {
-                outcome = Err(reason);
-                break;
-            }
-        }
-        while let Some(done) = tasks.try_join_next() {
-            log_task_failure(done);
-        }
-    }
-    drop(items);
-    while let Some(done) = tasks.join_next().await {
-        log_task_failure(done);
-    }
-    outcome
-}
-
-fn log_task_failure(done: Result<(), tokio::task::JoinError>) {
-    if let Err(error) = done {
-        tracing::error!(%error, "a message task failed (panicked); a JetStream message will be redelivered");
-    }
-}
-
 /// Runs a handler over a JetStream pull consumer, exactly once per key.
 ///
 /// - a completed or duplicate event is acked;
@@ -456,7 +369,7 @@ fn log_task_failure(done: Result<(), tokio::task::JoinError>) {
 pub struct JetStreamWorker {
     consumer: PullConsumer,
     concurrency: usize,
-    delays: Delays,
+    delays: RetryDelays,
     heartbeat: Duration,
 }
 
@@ -466,7 +379,7 @@ impl JetStreamWorker {
         Self {
             consumer,
             concurrency: DEFAULT_CONCURRENCY,
-            delays: Delays::default(),
+            delays: RetryDelays::default(),
             heartbeat: DEFAULT_HEARTBEAT,
         }
     }
@@ -493,7 +406,8 @@ impl JetStreamWorker {
     }
 
     /// Nak delay after a failure: `base × 2^(deliveries − 1)`, at most `max`
-    /// (default 1s and 60s).
+    /// (default 1s and 60s; see
+    /// [`RetryDelays::for_delivery`](idempotency_core::consume::RetryDelays::for_delivery)).
     pub fn retry_delay(mut self, base: Duration, max: Duration) -> Self {
         self.delays.base = base;
         self.delays.max = max;

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, Message};
-use idempotency_core::consume::{self, Disposition, HandlerError};
+use idempotency_core::consume::{self, Disposition, HandlerError, RetryDelays};
 use idempotency_core::{IdempotencyChecker, IdempotencyError, KeyExtractor, KeyedRequest};
 
 use crate::NATS_MSG_ID;
 use crate::consumer::{
-    Counters, DEFAULT_HEARTBEAT, Delays, WorkerError, WorkerStats, drive, settle, with_progress,
+    Counters, DEFAULT_HEARTBEAT, WorkerError, WorkerStats, drive, settle, with_progress,
 };
 
 /// Relays the first copy of every event from a JetStream consumer to an
@@ -42,7 +42,7 @@ pub struct DedupRelay {
     output_subject: String,
     extractor: KeyExtractor,
     concurrency: usize,
-    delays: Delays,
+    delays: RetryDelays,
     heartbeat: std::time::Duration,
 }
 
@@ -61,7 +61,7 @@ impl DedupRelay {
             output_subject: output_subject.into(),
             extractor,
             concurrency: 16,
-            delays: Delays::default(),
+            delays: RetryDelays::default(),
             heartbeat: DEFAULT_HEARTBEAT,
         }
     }

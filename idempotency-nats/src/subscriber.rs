@@ -8,11 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
-use idempotency_core::consume::{Disposition, EventHandler, Runner};
+use idempotency_core::consume::{Disposition, EventHandler, Runner, run_bounded};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-
-use crate::consumer::bounded;
 
 /// The header set on error replies: `in_progress`, `failed`, `rejected` or
 /// `invalid` (the body was not an envelope, or it had no key).
@@ -101,7 +99,7 @@ impl Subscriber {
             None => self.client.subscribe(self.subject.clone()).await?,
         };
         let counters = Arc::new(Counters::default());
-        let Ok(()) = bounded::<_, _, _, std::convert::Infallible>(
+        let Ok(()) = run_bounded::<_, _, _, std::convert::Infallible>(
             subscription,
             self.concurrency,
             shutdown,

@@ -27,6 +27,26 @@
 //! [`Infallible`](std::convert::Infallible); implement it for your own
 //! error type (see [`HandlerError`]).
 //!
+//! # For adapter authors
+//! Besides the [`Runner`], an adapter's consume loop needs two pieces that
+//! are the same for every transport:
+//!
+//! - [`run_bounded`] runs each received message as a task, at most
+//!   `concurrency` at a time, and stops on shutdown (or when the adapter
+//!   sees an error it cannot get past), waiting for the messages in flight.
+//!   A task that panics is logged, not propagated.
+//! - [`RetryDelays`] says how long to wait before a
+//!   [`Retry`](Disposition::Retry) is delivered again: a fixed `busy` delay
+//!   while another attempt holds the key, otherwise
+//!   [`for_delivery`](RetryDelays::for_delivery), exponential in the
+//!   delivery count and capped. JetStream counts deliveries itself; a Kafka
+//!   adapter counts them per message.
+//!
+//! An adapter is then: a stream of messages, a closure for
+//! [`run_bounded`] that turns a message into a [`Delivery`], awaits
+//! [`Runner::consume`] and settles the message by its [`Disposition`].
+//! `idempotency-nats` is written this way.
+//!
 //! # Example
 //! ```
 //! use idempotency_core::consume::{Delivery, Disposition, Runner};
@@ -55,10 +75,12 @@
 
 mod classify;
 mod delivery;
+mod drive;
 mod runner;
 
 pub use classify::HandlerError;
 pub use delivery::{DecodeError, Delivery, IDEMPOTENCY_KEY_HEADER, header_key};
+pub use drive::{RetryDelays, run_bounded};
 pub use runner::{EventHandler, Runner, process};
 
 /// What a transport does with a message once it was consumed: the one
