@@ -232,17 +232,21 @@ pub(crate) async fn with_progress<F: Future>(
     every: Duration,
     work: F,
 ) -> F::Output {
-    tokio::pin!(work);
-    let start = tokio::time::Instant::now() + every;
-    let mut ticker = tokio::time::interval_at(start, every.max(Duration::from_millis(10)));
+    // One timer on the task's own stack (an `Interval` would box one per
+    // message), armed only once `work` has had to wait.
+    let period = every.max(Duration::from_millis(10));
+    let ticker = tokio::time::sleep(every);
+    tokio::pin!(work, ticker);
     loop {
         tokio::select! {
             biased;
             output = &mut work => return output,
-            _ = ticker.tick() => {
+            () = &mut ticker => {
                 if let Err(error) = message.ack_with(AckKind::Progress).await {
                     tracing::debug!(%error, "could not send a progress ack");
                 }
+                let next = ticker.deadline() + period;
+                ticker.as_mut().reset(next);
             }
         }
     }
