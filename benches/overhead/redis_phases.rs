@@ -31,7 +31,7 @@ pub(crate) const WORKLOADS: [(Kind, usize, &str); 4] = [
 const GUARANTEES: [[&str; 5]; 3] = [
     [
         "ours (`checker.process`, `RedisStore`)",
-        "yes: the lease token is checked by the finish script (Redis 7) or `SET ... IFEQ` (Valkey >= 8.1)",
+        "yes: the lease's exact document is compared by a small script (Redis 7) or `SET ... IFEQ` (Valkey >= 8.1), with the finish script checking the token when they differ",
         "yes: renewed in the background while the handler runs",
         "yes: `FAILED` with the error; the next delivery retries",
         "yes: the stored result",
