@@ -12,15 +12,15 @@ use crate::workload::{Job, run};
 /// Runs the job `spec` names and prints its rate and the client's CPU per
 /// event.
 pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
     let mut parts = spec.split(':').skip(1);
     let name = parts.next();
     if let Some(which @ ("worker" | "bare")) = name {
         let messages = parts.next().and_then(|m| m.parse().ok()).unwrap_or(100_000);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("a tokio runtime");
         let rate = runtime.block_on(crate::pipelines::spin_worker(
             server,
             messages,
@@ -45,11 +45,6 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
     };
     let tasks = parts.next().and_then(|t| t.parse().ok()).unwrap_or(32);
     let seconds = parts.next().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
     runtime.block_on(async {
         let bench = Bench::connect(server, started).await;
         bench.seed_duplicates().await;
