@@ -262,11 +262,11 @@ async fn a_borrowed_envelope_is_recorded_and_replayed_like_an_owned_one() {
         .expect("a FAILED record");
     assert_eq!(
         (
-            failed.idempotency_key.as_str(),
+            failed.idempotency_key.as_deref(),
             failed.event_id.as_deref(),
             failed.event_type.as_deref()
         ),
-        ("evt-f", Some("evt-f"), Some("job.requested"))
+        (Some("evt-f"), Some("evt-f"), Some("job.requested"))
     );
     // The by-value handler shares the key, and each replays the other's result.
     assert_eq!(
@@ -289,8 +289,11 @@ async fn a_borrowed_envelope_is_recorded_and_replayed_like_an_owned_one() {
         .expect("get")
         .expect("a FAILED record under the attribute's key");
     assert_eq!(
-        (failed.idempotency_key.as_str(), failed.event_id.as_deref()),
-        ("tenant-7:g", Some("evt-g"))
+        (
+            failed.idempotency_key.as_deref(),
+            failed.event_id.as_deref()
+        ),
+        (Some("tenant-7:g"), Some("evt-g"))
     );
     assert_eq!(
         call(via_macro_keyed(&checker, &runs, &keyed).await),

@@ -163,7 +163,7 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
         .await
         .expect("get")
         .expect("record");
-    assert_eq!(record.idempotency_key, "schema-1");
+    assert_eq!(record.idempotency_key.as_deref(), Some("schema-1"));
     assert_eq!(record.attempts, 1);
     assert!(record.expires_at.is_some());
     // A duplicate (the fast path: no script) knows the expiry from ttl_ms.
@@ -203,26 +203,36 @@ async fn stored_value_is_the_documented_json_with_a_ttl() {
 /// no clock to measure its lease against: it counts as run out and is
 /// taken over, rather than blocking the key forever.
 #[tokio::test]
+///
+/// Many keys, because the claim script once read the clock twice: when the
+/// millisecond turned between the reads, the settled lease looked live.
 async fn a_fast_claim_without_expiry_is_taken_over() {
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url()).await.expect("connect");
     let checker = IdempotencyChecker::new(store);
     let mut redis = server.client().await;
-    let first = acquired(&checker, &event("persisted")).await;
-    let persisted: bool = redis
-        .persist("idempotency:events:persisted")
-        .await
-        .expect("PERSIST");
-    assert!(persisted);
-    let second = acquired(&checker, &event("persisted")).await;
-    assert_eq!(second.attempt(), 2);
-    assert!(second.taken_over());
-    assert_ne!(first.token(), second.token());
-    let lost = checker
-        .complete(&first, &json!(1))
-        .await
-        .expect_err("the first holder was taken over");
-    assert!(matches!(lost, IdempotencyError::LeaseLost { .. }), "{lost}");
+    for n in 0..400 {
+        let key = format!("persisted-{n}");
+        let first = acquired(&checker, &event(&key)).await;
+        let persisted: bool = redis
+            .persist(format!("idempotency:events:{key}"))
+            .await
+            .expect("PERSIST");
+        assert!(persisted);
+        match checker.claim(&event(&key)).await.expect("claim") {
+            idempotency::ClaimOutcome::Acquired(second) => {
+                assert_eq!(second.attempt(), 2);
+                assert!(second.taken_over());
+                assert_ne!(first.token(), second.token());
+            }
+            other => panic!("{key}: a claim without expiry was not taken over: {other:?}"),
+        }
+        let lost = checker
+            .complete(&first, &json!(1))
+            .await
+            .expect_err("the first holder was taken over");
+        assert!(matches!(lost, IdempotencyError::LeaseLost { .. }), "{lost}");
+    }
 }
 
 /// The memory budget: a COMPLETED record with a 100-byte result

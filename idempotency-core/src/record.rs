@@ -84,11 +84,11 @@ impl std::fmt::Display for RecordStatus {
 pub struct IdempotencyRecord {
     /// The effective idempotency key, or its SHA-256 digest when key hashing
     /// is on. Not stored in `COMPLETED` records (the storage key already
-    /// names them): empty there, except in records read through
+    /// names them): `None` there, except in records read through
     /// [`IdempotencyChecker::get_record`](crate::IdempotencyChecker::get_record),
     /// which fills it in.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub idempotency_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     /// The event id of the attempt that last claimed the key, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
@@ -187,7 +187,7 @@ impl IdempotencyRecord {
         now: DateTime<Utc>,
     ) -> Self {
         Self {
-            idempotency_key: String::new(),
+            idempotency_key: None,
             event_id: None,
             event_type: None,
             status: RecordStatus::Completed,
@@ -560,7 +560,7 @@ mod tests {
     fn record(status: RecordStatus, token: &str, lease_ms: i64) -> IdempotencyRecord {
         let now = Utc::now();
         IdempotencyRecord {
-            idempotency_key: "k".into(),
+            idempotency_key: Some("k".into()),
             event_id: None,
             event_type: None,
             status,

@@ -224,7 +224,7 @@ pub async fn absent_key_is_acquired_as_attempt_one(store: &dyn IdempotencyStore)
     assert_eq!(record.lease_token.as_deref(), Some("t1"));
     assert_eq!(record.event_id.as_deref(), Some("evt-1"));
     assert_eq!(record.event_type.as_deref(), Some("test.event"));
-    assert_eq!(record.idempotency_key, "c:absent");
+    assert_eq!(record.idempotency_key.as_deref(), Some("c:absent"));
 }
 
 /// A claim of a key held under a live lease by another token is `InProgress`.
@@ -268,7 +268,7 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
             assert_eq!(record.lease_expires_at, None);
             assert_eq!(record.lease_token, None);
             assert_eq!(record.first_seen_at, None);
-            assert_eq!(record.idempotency_key, "");
+            assert_eq!(record.idempotency_key, None);
             // The store reports when the record expires: within its ttl.
             let expires_at = record.expires_at.expect("the store reports the expiry");
             let left = expires_at - chrono::Utc::now();

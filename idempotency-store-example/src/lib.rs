@@ -106,7 +106,7 @@ fn completed(
     ttl: Duration,
 ) -> IdempotencyRecord {
     IdempotencyRecord {
-        idempotency_key: String::new(),
+        idempotency_key: None,
         event_id: None,
         event_type: None,
         status: RecordStatus::Completed,
@@ -143,7 +143,7 @@ impl IdempotencyStore for HashMapStore {
             (ClaimDecision::Acquire { attempt }, found) => {
                 let lease_expires_at = after(now, request.lease);
                 let record = IdempotencyRecord {
-                    idempotency_key: request.recorded_key.to_owned(),
+                    idempotency_key: Some(request.recorded_key.to_owned()),
                     event_id: given(request.event_id),
                     event_type: given(request.event_type),
                     status: RecordStatus::Processing,

@@ -122,7 +122,8 @@ impl IdempotencyGuard {
     pub fn cached_result<T: DeserializeOwned>(&self) -> Result<Option<T>> {
         match &self.state {
             GuardState::Duplicate(record) => {
-                let value = stored_result(&record.idempotency_key, record)?;
+                let key = record.idempotency_key.as_deref().unwrap_or_default();
+                let value = stored_result(key, record)?;
                 Ok(Some(serde_json::from_value(value)?))
             }
             _ => Ok(None),
@@ -150,7 +151,7 @@ impl IdempotencyGuard {
             GuardState::Held(lease) => Ok(lease),
             GuardState::Duplicate(r) | GuardState::InProgress(r) => {
                 Err(IdempotencyError::LeaseLost {
-                    key: r.idempotency_key.clone(),
+                    key: r.idempotency_key.clone().unwrap_or_default(),
                 })
             }
             GuardState::Finished => Err(IdempotencyError::LeaseLost { key: String::new() }),

@@ -23,8 +23,8 @@ impl IdempotencyChecker {
             })
             .await?;
         Ok(record.map(|mut record| {
-            if record.idempotency_key.is_empty() {
-                record.idempotency_key = key.recorded;
+            if record.idempotency_key.is_none() {
+                record.idempotency_key = Some(key.recorded);
             }
             record
         }))

@@ -104,7 +104,7 @@ mod tests {
 
     fn completed() -> IdempotencyRecord {
         IdempotencyRecord {
-            idempotency_key: String::new(),
+            idempotency_key: None,
             event_id: None,
             event_type: None,
             status: RecordStatus::Completed,

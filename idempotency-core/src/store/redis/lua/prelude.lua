@@ -2,9 +2,17 @@
 -- the record loader, which refuses exactly what the reader (serde's
 -- `IdempotencyRecord`) refuses, so no script claims, renews or overwrites a
 -- value `get` calls corrupt.
+-- One instant per script run, read once: a script is one atomic step, and
+-- two reads of TIME a millisecond apart would judge one lease twice (a
+-- claim without expiry, settled a whole lease before the second read,
+-- would look live).
+local clock
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if clock == nil then
+    local t = redis.call('TIME')
+    clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock
 end
 -- a field's value, with JSON null read as absent (the reader reads a null
 -- optional field as absent)
