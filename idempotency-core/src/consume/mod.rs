@@ -47,6 +47,15 @@
 //! [`Runner::consume`] and settles the message by its [`Disposition`].
 //! `idempotency-nats` is written this way.
 //!
+//! The HTTP middleware (`IdempotencyLayer` in `idempotency-http`) is not a
+//! consumer of envelopes: it wraps any tower service, and what it records
+//! and replays is the whole response (status, headers, body) under the
+//! `Idempotency-Key` draft's rules, not a disposition. It calls the
+//! checker's [`process_request`](crate::IdempotencyChecker::process_request)
+//! directly, the same path [`Runner`] takes. An HTTP endpoint that receives
+//! envelopes as JSON bodies is an adapter like the others: a [`Delivery`]
+//! from the body and the header, a response from the [`Disposition`].
+//!
 //! # Example
 //! ```
 //! use idempotency_core::consume::{Delivery, Disposition, Runner};
