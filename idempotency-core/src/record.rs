@@ -212,10 +212,11 @@ impl IdempotencyRecord {
 /// Handlers can use the token to fence their own writes too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    /// The storage key (prefix included).
-    pub(crate) key: String,
+    /// The storage key (prefix included). Shared, so copies of a lease (the
+    /// handler's, the task-local one, the guard's) cost no allocation.
+    pub(crate) key: Arc<str>,
     /// The fencing token of this attempt.
-    pub(crate) token: String,
+    pub(crate) token: Arc<str>,
     /// The attempt number (1 for the first attempt).
     pub(crate) attempt: u32,
     /// When the lease runs out unless renewed, as of the last claim or renewal.
@@ -242,8 +243,8 @@ impl Lease {
     /// lease made up by hand holds nothing: every write under it is checked
     /// against the record's token by the store.
     pub fn new(
-        key: impl Into<String>,
-        token: impl Into<String>,
+        key: impl Into<Arc<str>>,
+        token: impl Into<Arc<str>>,
         attempt: u32,
         expires_at: DateTime<Utc>,
     ) -> Self {

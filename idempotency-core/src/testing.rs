@@ -215,8 +215,8 @@ async fn acquire(store: &dyn IdempotencyStore, req: &ClaimRequest<'_>) -> Lease 
 pub async fn absent_key_is_acquired_as_attempt_one(store: &dyn IdempotencyStore) {
     let lease = acquire(store, &claim_request("c:absent", "t1")).await;
     assert_eq!(lease.attempt, 1);
-    assert_eq!(lease.token, "t1");
-    assert_eq!(lease.key, "c:absent");
+    assert_eq!(lease.token(), "t1");
+    assert_eq!(lease.key(), "c:absent");
     assert!(lease.expires_at > chrono::Utc::now());
     let record = store.get("c:absent").await.expect("get").expect("record");
     assert_eq!(record.status, RecordStatus::Processing);
@@ -405,7 +405,7 @@ pub async fn retried_claim_with_own_token_is_acquired(store: &dyn IdempotencySto
     let first = acquire(store, &claim_request("c:retry", "mine")).await;
     let again = acquire(store, &claim_request("c:retry", "mine")).await;
     assert_eq!(again.attempt, first.attempt);
-    assert_eq!(again.token, "mine");
+    assert_eq!(again.token(), "mine");
 }
 
 /// Nothing writes over a `COMPLETED` record; a repeated `fail` by the same

@@ -241,8 +241,8 @@ impl IdempotencyChecker {
         tracing::debug!(key = %storage, "unguarded run");
         let lease_for = request.lease.unwrap_or(self.inner.config.lease);
         let lease = Lease {
-            key: storage,
-            token: new_token(),
+            key: storage.into(),
+            token: new_token().into(),
             attempt: 0,
             expires_at: crate::store::after(Utc::now(), lease_for),
             taken_over: false,

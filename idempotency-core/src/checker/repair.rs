@@ -48,8 +48,8 @@ impl IdempotencyChecker {
             return;
         };
         let lease = Lease {
-            key: key.to_owned(),
-            token: token.to_owned(),
+            key: key.into(),
+            token: token.into(),
             attempt: 0,
             expires_at: Utc::now(),
             taken_over: false,

@@ -224,7 +224,7 @@ impl Shard {
             }
             (FinishDecision::AlreadyApplied, _) => Ok(()),
             _ => Err(IdempotencyError::LeaseLost {
-                key: lease.key.clone(),
+                key: lease.key().to_owned(),
             }),
         }
     }
@@ -268,8 +268,8 @@ impl IdempotencyStore for MemoryStore {
             ClaimDecision::InProgress => return Ok(ClaimOutcome::InProgress(slot.snapshot())),
             ClaimDecision::AlreadyHeld => {
                 return Ok(ClaimOutcome::Acquired(Lease {
-                    key: request.key.to_owned(),
-                    token: request.token.to_owned(),
+                    key: request.key.into(),
+                    token: request.token.into(),
                     attempt: slot.attempts,
                     expires_at: slot.lease_expires_at().unwrap_or(now),
                     taken_over: false,
@@ -482,8 +482,8 @@ fn acquire(
         },
     );
     let lease = Lease {
-        key: request.key.to_owned(),
-        token: request.token.to_owned(),
+        key: request.key.into(),
+        token: request.token.into(),
         attempt,
         expires_at: lease_expires_at,
         taken_over: existing.is_some_and(|s| s.status() == RecordStatus::Processing),

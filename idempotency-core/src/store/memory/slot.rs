@@ -145,7 +145,7 @@ impl Slot {
     pub(super) fn snapshot(&self) -> IdempotencyRecord {
         let text = |field| present(self.field(field)).map(str::to_owned);
         let mut record = IdempotencyRecord {
-            idempotency_key: Some(self.field(Field::RecordedKey).to_owned()),
+            idempotency_key: text(Field::RecordedKey),
             event_id: text(Field::EventId),
             event_type: text(Field::EventType),
             status: self.status(),

@@ -190,7 +190,7 @@ impl RedisStore {
                 let mut cmd =
                     redis::Cmd::with_capacity(7, 64 + lease.key.len() + doc.len() + held.doc.len());
                 cmd.arg("SET")
-                    .arg(&lease.key)
+                    .arg(lease.key())
                     .arg(&doc)
                     .arg("IFEQ")
                     .arg(held.doc)

@@ -63,8 +63,8 @@ impl IdempotencyStore for RedisStore {
             other => other?,
         };
         let lease = |attempt: u32| Lease {
-            key: request.key.to_owned(),
-            token: request.token.to_owned(),
+            key: request.key.into(),
+            token: request.token.into(),
             attempt,
             expires_at: crate::store::after(sent_at, request.lease),
             taken_over: false,
@@ -115,7 +115,7 @@ impl IdempotencyStore for RedisStore {
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
         let mut cmd = evalsha(&self.scripts.renew, &lease.key);
-        cmd.arg(&lease.token).arg(millis(lease_duration));
+        cmd.arg(lease.token()).arg(millis(lease_duration));
         let value = self.script(&lease.key, &self.scripts.renew, &cmd).await?;
         let reply = Reply::parse(&lease.key, value)?;
         match reply.tag.as_str() {
@@ -143,7 +143,7 @@ impl IdempotencyStore for RedisStore {
                 })
             }
             _ => Err(IdempotencyError::LeaseLost {
-                key: lease.key.clone(),
+                key: lease.key().to_owned(),
             }),
         }
     }
@@ -259,8 +259,8 @@ impl RedisStore {
             ClaimDecision::Duplicate => Ok(ClaimOutcome::Duplicate(record)),
             ClaimDecision::InProgress => Ok(ClaimOutcome::InProgress(record)),
             ClaimDecision::AlreadyHeld => Ok(ClaimOutcome::Acquired(Lease {
-                key: request.key.to_owned(),
-                token: request.token.to_owned(),
+                key: request.key.into(),
+                token: request.token.into(),
                 attempt: record.attempts,
                 expires_at: record.lease_expires_at.unwrap_or(now),
                 taken_over: false,
@@ -286,8 +286,8 @@ impl RedisStore {
         match reply.tag.as_str() {
             "acquired" => {
                 let mut lease = Lease {
-                    key: request.key.to_owned(),
-                    token: request.token.to_owned(),
+                    key: request.key.into(),
+                    token: request.token.into(),
                     attempt: u32::try_from(reply.int(0)?).unwrap_or(u32::MAX),
                     expires_at: ms_to_time(reply.int(1)?),
                     taken_over: reply.int(2)? == 1,
@@ -339,7 +339,7 @@ impl RedisStore {
         let value: Value = self
             .run(&lease.key, |mut conn, retried| {
                 let mut cmd = evalsha(&self.scripts.finish, &lease.key);
-                cmd.arg(&lease.token)
+                cmd.arg(lease.token())
                     .arg(millis(ttl))
                     .arg(status)
                     .arg(payload)
@@ -356,7 +356,7 @@ impl RedisStore {
         }
         Reply::parse(&lease.key, value)?;
         Err(IdempotencyError::LeaseLost {
-            key: lease.key.clone(),
+            key: lease.key().to_owned(),
         })
     }
 }
