@@ -74,6 +74,10 @@
 //! targets), in well under a minute: for working on the NATS or HTTP
 //! adapters. The load check at the end is skipped then.
 //!
+//! `IDEMPOTENCY_BENCH_ONLY=stores` runs the Redis and Valkey phases alone
+//! (the side-by-side rows and their targets), in about two minutes: for
+//! working on the Redis store. The load check is skipped then too.
+//!
 //! `IDEMPOTENCY_BENCH_ONLY=spin:<job>[:<tasks>[:<seconds>]]` runs one
 //! workload on Redis alone (`ref-new`, `ref-dup`, `process-new`,
 //! `process-dup`, `peer-new`, `peer-dup`; 32 tasks for 20 seconds unless
@@ -240,16 +244,13 @@ fn main() {
         }
         _ => {}
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let mut redis_cpu_seconds = runtime.block_on(redis_phases(&server, started, &mut report));
-    let valkey = RedisServer::start_kind(ServerKind::Valkey);
-    redis_cpu_seconds += runtime.block_on(valkey::valkey_phases(&valkey, started, &mut report));
-    drop(valkey);
-    drop(runtime);
+    let redis_cpu_seconds = store_phases(&server, started, &mut report);
+    if std::env::var("IDEMPOTENCY_BENCH_ONLY").as_deref() == Ok("stores") {
+        report.print();
+        println!();
+        print_problems(started);
+        return;
+    }
 
     eprintln!(
         "[{:>5.1}s] MemoryStore (OS threads, one current-thread runtime each)",
@@ -291,19 +292,7 @@ fn main() {
              concurrent rates fall). Run again on a quiet machine."
         );
     }
-    let errors = ERRORS.load(Ordering::Relaxed);
-    let anomalies = ANOMALIES.load(Ordering::Relaxed);
-    if errors + anomalies > 0 {
-        let first = FIRST_PROBLEM
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or_default();
-        println!("WARNING: {errors} errors, {anomalies} anomalies during the run; first: {first}");
-    } else {
-        println!("errors: 0, anomalies: 0");
-    }
-    println!("total time: {:.1}s", started.elapsed().as_secs_f64());
+    print_problems(started);
 }
 
 /// `IDEMPOTENCY_BENCH_ONLY=pipelines`: the whole-pipeline phase alone, on the
@@ -318,10 +307,36 @@ fn pipelines_alone(server: &RedisServer, started: Instant, report: &mut Report) 
     drop(runtime);
     report.print();
     println!();
-    let (errors, anomalies) = (
-        ERRORS.load(Ordering::Relaxed),
-        ANOMALIES.load(Ordering::Relaxed),
-    );
-    println!("errors: {errors}, anomalies: {anomalies}");
+    print_problems(started);
+}
+
+/// The Redis phases, then the Valkey phases, on a runtime of their own;
+/// returns the servers' CPU seconds.
+fn store_phases(server: &RedisServer, started: Instant, report: &mut Report) -> f64 {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let mut cpu_seconds = runtime.block_on(redis_phases(server, started, report));
+    let valkey = RedisServer::start_kind(ServerKind::Valkey);
+    cpu_seconds += runtime.block_on(valkey::valkey_phases(&valkey, started, report));
+    cpu_seconds
+}
+
+/// The errors and anomalies of the run, and its total time.
+fn print_problems(started: Instant) {
+    let errors = ERRORS.load(Ordering::Relaxed);
+    let anomalies = ANOMALIES.load(Ordering::Relaxed);
+    if errors + anomalies > 0 {
+        let first = FIRST_PROBLEM
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default();
+        println!("WARNING: {errors} errors, {anomalies} anomalies during the run; first: {first}");
+    } else {
+        println!("errors: 0, anomalies: 0");
+    }
     println!("total time: {:.1}s", started.elapsed().as_secs_f64());
 }

@@ -66,10 +66,15 @@ pub fn fingerprint<P: Serialize + ?Sized>(payload: &P) -> Result<String> {
 pub(crate) fn validate_key(key: &str, config: &IdempotencyConfig) -> Result<()> {
     let reason = if key.is_empty() {
         Some(InvalidKeyReason::Empty)
-    } else if key.chars().any(char::is_control) {
+    } else if control_character(key) {
         Some(InvalidKeyReason::ControlCharacter)
     } else {
-        let len = key.chars().count();
+        // Characters, not bytes; in ASCII text they are the same.
+        let len = if key.is_ascii() {
+            key.len()
+        } else {
+            key.chars().count()
+        };
         (len > config.max_key_len).then_some(InvalidKeyReason::TooLong {
             len,
             max: config.max_key_len,
@@ -81,26 +86,52 @@ pub(crate) fn validate_key(key: &str, config: &IdempotencyConfig) -> Result<()> 
     }
 }
 
-/// A validated key in its two stored forms.
+/// Whether `key` holds a control character (`char::is_control`). ASCII
+/// text, the common case, is checked byte by byte without decoding.
+fn control_character(key: &str) -> bool {
+    if key.is_ascii() {
+        key.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        key.chars().any(char::is_control)
+    }
+}
+
+/// A validated key in its two stored forms, which share one string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StoredKey {
     /// The key the store is asked for: prefix + key (or its digest).
     pub(crate) storage: String,
-    /// The key written into the record's `idempotency_key` field.
-    pub(crate) recorded: String,
+    /// Where the recorded form starts in `storage` (the prefix's length).
+    recorded_at: usize,
+}
+
+impl StoredKey {
+    /// The key written into the record's `idempotency_key` field: the
+    /// storage key without its prefix.
+    pub(crate) fn recorded(&self) -> &str {
+        &self.storage[self.recorded_at..]
+    }
 }
 
 pub(crate) fn stored_key(key: &str, config: &IdempotencyConfig) -> Result<StoredKey> {
     validate_key(key, config)?;
-    let recorded = if config.hash_keys {
-        sha256_hex(key.as_bytes())
+    let prefix = &config.key_prefix;
+    let storage = if config.hash_keys {
+        let digest = sha256_hex(key.as_bytes());
+        let mut storage = String::with_capacity(prefix.len() + digest.len());
+        storage.push_str(prefix);
+        storage.push_str(&digest);
+        storage
     } else {
-        key.to_owned()
+        let mut storage = String::with_capacity(prefix.len() + key.len());
+        storage.push_str(prefix);
+        storage.push_str(key);
+        storage
     };
-    let mut storage = String::with_capacity(config.key_prefix.len() + recorded.len());
-    storage.push_str(&config.key_prefix);
-    storage.push_str(&recorded);
-    Ok(StoredKey { storage, recorded })
+    Ok(StoredKey {
+        storage,
+        recorded_at: prefix.len(),
+    })
 }
 
 #[cfg(test)]
@@ -145,6 +176,10 @@ mod tests {
         assert_eq!(reason(""), Some(InvalidKeyReason::Empty));
         assert_eq!(reason("a\nb"), Some(InvalidKeyReason::ControlCharacter));
         assert_eq!(reason("a\0"), Some(InvalidKeyReason::ControlCharacter));
+        // DEL, and a C1 control in text that is not ASCII.
+        assert_eq!(reason("a\u{7f}"), Some(InvalidKeyReason::ControlCharacter));
+        assert_eq!(reason("é\u{85}"), Some(InvalidKeyReason::ControlCharacter));
+        assert_eq!(reason("~ é"), None);
         assert_eq!(
             reason(&"k".repeat(256)),
             Some(InvalidKeyReason::TooLong { len: 256, max: 255 })
@@ -164,6 +199,6 @@ mod tests {
             k.storage,
             format!("idempotency:events:{}", sha256_hex(b"user@example.com"))
         );
-        assert_eq!(k.recorded.len(), 64);
+        assert_eq!(k.recorded().len(), 64);
     }
 }

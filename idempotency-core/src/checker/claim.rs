@@ -67,7 +67,7 @@ impl IdempotencyChecker {
         let token = new_token();
         let claim = ClaimRequest {
             key: &key.storage,
-            recorded_key: &key.recorded,
+            recorded_key: key.recorded(),
             // The store contract: absent is `None`, never an empty string.
             event_id: request.event_id.filter(|s| !s.is_empty()),
             event_type: request.event_type.filter(|s| !s.is_empty()),

@@ -24,7 +24,7 @@ impl IdempotencyChecker {
             .await?;
         Ok(record.map(|mut record| {
             if record.idempotency_key.is_none() {
-                record.idempotency_key = Some(key.recorded);
+                record.idempotency_key = Some(key.recorded().to_owned());
             }
             record
         }))

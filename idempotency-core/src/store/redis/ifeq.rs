@@ -25,7 +25,7 @@ use redis::Value;
 
 use super::RedisStore;
 use super::scripts::{eval, evalsha};
-use super::wire::{millis, push_json_str};
+use super::wire::{millis, push_int, push_json_str};
 use crate::error::Result;
 use crate::record::Lease;
 
@@ -63,13 +63,26 @@ pub(super) fn version(fingerprint: Option<&str>, doc: &[u8]) -> Arc<[u8]> {
         }
         None => (&header[..1], &[]),
     };
-    // One allocation: the chained slices' length is known up front.
-    header
-        .iter()
-        .chain(fingerprint)
-        .chain(doc)
-        .copied()
-        .collect()
+    let parts = [header, fingerprint, doc];
+    let len = parts.iter().map(|p| p.len()).sum::<usize>();
+    // Copied slice by slice into one buffer, then into the `Arc` in one
+    // allocation (collecting the chained bytes would copy byte by byte).
+    // Claim documents fit the stack buffer.
+    let mut stack = [0u8; 512];
+    let mut heap = Vec::new();
+    let buffer = match stack.get_mut(..len) {
+        Some(buffer) => buffer,
+        None => {
+            heap.resize(len, 0);
+            &mut heap[..]
+        }
+    };
+    let mut at = 0;
+    for part in parts {
+        buffer[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    Arc::from(&*buffer)
 }
 
 /// What `lease`'s version says, when it has one this store made.
@@ -137,17 +150,15 @@ fn completed_doc(
     ttl_ms: u64,
     result: &str,
 ) -> crate::error::Result<String> {
-    use std::fmt::Write as _;
     let mut doc = String::with_capacity(96 + held.fingerprint.map_or(0, str::len) + result.len());
-    // Writing to a String cannot fail.
-    let _ = write!(
-        doc,
-        "{{\"status\":\"COMPLETED\",\"completed_at\":{completed_at_ms}"
-    );
+    doc.push_str("{\"status\":\"COMPLETED\",\"completed_at\":");
+    push_int(&mut doc, completed_at_ms);
     if held.attempts != 1 {
-        let _ = write!(doc, ",\"attempts\":{}", held.attempts);
+        doc.push_str(",\"attempts\":");
+        push_int(&mut doc, held.attempts);
     }
-    let _ = write!(doc, ",\"ttl_ms\":{ttl_ms}");
+    doc.push_str(",\"ttl_ms\":");
+    push_int(&mut doc, ttl_ms);
     if let Some(fingerprint) = held.fingerprint {
         doc.push_str(",\"fingerprint\":");
         push_json_str(&mut doc, fingerprint)?;
@@ -330,6 +341,11 @@ mod tests {
         assert_eq!(read.doc, br#"{"status":"PROCESSING"}"#);
         assert_eq!(read.fingerprint, Some("fp"));
         assert_eq!(read.attempts, 4);
+        // Longer than the stack buffer: built on the heap, read back whole.
+        let long = vec![b'x'; 700];
+        let with_long = lease(Some(version(Some("fp"), &long)));
+        let read = held(&with_long).expect("readable");
+        assert_eq!((read.doc, read.fingerprint), (&long[..], Some("fp")));
         let without = lease(Some(version(None, b"doc")));
         let read = held(&without).expect("readable");
         assert_eq!((read.doc, read.fingerprint), (&b"doc"[..], None));

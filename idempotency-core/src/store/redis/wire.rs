@@ -1,7 +1,6 @@
 //! The wire format: script replies, the JSON documents the client writes
 //! (claims, by their members), and reading records and times back.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -68,7 +67,11 @@ impl Reply {
 /// Appends `value` as a JSON string. Text that needs no escaping (keys,
 /// ids, tokens, hex fingerprints almost always) is copied as it is.
 pub(super) fn push_json_str(out: &mut String, value: &str) -> Result<()> {
-    if value.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+    // Without short-circuiting, so the check compiles to vector code.
+    let needs_escaping = value.bytes().fold(false, |any, b| {
+        any | (b == b'"') | (b == b'\\') | (b < 0x20)
+    });
+    if needs_escaping {
         out.push_str(&serde_json::to_string(value)?);
     } else {
         out.push('"');
@@ -124,12 +127,10 @@ pub(super) fn fast_claim(request: &ClaimRequest<'_>, px: u64) -> Result<String> 
     push_members(&mut doc, request)?;
     doc.push_str("\"status\":\"PROCESSING\",\"attempts\":1,\"lease_token\":");
     push_json_str(&mut doc, request.token)?;
-    // Writing to a String cannot fail.
-    let _ = write!(
-        doc,
-        ",\"lease_ms\":{},\"claim_px\":{px}",
-        millis(request.lease)
-    );
+    doc.push_str(",\"lease_ms\":");
+    push_int(&mut doc, millis(request.lease));
+    doc.push_str(",\"claim_px\":");
+    push_int(&mut doc, px);
     if let Some(fingerprint) = request.fingerprint.filter(|f| !f.is_empty()) {
         doc.push_str(",\"fingerprint\":");
         push_json_str(&mut doc, fingerprint)?;
@@ -142,11 +143,31 @@ pub(super) fn fast_claim(request: &ClaimRequest<'_>, px: u64) -> Result<String> 
 /// script writes `ttl_ms` before the result, which it splices in last, so
 /// the first `"ttl_ms":` ahead of the first `"result":` is the record's own.
 pub(super) fn completed_expiry(raw: &str, record: &IdempotencyRecord) -> Option<DateTime<Utc>> {
-    let head = &raw[..raw.find("\"result\":").unwrap_or(raw.len())];
-    let at = head.find("\"ttl_ms\":")? + "\"ttl_ms\":".len();
-    let digits = head[at..].split(|c: char| !c.is_ascii_digit()).next()?;
+    const TTL: &[u8] = b"\"ttl_ms\":";
+    const RESULT: &[u8] = b"\"result\":";
+    // A scan from quote to quote: the document is short, and a substring
+    // searcher costs more to set up than this loop takes.
+    let bytes = raw.as_bytes();
+    let mut from = 0;
+    let at = loop {
+        let quote = from + bytes[from..].iter().position(|&b| b == b'"')?;
+        let rest = &bytes[quote..];
+        if rest.starts_with(TTL) {
+            break quote + TTL.len();
+        }
+        if rest.starts_with(RESULT) {
+            return None;
+        }
+        from = quote + 1;
+    };
+    let digits = raw[at..].split(|c: char| !c.is_ascii_digit()).next()?;
     let ttl = chrono::TimeDelta::try_milliseconds(digits.parse().ok()?)?;
     record.completed_at?.checked_add_signed(ttl)
+}
+
+/// Appends `n` in decimal.
+pub(super) fn push_int(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
 }
 
 pub(super) fn text(key: &str, value: Value) -> Result<String> {
@@ -165,7 +186,7 @@ pub(super) fn parse_record(key: &str, raw: &str) -> Result<IdempotencyRecord> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Reply, push_json_str};
+    use super::{Reply, completed_expiry, push_json_str};
 
     /// A reply of a shape the store does not expect is a protocol error,
     /// not an outage (it must not open the breaker or trigger fail-open).
@@ -186,6 +207,35 @@ mod tests {
             );
         }
     }
+    #[test]
+    fn a_completed_record_expires_ttl_ms_after_its_completion() {
+        let expiry = |raw: &str| {
+            let record: crate::IdempotencyRecord = serde_json::from_str(raw).expect("a record");
+            completed_expiry(raw, &record).map(|t| t.timestamp_millis())
+        };
+        assert_eq!(
+            expiry(
+                r#"{"status":"COMPLETED","completed_at":1000,"ttl_ms":250,"result":{"ttl_ms":9}}"#
+            ),
+            Some(1250)
+        );
+        // Only the record's own field counts: not one inside the result,
+        // nor one inside a string.
+        assert_eq!(
+            expiry(r#"{"status":"COMPLETED","completed_at":1000,"result":{"ttl_ms":9}}"#),
+            None
+        );
+        assert_eq!(
+            expiry(r#"{"status":"COMPLETED","completed_at":1000,"fingerprint":"\"ttl_ms\":7"}"#),
+            None
+        );
+        // A seen-set mark says nothing of its expiry.
+        assert_eq!(
+            expiry(r#"{"status":"COMPLETED","completed_at":1000}"#),
+            None
+        );
+    }
+
     #[test]
     fn json_strings_are_written_as_serde_json_writes_them() {
         for text in [
