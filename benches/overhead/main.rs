@@ -56,6 +56,11 @@
 //!   entry), in the same interleaved rounds as ours and the reference, with
 //!   its CPU per event and round trips; a side-by-side table of the three with
 //!   what each guarantees (fencing, lease renewal, failure state, replay);
+//! - **AWS Powertools for Python** 3.37 (`@idempotent_function` over its
+//!   Redis persistence layer), one event at a time on the same Redis, run
+//!   once per phase by `powertools.py` in a Python process of its own (not
+//!   interleaved) next to our sequential medians; the package is installed
+//!   into `scripts/pyenv.sh`'s venv on first use;
 //! - **Valkey 9**: the new-event and duplicate comparisons of ours (which
 //!   completes with `SET ... IFEQ` there), the reference and the peer again,
 //!   on a `valkey-server`;
@@ -140,6 +145,7 @@ mod cpu;
 mod memory_store;
 mod peer;
 mod pipelines;
+mod powertools;
 mod problems;
 mod redis_memory;
 mod redis_phases;
@@ -273,7 +279,8 @@ fn main() {
     report.print();
     println!();
     // Everything the machine did during the run (user and system time) that
-    // was neither this process nor its redis-server and valkey-server: on a
+    // was neither this process, nor its redis-server and valkey-server, nor
+    // the Powertools Python process: on a
     // quiet machine about 1%. The pipelines at the end are left out.
     let total = cpu_after.total.saturating_sub(cpu_before.total).max(1) as f64;
     let busy = cpu_after.busy.saturating_sub(cpu_before.busy) as f64;

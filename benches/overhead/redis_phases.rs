@@ -10,6 +10,7 @@ use idempotency_test_support::RedisServer;
 use crate::bench::Bench;
 use crate::compare::{Compared, compare, orders_of_four};
 use crate::counting::{Counted, count, verify_counting};
+use crate::powertools::powertools_rows;
 use crate::problems::ok;
 use crate::redis_memory::{RecordMemory, memory_ours, memory_reference};
 use crate::report::{Report, per_s};
@@ -130,7 +131,8 @@ pub(crate) fn peer_row(report: &mut Report, section: &'static str, label: &str, 
     );
 }
 
-/// The Redis measurements; returns the CPU seconds redis-server used.
+/// The Redis measurements, then AWS Powertools on the same server; returns
+/// the CPU seconds redis-server and Powertools' Python process used.
 pub(crate) async fn redis_phases(
     server: &RedisServer,
     started: Instant,
@@ -409,7 +411,8 @@ pub(crate) async fn redis_phases(
             .map(|row| row.map(str::to_owned).to_vec())
             .collect(),
     );
-    bench.server_cpu().await
+    let python_cpu = powertools_rows(server, &compared, report);
+    bench.server_cpu().await + python_cpu
 }
 
 /// The performance targets on Redis 7: `checker.process` throughput against
