@@ -119,14 +119,21 @@ impl Bench {
             .collect()
     }
 
-    /// CPU seconds Redis's main thread has used (user + system).
-    pub(crate) async fn redis_cpu(&self) -> f64 {
-        let info = self.info(&["cpu"]).await;
+    /// CPU seconds Redis's main thread has used (user + system), and the
+    /// reads from client sockets it has done (`total_reads_processed`: one
+    /// per batch of requests that arrived together), in one `INFO` call.
+    pub(crate) async fn redis_cpu(&self) -> (f64, u64) {
+        let info = self.info(&["cpu", "stats"]).await;
         let get = |name: &str| -> Option<f64> { info.get(name)?.parse().ok() };
-        get("used_cpu_user_main_thread")
+        let cpu = get("used_cpu_user_main_thread")
             .zip(get("used_cpu_sys_main_thread"))
             .or_else(|| get("used_cpu_user").zip(get("used_cpu_sys")))
-            .map_or(0.0, |(user, sys)| user + sys)
+            .map_or(0.0, |(user, sys)| user + sys);
+        let reads = info
+            .get("total_reads_processed")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        (cpu, reads)
     }
 
     /// All of the server's CPU seconds (every thread), for the load check

@@ -42,9 +42,17 @@ pub(crate) struct Cost {
     pub(crate) events: u64,
     pub(crate) client_ticks: u64,
     pub(crate) redis_seconds: f64,
+    /// Reads from client sockets by the server (`total_reads_processed`):
+    /// fewer per event means requests arrive in larger batches.
+    pub(crate) reads: u64,
 }
 
 impl Cost {
+    /// The server's socket reads per event.
+    pub(crate) fn reads_per_event(self) -> f64 {
+        self.reads as f64 / self.events.max(1) as f64
+    }
+
     /// Microseconds of client CPU and of Redis CPU per event.
     pub(crate) fn per_event_us(self) -> (f64, f64) {
         let events = self.events.max(1) as f64;
@@ -88,10 +96,13 @@ impl Compared {
     /// "Redis CPU" is the median share of one core Redis's main thread used
     /// during the measurements: near 100%, Redis is the bottleneck.
     pub(crate) fn cpu_note(&self, variant: Variant) -> String {
-        let (client_us, redis_us) = self.cost[variant as usize].per_event_us();
+        let cost = self.cost[variant as usize];
+        let (client_us, redis_us) = cost.per_event_us();
         format!(
-            "Redis CPU {:.0}%; CPU per event: client {client_us:.1} us, Redis {redis_us:.1} us",
-            100.0 * median(&self.redis_cpu[variant as usize])
+            "Redis CPU {:.0}%; CPU per event: client {client_us:.1} us, Redis {redis_us:.1} us; \
+             socket reads per event {:.2}",
+            100.0 * median(&self.redis_cpu[variant as usize]),
+            cost.reads_per_event()
         )
     }
 }
@@ -150,18 +161,21 @@ pub(crate) async fn compare<const N: usize>(
             }
             let worker = bench.worker(variant.job(kind));
             let before = bench.checker.stats();
-            let cpu_before = bench.redis_cpu().await;
+            let (cpu_before, reads_before) = bench.redis_cpu().await;
             let own_before = cpu_sample().own;
             let started = Instant::now();
             let (ops, rate) = run(&worker, tasks, MEASURE).await;
             let elapsed = started.elapsed().as_secs_f64();
             let own = cpu_sample().own.saturating_sub(own_before);
-            let redis_seconds = bench.redis_cpu().await - cpu_before;
+            let (cpu_after, reads_after) = bench.redis_cpu().await;
+            let redis_seconds = cpu_after - cpu_before;
             let cpu = redis_seconds / elapsed;
             let cost = &mut compared.cost[variant as usize];
             cost.events += ops;
             cost.client_ticks += own;
             cost.redis_seconds += redis_seconds;
+            // Less the INFO call that read the counter.
+            cost.reads += reads_after.saturating_sub(reads_before).saturating_sub(1);
             let after = bench.checker.stats();
             if matches!(variant, Variant::Process | Variant::Macro) {
                 let (counted, what) = match kind {

@@ -118,7 +118,10 @@
 //! process (the client: `/proc/self/stat`) and Redis's main thread used
 //! during a variant's measured rounds, summed over the rounds and divided
 //! by its events: on this 2-core machine the two share the cores, so it
-//! shows which side an extra cost sits on.
+//! shows which side an extra cost sits on. "Socket reads per event" is the
+//! server's `total_reads_processed` over the same rounds (less the `INFO`
+//! calls that read it) divided by the events: requests that arrive
+//! together cost one read, so fewer reads per event means better batching.
 //!
 //! ## Counting round trips
 //!

@@ -54,7 +54,8 @@ const GUARANTEES: [[&str; 5]; 3] = [
 ];
 
 /// The side-by-side rows of ours, `idempotent` and the hand-written client
-/// on one server, as a table: rates, ratios, client and server CPU per event.
+/// on one server, as a table: rates, ratios, client and server CPU per
+/// event, the server's socket reads per event.
 /// `commandstats` gives Redis's execution time per event (from the
 /// sequential counts) for a new event and a duplicate, in the order ours,
 /// idempotent, hand-written.
@@ -89,6 +90,15 @@ pub(crate) fn side_by_side(
                         a.server_us, b.server_us, c.server_us
                     )
                 },
+                {
+                    let reads = |v: Variant| c.cost[v as usize].reads_per_event();
+                    format!(
+                        "{:.2} / {:.2} / {:.2}",
+                        reads(ours),
+                        reads(peer),
+                        reads(reference)
+                    )
+                },
             ]
         })
         .collect();
@@ -96,7 +106,8 @@ pub(crate) fn side_by_side(
         format!(
             "Side by side on {server} (medians of interleaved rounds; CPU per event in us, \
              client / server main thread; commandstats: the server's execution time per event in a \
-             sequential count, only the scripts' where scripts run)"
+             sequential count, only the scripts' where scripts run; socket reads: the server's reads \
+             from client sockets per event, fewer when requests arrive batched)"
         ),
         [
             "workload",
@@ -109,6 +120,7 @@ pub(crate) fn side_by_side(
             "CPU idempotent",
             "CPU hand-written",
             "commandstats us: ours / idempotent / hand-written",
+            "socket reads per event: ours / idempotent / hand-written",
         ]
         .map(str::to_owned)
         .to_vec(),
