@@ -29,6 +29,8 @@ on_each_kind!(
     worker_threads = 4
 );
 
+/// 20 events, then a stream of 60 from 6 tasks while the master is killed:
+/// every event runs once, the first 20 replay from the promoted replica.
 async fn processing_continues_after_the_master_fails_over(kind: ServerKind) {
     let mut setup = RedisSentinel::start_kind(kind);
     let old_master = setup.current_master_port();
@@ -148,8 +150,8 @@ async fn processing_continues_after_the_master_fails_over(kind: ServerKind) {
         .await
         .expect("read from the new master");
     assert!(record.is_some());
-    // Completions took `SET ... IFEQ` on Valkey and the script on Redis,
-    // before and after the failover.
+    // The store completed with `SET ... IFEQ` on Valkey and with the compare
+    // script on Redis.
     assert_eq!(
         store.completes_with_set_ifeq(),
         Some(kind == ServerKind::Valkey),
