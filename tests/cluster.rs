@@ -1,8 +1,10 @@
-//! `RedisStore` over a real 3-master Redis Cluster, built by the harness
+//! `RedisStore` over a real 3-master cluster, built by the harness
 //! (`redis-server --cluster-enabled yes` on three ports, joined with
 //! `redis-cli --cluster create`): the store conformance suite, the
 //! exactly-once races (tasks and OS processes), and the prefix operations
-//! that walk every master.
+//! that walk every master. Each test runs twice (`on_each_kind!`): on Redis 7,
+//! whose completions take the compare script, and on a Valkey 9 cluster,
+//! whose completions take `SET ... IFEQ`.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{RedisCluster, RedisServer};
+use common::{RedisCluster, RedisServer, ServerKind};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyError, IdempotencyStore, Processed, RedisStore,
     StoreAdmin,
@@ -26,20 +28,34 @@ fn event(key: &str) -> EventEnvelope {
 async fn store(cluster: &RedisCluster) -> RedisStore {
     RedisStore::connect(&cluster.url())
         .await
-        .expect("connect to the test cluster")
+        .unwrap_or_else(|e| panic!("connect to the test {:?} cluster: {e}", cluster.kind()))
 }
+
+/// Completions took `SET ... IFEQ` on Valkey and the compare script on Redis.
+fn assert_completion_path(store: &RedisStore, kind: ServerKind) {
+    assert_eq!(
+        store.completes_with_set_ifeq(),
+        Some(kind == ServerKind::Valkey),
+        "the completion path on {kind:?}"
+    );
+}
+
+on_each_kind!(
+    the_cluster_passes_the_store_conformance_suite,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 
 /// Every conformance rule, one after another on one cluster (emptied
 /// between rules): starting a cluster per rule would cost seconds each.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cluster_passes_the_store_conformance_suite() {
-    let cluster = RedisCluster::start();
+async fn the_cluster_passes_the_store_conformance_suite(kind: ServerKind) {
+    let cluster = RedisCluster::start_kind(kind);
     let store = store(&cluster).await;
     macro_rules! run_rules {
         ($($rule:ident),* $(,)?) => {
             $(
                 cluster.flush();
-                eprintln!("conformance rule on the cluster: {}", stringify!($rule));
+                eprintln!("conformance rule on the {kind:?} cluster: {}", stringify!($rule));
                 idempotency_core::testing::$rule(&store).await;
             )*
         };
@@ -47,14 +63,21 @@ async fn the_cluster_passes_the_store_conformance_suite() {
     idempotency_core::for_each_conformance_rule!(run_rules);
     cluster.flush();
     idempotency_core::testing::concurrent_claims_have_one_winner(Arc::new(store.clone())).await;
+    assert_completion_path(&store, kind);
 }
+
+on_each_kind!(
+    racing_tasks_execute_each_key_once_across_the_masters,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
 
 /// 64 tasks race on one key, and 300 keys spread over the three masters:
 /// each key's handler runs once, and repeats replay the first result.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn racing_tasks_execute_each_key_once_across_the_masters() {
-    let cluster = RedisCluster::start();
-    let checker = IdempotencyChecker::new(store(&cluster).await);
+async fn racing_tasks_execute_each_key_once_across_the_masters(kind: ServerKind) {
+    let cluster = RedisCluster::start_kind(kind);
+    let store = store(&cluster).await;
+    let checker = IdempotencyChecker::new(store.clone());
 
     let executions = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -124,17 +147,20 @@ async fn racing_tasks_execute_each_key_once_across_the_masters() {
         "records should live on every master: {counts:?}"
     );
     assert_eq!(counts.iter().sum::<u64>(), 301);
+    assert_completion_path(&store, kind);
 }
 
 const STORE_URL: &str = "IDEMPOTENCY_TEST_CLUSTER_URL";
 const COUNTER_URL: &str = "IDEMPOTENCY_TEST_COUNTER_URL";
+const KIND: &str = "IDEMPOTENCY_TEST_SERVER_KIND";
 const KEYS: usize = 300;
+
+on_each_kind!(four_processes_execute_each_key_once_on_the_cluster);
 
 /// Four OS processes race over the same keys through the cluster; the
 /// handlers count their executions on a separate plain redis-server.
-#[tokio::test]
-async fn four_processes_execute_each_key_once_on_the_cluster() {
-    let cluster = RedisCluster::start();
+async fn four_processes_execute_each_key_once_on_the_cluster(kind: ServerKind) {
+    let cluster = RedisCluster::start_kind(kind);
     let counter = RedisServer::start();
     let exe = std::env::current_exe().expect("test binary");
     let children: Vec<_> = (0..4)
@@ -143,6 +169,7 @@ async fn four_processes_execute_each_key_once_on_the_cluster() {
                 .args(["cluster_worker", "--exact", "--ignored", "--nocapture"])
                 .env(STORE_URL, cluster.url())
                 .env(COUNTER_URL, counter.url())
+                .env(KIND, format!("{kind:?}"))
                 .env("IDEMPOTENCY_TEST_WORKER", worker.to_string())
                 .stdout(std::process::Stdio::null())
                 .spawn()
@@ -174,19 +201,31 @@ async fn cluster_worker() {
         .ok()
         .and_then(|w| w.parse().ok())
         .unwrap_or(0);
-    let checker = IdempotencyChecker::new(RedisStore::connect(&url).await.expect("connect"));
+    let kind = match std::env::var(KIND).as_deref() {
+        Ok("Valkey") => ServerKind::Valkey,
+        Ok("Redis") => ServerKind::Redis,
+        other => panic!("${KIND} is {other:?}"),
+    };
+    let store = RedisStore::connect(&url).await.expect("connect");
+    let checker = IdempotencyChecker::new(store.clone());
     let counter = redis::Client::open(counter_url.as_str())
         .expect("url")
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
     common::process_each_key(&checker, &counter, worker, KEYS).await;
+    assert_completion_path(&store, kind);
 }
 
+on_each_kind!(
+    prefix_operations_cover_every_master,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+
 /// `summary`, `stuck` and `clear` walk every master, not just one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefix_operations_cover_every_master() {
-    let cluster = RedisCluster::start();
+async fn prefix_operations_cover_every_master(kind: ServerKind) {
+    let cluster = RedisCluster::start_kind(kind);
     let store = store(&cluster).await;
     let checker = IdempotencyChecker::new(store.clone());
     for key in 0..90 {
@@ -198,6 +237,7 @@ async fn prefix_operations_cover_every_master() {
             .expect("process");
         assert_eq!(outcome, Processed::Executed(key));
     }
+    assert_completion_path(&store, kind);
     let mut other = cluster.client().await;
     let _: () = other.set("unrelated", "x").await.expect("SET");
 

@@ -1,7 +1,10 @@
 //! `RedisStore` over Redis Sentinel: a master, a replica and a sentinel
 //! started by the harness. The master is SIGKILLed in the middle of a stream
 //! of events; the sentinel promotes the replica and the same store, without
-//! a restart, finds the new master and carries on.
+//! a restart, finds the new master and carries on. The failover runs twice
+//! (`on_each_kind!`): on Redis 7, whose completions take the compare script,
+//! and on Valkey 9 (master, replica and sentinel all `valkey-server`), whose
+//! completions take `SET ... IFEQ`.
 
 mod common;
 
@@ -9,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::RedisSentinel;
+use common::{RedisSentinel, ServerKind};
 use idempotency::{
     EventEnvelope, IdempotencyChecker, IdempotencyConfig, IdempotencyError, IdempotencyStore,
     RedisStore,
@@ -20,9 +23,16 @@ fn event(key: &str) -> EventEnvelope {
     EventEnvelope::new("test.event", json!({"key": key})).with_idempotency_key(key)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn processing_continues_after_the_master_fails_over() {
-    let mut setup = RedisSentinel::start();
+on_each_kind!(
+    processing_continues_after_the_master_fails_over,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+
+/// 20 events, then a stream of 60 from 6 tasks while the master is killed:
+/// every event runs once, the first 20 replay from the promoted replica.
+async fn processing_continues_after_the_master_fails_over(kind: ServerKind) {
+    let mut setup = RedisSentinel::start_kind(kind);
     let old_master = setup.current_master_port();
     let store = RedisStore::builder(setup.url())
         .connect_timeout(Duration::from_millis(500))
@@ -140,6 +150,13 @@ async fn processing_continues_after_the_master_fails_over() {
         .await
         .expect("read from the new master");
     assert!(record.is_some());
+    // The store completed with `SET ... IFEQ` on Valkey and with the compare
+    // script on Redis.
+    assert_eq!(
+        store.completes_with_set_ifeq(),
+        Some(kind == ServerKind::Valkey),
+        "the completion path on {kind:?}"
+    );
 }
 
 #[tokio::test]

@@ -1,18 +1,21 @@
-//! A 3-master Redis Cluster on loopback.
+//! A 3-master Redis Cluster (or Valkey cluster) on loopback.
 
 use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::ServerKind;
 use crate::process::{ServerProcess, free_port, wait_until};
 use crate::redis_server::{redis_args, redis_cli, redis_cli_at, redis_ready};
 
-/// A real 3-master Redis Cluster on loopback: three `redis-server
-/// --cluster-enabled yes` joined by `redis-cli --cluster create`. Killed
-/// when dropped.
+/// A real 3-master cluster on loopback: three `redis-server
+/// --cluster-enabled yes` (or `valkey-server`, see [`ServerKind`]) joined by
+/// `redis-cli --cluster create`, which joins Valkey nodes too. Killed when
+/// dropped.
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<ServerProcess>,
+    kind: ServerKind,
 }
 
 /// A free loopback port whose cluster-bus port (`port + 10000`) is free too.
@@ -45,31 +48,33 @@ fn node_args(port: u16, dir: &Path) -> Vec<std::ffi::OsString> {
 }
 
 impl RedisCluster {
-    /// Starts the three nodes, joins them and waits until every node reports
-    /// `cluster_state:ok`.
+    /// Starts three Redis nodes, joins them and waits until every node
+    /// reports `cluster_state:ok`.
     pub fn start() -> Self {
+        Self::start_kind(ServerKind::Redis)
+    }
+
+    /// [`start`](Self::start) with three nodes of `kind`.
+    pub fn start_kind(kind: ServerKind) -> Self {
         let nodes: Vec<ServerProcess> = (0..3)
-            .map(|_| {
-                ServerProcess::start(
-                    "redis-server",
-                    10,
-                    free_cluster_port,
-                    &node_args,
-                    redis_ready,
-                )
-            })
+            .map(|_| kind.start(10, free_cluster_port, &node_args, redis_ready))
             .collect();
         let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
         create.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
         create.push("--cluster-yes".into());
         redis_cli(&create);
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, kind };
         for port in cluster.ports() {
             wait_until(Duration::from_secs(20), "the cluster state is ok", || {
                 redis_cli_at(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
             });
         }
         cluster
+    }
+
+    /// Which server the nodes run.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
     }
 
     /// The masters' ports.

@@ -10,8 +10,8 @@
 //! |---|---|
 //! | [`RedisServer`] | one `redis-server`, or Valkey's `valkey-server` (see [`ServerKind`]) |
 //! | [`TlsRedisServer`] | a `redis-server` that speaks only TLS, with a throwaway CA |
-//! | [`RedisCluster`] | a 3-master Redis Cluster |
-//! | [`RedisSentinel`] | a master, a replica and a sentinel |
+//! | [`RedisCluster`] | a 3-master Redis Cluster, or the same of Valkey |
+//! | [`RedisSentinel`] | a master, a replica and a sentinel, of Redis or Valkey |
 //! | [`NatsServer`] | a `nats-server -js` |
 //!
 //! # Example

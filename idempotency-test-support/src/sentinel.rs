@@ -1,8 +1,9 @@
-//! A master, a replica and a sentinel on loopback.
+//! A master, a replica and a sentinel on loopback (Redis or Valkey).
 
 use std::path::Path;
 use std::time::Duration;
 
+use crate::ServerKind;
 use crate::process::{ServerProcess, free_port, wait_until};
 use crate::redis_server::{redis_args, redis_cli_at, redis_ready};
 
@@ -11,7 +12,8 @@ pub const SENTINEL_SERVICE: &str = "mymaster";
 
 /// A Sentinel setup on loopback: a master, one replica and one sentinel
 /// watching them as [`SENTINEL_SERVICE`] (quorum 1,
-/// `down-after-milliseconds` 1000). Killed when dropped.
+/// `down-after-milliseconds` 1000), all three `redis-server` or all three
+/// `valkey-server` (see [`ServerKind`]). Killed when dropped.
 #[derive(Debug)]
 pub struct RedisSentinel {
     /// The master at the start.
@@ -20,21 +22,27 @@ pub struct RedisSentinel {
     pub replica: ServerProcess,
     /// The sentinel.
     pub sentinel: ServerProcess,
+    kind: ServerKind,
 }
 
 impl RedisSentinel {
-    /// Starts the three and waits until the sentinel sees the replica
-    /// and the replica is in sync.
+    /// Starts the three on Redis and waits until the sentinel sees the
+    /// replica and the replica is in sync.
     pub fn start() -> Self {
-        let master = ServerProcess::start("redis-server", 5, free_port, &redis_args, redis_ready);
+        Self::start_kind(ServerKind::Redis)
+    }
+
+    /// [`start`](Self::start) with servers of `kind`: Valkey's sentinel is
+    /// `valkey-server <conf> --sentinel`, as Redis's is.
+    pub fn start_kind(kind: ServerKind) -> Self {
+        let master = kind.start(5, free_port, &redis_args, redis_ready);
         let master_port = master.port;
         let replica_args = move |port, dir: &Path| {
             let mut args = redis_args(port, dir);
             args.extend(["--replicaof", "127.0.0.1", &master_port.to_string()].map(Into::into));
             args
         };
-        let replica =
-            ServerProcess::start("redis-server", 5, free_port, &replica_args, redis_ready);
+        let replica = kind.start(5, free_port, &replica_args, redis_ready);
         let sentinel_args = move |port, dir: &Path| {
             let conf = dir.join("sentinel.conf");
             std::fs::write(
@@ -50,12 +58,12 @@ impl RedisSentinel {
             .expect("write sentinel.conf");
             vec![conf.into(), "--sentinel".into()]
         };
-        let sentinel =
-            ServerProcess::start("redis-server", 5, free_port, &sentinel_args, redis_ready);
+        let sentinel = kind.start(5, free_port, &sentinel_args, redis_ready);
         let setup = Self {
             master,
             replica,
             sentinel,
+            kind,
         };
         let replica_port = setup.replica.port;
         wait_until(Duration::from_secs(20), "the replica is in sync", || {
@@ -73,6 +81,11 @@ impl RedisSentinel {
             },
         );
         setup
+    }
+
+    /// Which server the three run.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
     }
 
     /// `redis+sentinel://` naming the sentinel and the service.

@@ -20,3 +20,25 @@ pub async fn eventually(limit: Duration, what: &str, mut done: impl AsyncFnMut()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `on_each_kind!(name)` or `on_each_kind!(name, flavor = "multi_thread",
+/// worker_threads = 2)`: the tests `name::on_redis` and `name::on_valkey`,
+/// each running `name(kind).await` in a `#[tokio::test(..)]` with the given
+/// arguments. One test body, run on Redis 7 (completions by the finish
+/// script) and on Valkey 9 (completions by `SET ... IFEQ`).
+#[macro_export]
+macro_rules! on_each_kind {
+    ($name:ident $(, $($tokio:tt)*)?) => {
+        mod $name {
+            #[tokio::test($($($tokio)*)?)]
+            async fn on_redis() {
+                super::$name($crate::common::ServerKind::Redis).await;
+            }
+
+            #[tokio::test($($($tokio)*)?)]
+            async fn on_valkey() {
+                super::$name($crate::common::ServerKind::Valkey).await;
+            }
+        }
+    };
+}
