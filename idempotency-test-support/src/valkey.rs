@@ -1,14 +1,18 @@
-//! Which server a [`RedisServer`](crate::RedisServer) runs, and where
-//! Valkey's binary is.
+//! Which server a [`RedisServer`](crate::RedisServer),
+//! [`RedisCluster`](crate::RedisCluster) or
+//! [`RedisSentinel`](crate::RedisSentinel) runs, and where Valkey's binary
+//! is.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 
 use crate::process::{Args, ServerProcess};
 
-/// Which server a [`RedisServer`](crate::RedisServer) runs: both speak the
-/// protocol the store uses, and the store completes differently on each (a
-/// plain `SET ... IFEQ` on Valkey 9, the finish script on Redis 7).
+/// Which server a [`RedisServer`](crate::RedisServer),
+/// [`RedisCluster`](crate::RedisCluster) or
+/// [`RedisSentinel`](crate::RedisSentinel) runs: both speak the protocol the
+/// store uses, and the store completes differently on each (a plain
+/// `SET ... IFEQ` on Valkey 9, a compare script on Redis 7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerKind {
     /// `redis-server` from the system's packages (Redis 7.0 on CI).
