@@ -24,7 +24,7 @@ pub async fn eventually(limit: Duration, what: &str, mut done: impl AsyncFnMut()
 /// `on_each_kind!(name)` or `on_each_kind!(name, flavor = "multi_thread",
 /// worker_threads = 2)`: the tests `name::on_redis` and `name::on_valkey`,
 /// each running `name(kind).await` in a `#[tokio::test(..)]` with the given
-/// arguments. One test body, run on Redis 7 (completions by the finish
+/// arguments. One test body, run on Redis 7 (completions by the compare
 /// script) and on Valkey 9 (completions by `SET ... IFEQ`).
 #[macro_export]
 macro_rules! on_each_kind {
