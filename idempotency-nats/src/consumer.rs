@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -227,16 +228,21 @@ pub(crate) async fn settle(
 
 /// Runs `work` while sending a progress ack every `every`, so a long
 /// handler does not reach the consumer's ack wait.
+///
+/// `work` is pinned by the caller (`std::pin::pin!`): taken by value, the
+/// handler's future would be stored twice in this one (as the argument and
+/// as the pinned local), and the message task, moved whole when it is
+/// spawned, would be twice as large.
 pub(crate) async fn with_progress<F: Future>(
     message: &Message,
     every: Duration,
-    work: F,
+    mut work: Pin<&mut F>,
 ) -> F::Output {
     // One timer on the task's own stack (an `Interval` would box one per
     // message), armed only once `work` has had to wait.
     let period = every.max(Duration::from_millis(10));
     let ticker = tokio::time::sleep(every);
-    tokio::pin!(work, ticker);
+    tokio::pin!(ticker);
     loop {
         tokio::select! {
             biased;
@@ -450,8 +456,8 @@ impl JetStreamWorker {
                     let disposition =
                         match crate::delivery(&message.payload, message.headers.as_ref()) {
                             Ok(delivery) => {
-                                with_progress(&message, progress_every, runner.consume(delivery))
-                                    .await
+                                let work = std::pin::pin!(runner.consume(delivery));
+                                with_progress(&message, progress_every, work).await
                             }
                             Err(error) => error.into(),
                         };

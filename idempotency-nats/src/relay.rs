@@ -120,7 +120,9 @@ impl DedupRelay {
                         .and_then(|delivery| delivery.key_by(extractor));
                     let disposition = match key {
                         Ok(key) => {
-                            let relayed = relay_one(checker, jetstream, output, &key, &message);
+                            let relayed = std::pin::pin!(relay_one(
+                                checker, jetstream, output, &key, &message
+                            ));
                             with_progress(&message, progress_every, relayed).await
                         }
                         Err(error) => error.into(),

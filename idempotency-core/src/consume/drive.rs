@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
 
@@ -97,10 +97,13 @@ where
         let Some(item) = next else { break };
         match per_item(item) {
             ControlFlow::Continue(Some(work)) => {
-                tasks.spawn(async move {
-                    work.await;
-                    drop(permit);
-                });
+                // Boxed, and a combinator rather than `async move {
+                // work.await; drop(permit) }` (which would store `work` twice:
+                // the captured value and the one it awaits). A message's
+                // future runs to kilobytes, and tokio moves a task's future
+                // whole: into the task when spawned, and its stage again when
+                // it finishes. Boxed, each of those moves copies a pointer.
+                tasks.spawn(Box::pin(work).map(move |()| drop(permit)));
             }
             ControlFlow::Continue(None) => {}
             ControlFlow::Break(reason) => {
