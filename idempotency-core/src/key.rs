@@ -116,18 +116,16 @@ impl StoredKey {
 pub(crate) fn stored_key(key: &str, config: &IdempotencyConfig) -> Result<StoredKey> {
     validate_key(key, config)?;
     let prefix = &config.key_prefix;
-    let storage = if config.hash_keys {
-        let digest = sha256_hex(key.as_bytes());
-        let mut storage = String::with_capacity(prefix.len() + digest.len());
-        storage.push_str(prefix);
-        storage.push_str(&digest);
-        storage
+    let digest;
+    let recorded = if config.hash_keys {
+        digest = sha256_hex(key.as_bytes());
+        &digest
     } else {
-        let mut storage = String::with_capacity(prefix.len() + key.len());
-        storage.push_str(prefix);
-        storage.push_str(key);
-        storage
+        key
     };
+    let mut storage = String::with_capacity(prefix.len() + recorded.len());
+    storage.push_str(prefix);
+    storage.push_str(recorded);
     Ok(StoredKey {
         storage,
         recorded_at: prefix.len(),
