@@ -20,7 +20,7 @@ pub(crate) fn median(values: &[f64]) -> f64 {
 }
 
 /// How many [`Variant`]s there are.
-const VARIANT_COUNT: usize = 4;
+const VARIANT_COUNT: usize = 5;
 
 /// One workload measured interleaved for every variant.
 #[derive(Debug, Default)]

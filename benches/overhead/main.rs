@@ -56,6 +56,12 @@
 //!   entry), in the same interleaved rounds as ours and the reference, with
 //!   its CPU per event and round trips; a side-by-side table of the three with
 //!   what each guarantees (fencing, lease renewal, failure state, replay);
+//! - **the hand-written client completing by script** (Redis 7, new events,
+//!   32 tasks): its `SET XX` sent inside a script that makes our compare
+//!   script's two calls (`GET`, then `SET`) without comparing, in rounds of
+//!   its own with the plain hand-written client and ours. On Redis 7 every
+//!   fenced completion is a script; this shows what that costs a client that
+//!   does nothing else, next to the client CPU target;
 //! - **AWS Powertools for Python** 3.37 (`@idempotent_function` over its
 //!   Redis persistence layer), one event at a time on the same Redis, run
 //!   once per phase by `powertools.py` in a Python process of its own (not
@@ -84,7 +90,7 @@
 //! working on the Redis store. The load check is skipped then too.
 //!
 //! `IDEMPOTENCY_BENCH_ONLY=spin:<job>[:<tasks>[:<seconds>]]` runs one
-//! workload on Redis alone (`ref-new`, `ref-dup`, `process-new`,
+//! workload on Redis alone (`ref-new`, `ref-new-script`, `ref-dup`, `process-new`,
 //! `process-dup`, `peer-new`, `peer-dup`; 32 tasks for 20 seconds unless
 //! told) and prints its rate and client CPU per event: for a profiler
 //! (`perf record -p`) to attach to. It compares nothing.

@@ -31,6 +31,7 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
     }
     let job = match name {
         Some("ref-new") => Job::RefNew,
+        Some("ref-new-script") => Job::RefNewScript,
         Some("ref-dup") => Job::RefDup,
         Some("process-new") => Job::ProcessNew,
         Some("process-dup") => Job::ProcessDup,
@@ -38,7 +39,7 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
         Some("peer-dup") => Job::PeerDup,
         other => {
             eprintln!(
-                "unknown job {other:?}: one of ref-new, ref-dup, process-new, process-dup, peer-new, peer-dup, worker, bare"
+                "unknown job {other:?}: one of ref-new, ref-new-script, ref-dup, process-new, process-dup, peer-new, peer-dup, worker, bare"
             );
             std::process::exit(2);
         }

@@ -102,6 +102,7 @@ pub(crate) async fn valkey_phases(
             ratio >= 1.8,
         );
     }
+    crate::redis_phases::client_cpu_targets(report, "Valkey 9 (IFEQ)", &compared, None);
     let by_name = |name: &str| {
         counted
             .iter()

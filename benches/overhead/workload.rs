@@ -81,6 +81,11 @@ pub(crate) enum Job {
     Get,
     PipelinedGet,
     RefNew,
+    /// The hand-written client, completing through a script that makes the
+    /// same two calls as our Redis 7 compare script (`GET`, then `SET XX
+    /// PX`) without comparing: the server's Lua cost with none of our
+    /// client's work.
+    RefNewScript,
     RefDup,
     ProcessNew,
     ProcessDup,
@@ -105,6 +110,10 @@ pub(crate) enum Variant {
     Macro,
     /// The crate `idempotent` 0.3.0 with its Redis store.
     Peer,
+    /// The hand-written client completing through a script that costs the
+    /// server what our Redis 7 compare script does ([`Job::RefNewScript`]):
+    /// new events only (its duplicates are the hand-written client's).
+    ScriptedReference,
 }
 
 impl Variant {
@@ -118,6 +127,8 @@ impl Variant {
             (Self::Macro, Kind::Duplicate) => Job::MacroDup,
             (Self::Peer, Kind::New) => Job::PeerNew,
             (Self::Peer, Kind::Duplicate) => Job::PeerDup,
+            (Self::ScriptedReference, Kind::New) => Job::RefNewScript,
+            (Self::ScriptedReference, Kind::Duplicate) => Job::RefDup,
         }
     }
 
@@ -128,6 +139,7 @@ impl Variant {
             Self::Process => "process",
             Self::Macro => "macro",
             Self::Peer => "idempotent",
+            Self::ScriptedReference => "scripted reference",
         }
     }
 }
@@ -182,7 +194,7 @@ impl Worker {
                 black_box(ok(values));
                 PIPELINE as u64
             }
-            Job::RefNew => {
+            Job::RefNew | Job::RefNewScript => {
                 uuid_key(&mut self.key, PREFIX, fresh);
                 let claimed: redis::RedisResult<Option<Vec<u8>>> =
                     claim_command(&self.key).query_async(&mut self.conn).await;
@@ -190,14 +202,23 @@ impl Worker {
                     Some(None) => {
                         // Nil: the key was absent and is ours. The no-op
                         // handler runs here; then complete.
-                        let done: redis::RedisResult<redis::Value> = redis::cmd("SET")
-                            .arg(&self.key)
-                            .arg(DONE_VALUE)
-                            .arg("XX")
-                            .arg("PX")
-                            .arg(TTL_MS)
-                            .query_async(&mut self.conn)
-                            .await;
+                        let done: redis::RedisResult<redis::Value> = if self.job == Job::RefNew {
+                            redis::cmd("SET")
+                                .arg(&self.key)
+                                .arg(DONE_VALUE)
+                                .arg("XX")
+                                .arg("PX")
+                                .arg(TTL_MS)
+                                .query_async(&mut self.conn)
+                                .await
+                        } else {
+                            UNFENCED_SCRIPT
+                                .key(&self.key)
+                                .arg(DONE_VALUE)
+                                .arg(TTL_MS)
+                                .invoke_async(&mut self.conn)
+                                .await
+                        };
                         if let Some(redis::Value::Nil) = ok(done) {
                             problem(&ANOMALIES, "reference: SET XX found no key");
                         }
@@ -298,6 +319,15 @@ pub(crate) async fn measure(counter: &AtomicU64, stop: &AtomicBool, duration: Du
     stop.store(true, Ordering::Relaxed);
     (to - from) as f64 / elapsed.as_secs_f64()
 }
+
+/// [`Job::RefNewScript`]'s completion: our compare script's two calls,
+/// with no comparison.
+static UNFENCED_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "redis.call('GET', KEYS[1]) \
+         return redis.call('SET', KEYS[1], ARGV[1], 'XX', 'PX', ARGV[2])",
+    )
+});
 
 /// The reference's claim: `SET key <claim> NX PX ttl GET` (nil: the key was
 /// absent and is ours; else the existing record).
