@@ -64,17 +64,22 @@ pub fn fingerprint<P: Serialize + ?Sized>(payload: &P) -> Result<String> {
 
 /// Checks `key` against the configuration's rules.
 pub(crate) fn validate_key(key: &str, config: &IdempotencyConfig) -> Result<()> {
+    // ASCII text, the common case, is checked byte by byte without
+    // decoding, and its length in characters is its length in bytes.
+    let (control, len) = if key.is_ascii() {
+        // Without short-circuiting, so the check compiles to vector code.
+        let control = key
+            .bytes()
+            .fold(false, |any, b| any | (b < 0x20) | (b == 0x7f));
+        (control, key.len())
+    } else {
+        (key.chars().any(char::is_control), key.chars().count())
+    };
     let reason = if key.is_empty() {
         Some(InvalidKeyReason::Empty)
-    } else if control_character(key) {
+    } else if control {
         Some(InvalidKeyReason::ControlCharacter)
     } else {
-        // Characters, not bytes; in ASCII text they are the same.
-        let len = if key.is_ascii() {
-            key.len()
-        } else {
-            key.chars().count()
-        };
         (len > config.max_key_len).then_some(InvalidKeyReason::TooLong {
             len,
             max: config.max_key_len,
@@ -83,16 +88,6 @@ pub(crate) fn validate_key(key: &str, config: &IdempotencyConfig) -> Result<()> 
     match reason {
         Some(reason) => Err(IdempotencyError::InvalidKey { reason }),
         None => Ok(()),
-    }
-}
-
-/// Whether `key` holds a control character (`char::is_control`). ASCII
-/// text, the common case, is checked byte by byte without decoding.
-fn control_character(key: &str) -> bool {
-    if key.is_ascii() {
-        key.bytes().any(|b| b < 0x20 || b == 0x7f)
-    } else {
-        key.chars().any(char::is_control)
     }
 }
 

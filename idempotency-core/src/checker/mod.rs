@@ -174,13 +174,16 @@ fn new_token() -> String {
     // 32 lower-case hex digits, as `{high:016x}{low:016x}` writes them
     // (without the formatter's padding machinery: this runs per claim).
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut token = String::with_capacity(32);
-    for word in [high, low.wrapping_add(n)] {
-        for shift in (0..16).rev() {
-            token.push(char::from(HEX[((word >> (shift * 4)) & 0xf) as usize]));
+    let mut digits = [0u8; 32];
+    for (out, word) in digits.chunks_exact_mut(16).zip([high, low.wrapping_add(n)]) {
+        for (i, digit) in out.iter_mut().enumerate() {
+            *digit = HEX[((word >> ((15 - i) * 4)) & 0xf) as usize];
         }
     }
-    token
+    // Always ASCII, so never the empty default.
+    std::str::from_utf8(&digits)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -299,6 +299,7 @@ pub(super) enum IfeqReply {
 mod tests {
     use super::{Held, completed_doc, held, version};
     use crate::record::{IdempotencyRecord, Lease};
+    use crate::store::redis::wire::read_completed;
 
     fn held_by(attempts: u32, fingerprint: Option<&str>) -> Held<'_> {
         Held {
@@ -325,6 +326,39 @@ mod tests {
         assert_eq!(record.attempts, 3);
         assert_eq!(record.fingerprint.as_deref(), Some("f\"p"));
         assert!(record.result.is_none());
+    }
+
+    /// Every document the completion writes is read in one pass, as serde
+    /// reads it, with its expiry `ttl_ms` after its completion; one with a
+    /// fingerprint that needs escapes is left to serde.
+    #[test]
+    fn completed_documents_read_in_one_pass_as_serde_reads_them() {
+        let results = [
+            "",
+            "null",
+            "42",
+            "-1.5e3",
+            r#""receipt 42: charged \"120\" EUR }""#,
+            r#"{"ttl_ms":9,"result":[1,{"a":{}}],"status":"FAILED"}"#,
+            r#"[true,false,"\u00e9\n"]"#,
+        ];
+        for result in results {
+            for (attempts, fingerprint) in [(1, None), (2, Some("9f86d081884c7d65")), (7, Some(""))]
+            {
+                for (completed_at_ms, ttl_ms) in [(0, 1), (1_764_000_000_123, 86_400_000)] {
+                    let held = held_by(attempts, fingerprint);
+                    let doc = completed_doc(completed_at_ms, &held, ttl_ms, result).expect("doc");
+                    let mut by_serde: IdempotencyRecord =
+                        serde_json::from_str(&doc).expect("readable");
+                    by_serde.expires_at = chrono::DateTime::from_timestamp_millis(
+                        completed_at_ms + i64::try_from(ttl_ms).expect("small"),
+                    );
+                    assert_eq!(read_completed(&doc), Some(by_serde), "{doc}");
+                }
+            }
+        }
+        let escaped = completed_doc(5, &held_by(1, Some("f\"p")), 10, "1").expect("doc");
+        assert_eq!(read_completed(&escaped), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use redis::Value;
 use super::ifeq::{self, IfeqReply};
 use super::retry::unexpected;
 use super::scripts::{eval, evalsha};
-use super::wire::{Reply, completed_expiry, fast_claim, members, millis, ms_to_time, text};
+use super::wire::{Reply, fast_claim, members, millis, ms_to_time, read_completed, text};
 use super::{RedisStore, STORE};
 use crate::error::{IdempotencyError, Result, StoreRefusal};
 use crate::record::{
@@ -75,38 +75,31 @@ impl IdempotencyStore for RedisStore {
             let version = ifeq::version(fingerprint, doc.as_bytes());
             return Ok(ClaimOutcome::Acquired(lease(1).with_version(version)));
         };
-        let record = std::str::from_utf8(&existing)
-            .ok()
-            .and_then(|raw| Some((raw, serde_json::from_str::<IdempotencyRecord>(raw).ok()?)));
-        if let Some((raw, mut record)) = record {
-            match record.status {
-                RecordStatus::Completed => {
-                    if let (Some(ours), Some(theirs)) = (request.fingerprint, &record.fingerprint)
-                        && !ours.is_empty()
-                        && ours != theirs
-                    {
-                        return Err(IdempotencyError::FingerprintMismatch {
-                            key: request.key.to_owned(),
-                        });
-                    }
-                    // A record that does not say when it expires (no
-                    // `ttl_ms`: a seen-set mark) gets its expiry from the
-                    // script (PEXPIRETIME).
-                    if let Some(expires_at) = completed_expiry(raw, &record) {
-                        record.expires_at = Some(expires_at);
-                        return Ok(ClaimOutcome::Duplicate(record));
-                    }
-                }
-                RecordStatus::Processing
-                    if record.lease_token.as_deref() == Some(request.token) =>
-                {
-                    let version = ifeq::version(record.fingerprint.as_deref(), raw.as_bytes());
-                    return Ok(ClaimOutcome::Acquired(
-                        lease(record.attempts).with_version(version),
-                    ));
-                }
-                _ => {}
+        let raw = std::str::from_utf8(&existing).ok();
+        // A duplicate, as every completion writes it: answered from the
+        // reply. (Other COMPLETED records, a seen-set mark or one without
+        // its expiry, go to the script, which reads the key's expiry.)
+        if let Some(record) = raw.and_then(read_completed) {
+            if let (Some(ours), Some(theirs)) = (request.fingerprint, &record.fingerprint)
+                && !ours.is_empty()
+                && ours != theirs
+            {
+                return Err(IdempotencyError::FingerprintMismatch {
+                    key: request.key.to_owned(),
+                });
             }
+            return Ok(ClaimOutcome::Duplicate(record));
+        }
+        // A retried claim whose first try was applied: our own claim.
+        if let Some(raw) = raw
+            && let Ok(record) = serde_json::from_str::<IdempotencyRecord>(raw)
+            && record.status == RecordStatus::Processing
+            && record.lease_token.as_deref() == Some(request.token)
+        {
+            let version = ifeq::version(record.fingerprint.as_deref(), raw.as_bytes());
+            return Ok(ClaimOutcome::Acquired(
+                lease(record.attempts).with_version(version),
+            ));
         }
         // Boxed, as every rare path here: the common claim's future stays
         // small (it is boxed and moved on every call).
