@@ -98,7 +98,7 @@ pub(crate) fn bump(counter: &Counter) {
 
 /// Records how long one store operation (`op`: claim, renew, complete,
 /// fail, get, delete, health) took.
-pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
+pub(crate) fn store_latency(op: &'static str, started: std::time::Instant) {
     // Literal labels make a static key: no allocation or hashing per call.
     macro_rules! by_op {
         ($($name:literal),*) => {
@@ -115,7 +115,7 @@ pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
 }
 
 /// Records how long a handler ran.
-pub(crate) fn handler_latency(started: tokio::time::Instant) {
+pub(crate) fn handler_latency(started: std::time::Instant) {
     metrics::histogram!("idempotency_handler_latency_seconds")
         .record(started.elapsed().as_secs_f64());
 }

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 
-use tokio::time::Instant;
+use std::time::Instant;
 use tracing::Instrument;
 
 use super::IdempotencyChecker;

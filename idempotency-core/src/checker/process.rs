@@ -10,7 +10,7 @@ use chrono::Utc;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::time::Instant;
+use std::time::Instant;
 
 use super::claim::Claimed;
 use super::finish::Finish;
