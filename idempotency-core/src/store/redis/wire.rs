@@ -117,12 +117,7 @@ fn push_members(out: &mut String, request: &ClaimRequest<'_>) -> Result<()> {
 /// read the store's clock. Every script settles these into `first_seen_at`
 /// and `lease_expires_at` when it reads the record.
 pub(super) fn fast_claim(request: &ClaimRequest<'_>, px: u64) -> Result<String> {
-    let mut doc = String::with_capacity(
-        160 + request.recorded_key.len()
-            + request.event_id.map_or(0, str::len)
-            + request.event_type.map_or(0, str::len)
-            + request.fingerprint.map_or(0, str::len),
-    );
+    let mut doc = String::with_capacity(fast_claim_capacity(request));
     doc.push('{');
     push_members(&mut doc, request)?;
     doc.push_str("\"status\":\"PROCESSING\",\"attempts\":1,\"lease_token\":");
@@ -137,6 +132,18 @@ pub(super) fn fast_claim(request: &ClaimRequest<'_>, px: u64) -> Result<String> 
     }
     doc.push('}');
     Ok(doc)
+}
+
+/// What [`fast_claim`] writes for `request` at most, when nothing needs
+/// escaping: its fields' text and 232 bytes of names, quotes and numbers
+/// (two durations of up to 20 digits), so the document is never copied to
+/// grow.
+fn fast_claim_capacity(request: &ClaimRequest<'_>) -> usize {
+    232 + request.recorded_key.len()
+        + request.event_id.map_or(0, str::len)
+        + request.event_type.map_or(0, str::len)
+        + request.token.len()
+        + request.fingerprint.map_or(0, str::len)
 }
 
 /// Reads a `COMPLETED` document in the exact form every completion writes
@@ -224,7 +231,8 @@ pub(super) fn parse_record(key: &str, raw: &str) -> Result<IdempotencyRecord> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Reply, push_json_str, read_completed};
+    use super::{Reply, fast_claim, fast_claim_capacity, push_json_str, read_completed};
+    use crate::store::ClaimRequest;
 
     /// A reply of a shape the store does not expect is a protocol error,
     /// not an outage (it must not open the breaker or trigger fail-open).
@@ -284,6 +292,30 @@ mod tests {
             r#"{"status":"COMPLETED","completed_at":1000,"ttl_ms":1} "#,
         ] {
             assert_eq!(read(raw), None, "{raw}");
+        }
+    }
+
+    /// The claim document fits the room made for it, so it is written
+    /// without growing, with every field and the longest durations.
+    #[test]
+    fn claim_documents_fit_their_capacity() {
+        let longest = std::time::Duration::from_millis(u64::MAX);
+        let key = "k".repeat(300);
+        let mut request =
+            ClaimRequest::new(&key, "0123456789abcdef0123456789abcdef", longest, longest);
+        request.recorded_key = "r";
+        request.event_id = Some("a7c0e0b2-0000-4000-8000-000000000001");
+        request.event_type = Some("order.placed");
+        request.fingerprint =
+            Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08");
+        for fingerprint in [request.fingerprint, None] {
+            request.fingerprint = fingerprint;
+            let doc = fast_claim(&request, u64::MAX).expect("a document");
+            assert!(
+                doc.len() <= fast_claim_capacity(&request),
+                "{} bytes: {doc}",
+                doc.len()
+            );
         }
     }
 
