@@ -91,7 +91,7 @@
 //!
 //! `IDEMPOTENCY_BENCH_ONLY=spin:<job>[:<tasks>[:<seconds>]]` runs one
 //! workload on Redis alone (`ref-new`, `ref-new-script`, `ref-dup`, `process-new`,
-//! `process-dup`, `peer-new`, `peer-dup`; 32 tasks for 20 seconds unless
+//! `process-dup`, `macro-new`, `macro-dup`, `peer-new`, `peer-dup`; 32 tasks for 20 seconds unless
 //! told) and prints its rate and client CPU per event: for a profiler
 //! (`perf record -p`) to attach to. It compares nothing.
 //! `spin:worker[:<messages>]` runs the `JetStreamWorker` alone over that

@@ -35,11 +35,13 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
         Some("ref-dup") => Job::RefDup,
         Some("process-new") => Job::ProcessNew,
         Some("process-dup") => Job::ProcessDup,
+        Some("macro-new") => Job::MacroNew,
+        Some("macro-dup") => Job::MacroDup,
         Some("peer-new") => Job::PeerNew,
         Some("peer-dup") => Job::PeerDup,
         other => {
             eprintln!(
-                "unknown job {other:?}: one of ref-new, ref-new-script, ref-dup, process-new, process-dup, peer-new, peer-dup, worker, bare"
+                "unknown job {other:?}: one of ref-new, ref-new-script, ref-dup, process-new, process-dup, macro-new, macro-dup, peer-new, peer-dup, worker, bare"
             );
             std::process::exit(2);
         }
