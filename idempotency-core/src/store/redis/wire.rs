@@ -178,7 +178,16 @@ pub(super) fn read_completed(raw: &str) -> Option<IdempotencyRecord> {
         rest = &after[end + 1..];
     }
     let result = match rest.strip_prefix(r#","result":"#) {
-        Some(after) => Some(serde_json::from_str(after.strip_suffix('}')?).ok()?),
+        Some(after) => {
+            let result = serde_json::from_str(after.strip_suffix('}')?).ok()?;
+            // Inside the record the result sits one level deeper: serde
+            // (128 levels at most) refuses the record when the result alone
+            // nests 127.
+            if nesting(&result) >= 127 {
+                return None;
+            }
+            Some(result)
+        }
         None if rest == "}" => None,
         None => return None,
     };
@@ -189,6 +198,15 @@ pub(super) fn read_completed(raw: &str) -> Option<IdempotencyRecord> {
         expires_at: Some(completed_at.checked_add_signed(ttl)?),
         ..IdempotencyRecord::completed(serde_json::Value::Null, 1, None, completed_at)
     })
+}
+
+/// How many arrays and objects `value` nests (0 for a scalar).
+fn nesting(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(nesting).max().unwrap_or(0),
+        serde_json::Value::Object(members) => 1 + members.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// A JSON natural number at the start of `rest` (digits, no leading zero),
@@ -232,6 +250,7 @@ pub(super) fn parse_record(key: &str, raw: &str) -> Result<IdempotencyRecord> {
 #[cfg(test)]
 mod tests {
     use super::{Reply, fast_claim, fast_claim_capacity, push_json_str, read_completed};
+    use crate::IdempotencyRecord;
     use crate::store::ClaimRequest;
 
     /// A reply of a shape the store does not expect is a protocol error,
@@ -292,6 +311,26 @@ mod tests {
             r#"{"status":"COMPLETED","completed_at":1000,"ttl_ms":1} "#,
         ] {
             assert_eq!(read(raw), None, "{raw}");
+        }
+    }
+
+    /// A result nested as deep as serde allows on its own, but one level
+    /// too deep inside the record, is left to serde (which refuses it).
+    #[test]
+    fn deeply_nested_results_read_as_serde_reads_them() {
+        for depth in [1, 126, 127, 128] {
+            let raw = format!(
+                r#"{{"status":"COMPLETED","completed_at":1000,"ttl_ms":5,"result":{}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            let by_serde = serde_json::from_str::<IdempotencyRecord>(&raw)
+                .ok()
+                .map(|mut r| {
+                    r.expires_at = chrono::DateTime::from_timestamp_millis(1005);
+                    r
+                });
+            assert_eq!(read_completed(&raw), by_serde, "depth {depth}");
         }
     }
 
