@@ -1129,7 +1129,7 @@ async fn local_cache_honours_record_ttl_and_status(kind: Kind) {
     env.store
         .complete(
             &lease,
-            Some(&json!("done elsewhere")),
+            Some(&*serde_json::value::to_raw_value("done elsewhere").expect("JSON")),
             Duration::from_secs(60),
         )
         .await

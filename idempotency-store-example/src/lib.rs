@@ -201,13 +201,18 @@ impl IdempotencyStore for HashMapStore {
     async fn complete(
         &self,
         lease: &Lease,
-        result: Option<&serde_json::Value>,
+        result: Option<&serde_json::value::RawValue>,
         ttl: Duration,
     ) -> Result<()> {
+        // The checker hands over the result's JSON text; this store keeps
+        // records as values, so it parses the text once, here.
+        let result = result
+            .map(|json| serde_json::from_str::<serde_json::Value>(json.get()))
+            .transpose()?;
         let now = Utc::now();
         self.finish(lease, RecordStatus::Completed, now, |record| {
             let fingerprint = record.fingerprint.take();
-            *record = completed(result.cloned(), record.attempts, fingerprint, now, ttl);
+            *record = completed(result, record.attempts, fingerprint, now, ttl);
         })
     }
 

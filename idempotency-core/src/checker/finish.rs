@@ -14,9 +14,9 @@ use crate::stats::bump;
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Finish<'a> {
-    /// Completed with this result (`None`: it could not be stored), which
-    /// the caller made by [`storable`](super::result::storable).
-    Completed(Option<&'a serde_json::Value>),
+    /// Completed with this result's JSON text (`None`: it could not be
+    /// stored), which the caller made by [`storable`](super::result::storable).
+    Completed(Option<&'a serde_json::value::RawValue>),
     /// Failed with this error text.
     Failed(&'a str),
 }

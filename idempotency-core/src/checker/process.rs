@@ -167,7 +167,7 @@ impl IdempotencyChecker {
             Ok(Ok(value)) => match storable(&value) {
                 Ok(json) => match guard.finish_returning(Finish::Completed(Some(&json))).await {
                     (Ok(()), _) => {
-                        self.remember(&key, &request, attempt, json, durations.ttl);
+                        self.remember(&key, &request, attempt, &json, durations.ttl);
                         Ok(Processed::Executed(value))
                     }
                     // The side effects happened: report them, and keep
@@ -263,7 +263,7 @@ impl IdempotencyChecker {
         key: &str,
         request: &KeyedRequest<'_>,
         attempt: u32,
-        result: serde_json::Value,
+        result: &serde_json::value::RawValue,
         ttl: Duration,
     ) {
         let Some(cache) = &self.inner.cache else {
@@ -275,6 +275,11 @@ impl IdempotencyChecker {
         if request.fingerprint.is_none() && attempt > 1 {
             return;
         }
+        // The text was serialized from the result and checked for depth, so
+        // it reads back; should it not, the next duplicate asks the store.
+        let Ok(result) = serde_json::from_str(result.get()) else {
+            return;
+        };
         let record =
             IdempotencyRecord::completed(result, attempt, request.fingerprint.clone(), Utc::now());
         cache.put(key, record, Some(ttl));

@@ -14,8 +14,9 @@ use crate::record::Lease;
 
 /// A write for an attempt, retried in the background.
 enum LateWrite {
-    /// Complete with this result (`None`: it could not be stored).
-    Complete(Option<serde_json::Value>),
+    /// Complete with this result's JSON text (`None`: it could not be
+    /// stored).
+    Complete(Option<Box<serde_json::value::RawValue>>),
     /// Fail the attempt (a claim whose outcome is unknown).
     Fail,
 }
@@ -67,7 +68,7 @@ impl IdempotencyChecker {
     pub(super) fn complete_later(
         &self,
         lease: Lease,
-        result: Option<serde_json::Value>,
+        result: Option<Box<serde_json::value::RawValue>>,
         durations: Durations,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -99,7 +100,7 @@ impl IdempotencyChecker {
             let mut pause = Duration::from_millis(100);
             while Instant::now() < give_up {
                 let finish = match &write {
-                    LateWrite::Complete(result) => Finish::Completed(result.as_ref()),
+                    LateWrite::Complete(result) => Finish::Completed(result.as_deref()),
                     LateWrite::Fail => {
                         Finish::Failed("claim outcome unknown: the store did not answer")
                     }

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 use super::Processed;
 use crate::config::DuplicatePolicy;
@@ -13,20 +14,43 @@ use crate::record::IdempotencyRecord;
 /// them back (its limit is 128), so they could never be replayed.
 const MAX_RESULT_DEPTH: usize = 100;
 
-fn json_depth(value: &serde_json::Value) -> usize {
-    match value {
-        serde_json::Value::Array(items) => 1 + items.iter().map(json_depth).max().unwrap_or(0),
-        serde_json::Value::Object(map) => 1 + map.values().map(json_depth).max().unwrap_or(0),
-        _ => 0,
+/// How deeply arrays and objects nest in the JSON text `json`: brackets
+/// and braces counted outside strings. The text is serde_json's own
+/// output, so it is well formed.
+fn json_depth(json: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &byte in json.as_bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
+    deepest
 }
 
-/// A handler's result as the JSON to store, if it can be stored and replayed.
+/// A handler's result as the JSON text to store, if it can be stored and
+/// replayed. Serialized once, straight from `value`: the store writes this
+/// text as it is.
 pub(super) fn storable<T: Serialize + ?Sized>(
     value: &T,
-) -> std::result::Result<serde_json::Value, serde_json::Error> {
-    let json = serde_json::to_value(value)?;
-    if json_depth(&json) > MAX_RESULT_DEPTH {
+) -> std::result::Result<Box<RawValue>, serde_json::Error> {
+    let json = serde_json::value::to_raw_value(value)?;
+    if json_depth(json.get()) > MAX_RESULT_DEPTH {
         return Err(serde::ser::Error::custom(format!(
             "the result nests deeper than {MAX_RESULT_DEPTH} levels and could not be replayed"
         )));
@@ -66,5 +90,60 @@ pub(super) fn replay<T: DeserializeOwned>(
             Some(value) => Ok(Processed::Replayed(serde_json::from_value(value)?)),
             None => Err(not_stored(&key)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(depth: usize) -> serde_json::Value {
+        (0..depth).fold(serde_json::json!("x"), |inner, i| {
+            if i % 2 == 0 {
+                serde_json::json!([inner])
+            } else {
+                serde_json::json!({ "k": inner })
+            }
+        })
+    }
+
+    #[test]
+    fn depth_counts_brackets_and_braces_outside_strings() {
+        assert_eq!(json_depth("1"), 0);
+        assert_eq!(json_depth(r#""[[{{""#), 0);
+        assert_eq!(json_depth(r#""\"[\\""#), 0);
+        assert_eq!(json_depth("[]"), 1);
+        assert_eq!(json_depth(r#"{"a":[1,{"b":"]]}}"}],"c":[[]]}"#), 3);
+        assert_eq!(json_depth(r#"[{"\"":"\\"},[[["}"]]]]"#), 4);
+    }
+
+    #[test]
+    fn depth_agrees_with_the_value_it_was_written_from() {
+        for depth in 0..=130 {
+            let json = serde_json::value::to_raw_value(&nested(depth)).expect("serializes");
+            assert_eq!(json_depth(json.get()), depth, "{}", json.get());
+        }
+    }
+
+    #[test]
+    fn results_nested_past_the_limit_are_refused() {
+        assert!(storable(&nested(MAX_RESULT_DEPTH)).is_ok());
+        let refused = storable(&nested(MAX_RESULT_DEPTH + 1)).expect_err("too deep");
+        assert!(refused.to_string().contains("nests deeper"), "{refused}");
+    }
+
+    #[test]
+    fn the_stored_text_is_the_results_own_serialization() {
+        #[derive(Serialize)]
+        struct Receipt<'a> {
+            order: u64,
+            note: &'a str,
+        }
+        let json = storable(&Receipt {
+            order: 7,
+            note: "a \"quoted\" {note}",
+        })
+        .expect("storable");
+        assert_eq!(json.get(), r#"{"order":7,"note":"a \"quoted\" {note}"}"#);
     }
 }

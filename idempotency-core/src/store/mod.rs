@@ -134,16 +134,22 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
 
     /// Marks the key `COMPLETED` with `result`; the record then lives `ttl`.
     ///
+    /// `result` is the handler's result as JSON text, serialized once by
+    /// the checker: store it as it is (a byte string, a `jsonb` column, a
+    /// `result` field spliced into a document) and read it back as the
+    /// [`IdempotencyRecord::result`] value. It nests at most 100 levels
+    /// deep when the checker made it.
+    ///
     /// `None` records the key as done with no result: the handler ran but its
     /// result could not be stored. Reads then return the record with
     /// `result: None`, which the checker answers to duplicates with
     /// [`ResultNotStored`](crate::IdempotencyError::ResultNotStored), and
-    /// never as a replayed value. A JSON `null` result is `Some(&Value::Null)`
-    /// and reads back as `Some(Value::Null)`.
+    /// never as a replayed value. A JSON `null` result is `Some` of the text
+    /// `null` and reads back as `Some(Value::Null)`.
     async fn complete(
         &self,
         lease: &Lease,
-        result: Option<&serde_json::Value>,
+        result: Option<&serde_json::value::RawValue>,
         ttl: Duration,
     ) -> Result<()>;
 

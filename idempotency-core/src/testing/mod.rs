@@ -206,6 +206,12 @@ pub fn claim_request<'a>(key: &'a str, token: &'a str) -> ClaimRequest<'a> {
     request
 }
 
+/// The JSON text of `value`: what [`IdempotencyStore::complete`] takes,
+/// for a store's own tests too.
+pub fn json_text(value: &serde_json::Value) -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(value).expect("a JSON value serializes")
+}
+
 async fn acquire(store: &dyn IdempotencyStore, req: &ClaimRequest<'_>) -> Lease {
     match store.claim(req).await.expect("claim") {
         ClaimOutcome::Acquired(lease) => lease,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{LONG, acquire, claim_request};
+use super::{LONG, acquire, claim_request, json_text};
 use crate::{ClaimOutcome, IdempotencyError, IdempotencyStore, Lease, RecordStatus};
 
 /// A claim of an absent key acquires it as attempt 1 and writes a `PROCESSING`
@@ -49,7 +49,7 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
     let result = json!({"id": 9_007_199_254_740_993_u64, "neg": -12, "f": 0.1,
                         "nested": {"list": [1, "two", null, true]}, "text": "é\"\\\n"});
     store
-        .complete(&lease, Some(&result), LONG)
+        .complete(&lease, Some(&*json_text(&result)), LONG)
         .await
         .expect("complete");
     match store
@@ -85,7 +85,7 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
 pub async fn a_null_result_is_stored_as_null(store: &dyn IdempotencyStore) {
     let lease = acquire(store, &claim_request("c:null", "t1")).await;
     store
-        .complete(&lease, Some(&serde_json::Value::Null), LONG)
+        .complete(&lease, Some(&*json_text(&serde_json::Value::Null)), LONG)
         .await
         .expect("complete");
     let record = store.get("c:null").await.expect("get").expect("record");
@@ -126,7 +126,7 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
     );
     assert_eq!(record.error, None);
     store
-        .complete(&second, Some(&json!("ok")), LONG)
+        .complete(&second, Some(&*json_text(&json!("ok"))), LONG)
         .await
         .expect("complete");
     let record = store.get("c:failed").await.expect("get").expect("record");
@@ -151,7 +151,9 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
     assert!(!old.taken_over, "a first claim takes nothing over");
 
     for stale in [
-        store.complete(&old, Some(&json!("stale")), LONG).await,
+        store
+            .complete(&old, Some(&*json_text(&json!("stale"))), LONG)
+            .await,
         store.fail(&old, "stale", LONG).await,
         store.renew(&old, LONG).await.map(|_| ()),
     ] {
@@ -161,7 +163,7 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
         );
     }
     store
-        .complete(&new, Some(&json!("fresh")), LONG)
+        .complete(&new, Some(&*json_text(&json!("fresh"))), LONG)
         .await
         .expect("complete");
     let record = store.get("c:takeover").await.expect("get").expect("record");
@@ -192,7 +194,7 @@ pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
         ));
     }
     store
-        .complete(&lease, Some(&json!(1)), LONG)
+        .complete(&lease, Some(&*json_text(&json!(1))), LONG)
         .await
         .expect("complete after renewals");
 }
@@ -214,11 +216,13 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
     // whose reply was lost is recognised inside the store.)
     let lease = acquire(store, &claim_request("c:twice", "t1")).await;
     store
-        .complete(&lease, Some(&json!(1)), LONG)
+        .complete(&lease, Some(&*json_text(&json!(1))), LONG)
         .await
         .expect("complete");
     for again in [
-        store.complete(&lease, Some(&json!(2)), LONG).await,
+        store
+            .complete(&lease, Some(&*json_text(&json!(2))), LONG)
+            .await,
         store.fail(&lease, "late", LONG).await,
     ] {
         assert!(
@@ -239,7 +243,9 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
         .await
         .expect("repeated fail succeeds");
     assert!(matches!(
-        store.complete(&lease, Some(&json!(1)), LONG).await,
+        store
+            .complete(&lease, Some(&*json_text(&json!(1))), LONG)
+            .await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
     let record = store
@@ -263,7 +269,9 @@ pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
         expires_at: chrono::Utc::now(),
     };
     assert!(matches!(
-        store.complete(&forged, Some(&json!(1)), LONG).await,
+        store
+            .complete(&forged, Some(&*json_text(&json!(1))), LONG)
+            .await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
     assert!(store.get("c:forged").await.expect("get").is_none());
@@ -292,7 +300,7 @@ pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
     same.fingerprint = Some("aaa");
     let lease = acquire(store, &same).await;
     store
-        .complete(&lease, Some(&json!(1)), LONG)
+        .complete(&lease, Some(&*json_text(&json!(1))), LONG)
         .await
         .expect("complete");
     let record = store.get("c:fp").await.expect("get").expect("record");
@@ -314,7 +322,11 @@ pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
     req.lease = Duration::from_millis(100);
     let lease = acquire(store, &req).await;
     store
-        .complete(&lease, Some(&json!(1)), Duration::from_millis(200))
+        .complete(
+            &lease,
+            Some(&*json_text(&json!(1))),
+            Duration::from_millis(200),
+        )
         .await
         .expect("complete");
     assert!(store.get("c:ttl").await.expect("get").is_some());
@@ -348,7 +360,7 @@ pub async fn get_and_delete(store: &dyn IdempotencyStore) {
     assert!(!store.delete("c:gd").await.expect("delete"));
     let lease = acquire(store, &claim_request("c:gd", "t1")).await;
     store
-        .complete(&lease, Some(&json!(1)), LONG)
+        .complete(&lease, Some(&*json_text(&json!(1))), LONG)
         .await
         .expect("complete");
     assert!(store.delete("c:gd").await.expect("delete"));
@@ -420,7 +432,7 @@ pub async fn keys_are_opaque_text(store: &dyn IdempotencyStore) {
     for (i, key) in keys.iter().enumerate() {
         let lease = acquire(store, &claim_request(key, &format!("t{i}"))).await;
         store
-            .complete(&lease, Some(&json!(key)), LONG)
+            .complete(&lease, Some(&*json_text(&json!(key))), LONG)
             .await
             .expect("complete");
     }

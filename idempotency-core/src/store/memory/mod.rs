@@ -305,9 +305,13 @@ impl IdempotencyStore for MemoryStore {
     async fn complete(
         &self,
         lease: &Lease,
-        result: Option<&serde_json::Value>,
+        result: Option<&serde_json::value::RawValue>,
         ttl: Duration,
     ) -> Result<()> {
+        // Parsed once here, so that every read hands out a copy of the value.
+        let result = result
+            .map(|json| serde_json::from_str::<serde_json::Value>(json.get()))
+            .transpose()?;
         let now = self.now();
         let hash = self.hasher.hash_one(&lease.key);
         self.shard(hash, now)
@@ -315,7 +319,7 @@ impl IdempotencyStore for MemoryStore {
                 slot.trim_to_completed();
                 slot.state = State::Completed {
                     completed_at: now,
-                    result: result.cloned(),
+                    result,
                 };
                 slot.expires_at = after(now, ttl);
             })

@@ -144,21 +144,18 @@ impl IdempotencyStore for RedisStore {
     async fn complete(
         &self,
         lease: &Lease,
-        result: Option<&serde_json::Value>,
+        result: Option<&serde_json::value::RawValue>,
         ttl: Duration,
     ) -> Result<()> {
         // An empty payload completes the record without a `result` field.
-        let result = match result {
-            Some(result) => serde_json::to_string(result)?,
-            None => String::new(),
-        };
+        let result = result.map_or("", serde_json::value::RawValue::get);
         // One clock for `completed_at` on every path: this host's (`SET ...
         // IFEQ` cannot read the store's).
         let completed_at = Utc::now().timestamp_millis();
         let mut retried = false;
         if let Some(held) = ifeq::held(lease) {
             match self
-                .complete_if_equal(lease, &held, completed_at, ttl, &result)
+                .complete_if_equal(lease, &held, completed_at, ttl, result)
                 .await?
             {
                 IfeqReply::Applied => return Ok(()),
@@ -167,7 +164,7 @@ impl IdempotencyStore for RedisStore {
                 IfeqReply::Mismatch { retried: r } => retried = r,
             }
         }
-        Box::pin(self.finish(lease, ttl, Some(completed_at), &result, retried)).await
+        Box::pin(self.finish(lease, ttl, Some(completed_at), result, retried)).await
     }
 
     async fn fail(&self, lease: &Lease, error: &str, ttl: Duration) -> Result<()> {
