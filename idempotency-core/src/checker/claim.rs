@@ -49,9 +49,15 @@ impl IdempotencyChecker {
     ) -> Result<(Claimed, Durations, String)> {
         let config = &self.inner.config;
         let key = stored_key(request.key, config)?;
+        // The configuration's durations were checked when it was built; a
+        // request's own are checked here.
         let durations = Durations {
-            ttl: check_duration("ttl", request.ttl.unwrap_or(config.ttl))?,
-            lease: check_duration("lease", request.lease.unwrap_or(config.lease))?,
+            ttl: request
+                .ttl
+                .map_or(Ok(config.ttl), |d| check_duration("ttl", d))?,
+            lease: request
+                .lease
+                .map_or(Ok(config.lease), |d| check_duration("lease", d))?,
         };
         if let Some(record) = self.inner.cache.as_ref().and_then(|c| c.get(&key.storage)) {
             if let (Some(theirs), Some(ours)) = (&record.fingerprint, &request.fingerprint)

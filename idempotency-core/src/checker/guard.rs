@@ -176,8 +176,9 @@ impl IdempotencyGuard {
     /// [`IdempotencyError::LeaseLost`] if this caller does not hold the key
     /// (anymore).
     pub async fn complete<T: Serialize + ?Sized>(mut self, result: &T) -> Result<()> {
-        let value = storable(result)?;
-        self.finish(Finish::Completed(Some(&value))).await
+        let mut text = String::new();
+        let json = storable(result, &mut text)?;
+        self.finish(Finish::Completed(Some(json))).await
     }
 
     /// Records the attempt as `FAILED` with `error`, so the next delivery retries.

@@ -164,10 +164,10 @@ impl IdempotencyChecker {
         };
         handler_latency(started);
         match outcome {
-            Ok(Ok(value)) => match storable(&value) {
-                Ok(json) => match guard.finish_returning(Finish::Completed(Some(&json))).await {
+            Ok(Ok(value)) => match storable(&value, &mut String::new()) {
+                Ok(json) => match guard.finish_returning(Finish::Completed(Some(json))).await {
                     (Ok(()), _) => {
-                        self.remember(&key, &request, attempt, &json, durations.ttl);
+                        self.remember(&key, &request, attempt, json, durations.ttl);
                         Ok(Processed::Executed(value))
                     }
                     // The side effects happened: report them, and keep
@@ -178,7 +178,7 @@ impl IdempotencyChecker {
                             error = %e.redacted(),
                             "the handler ran but the store did not take its completion; retrying it in the background"
                         );
-                        self.complete_later(held, Some(json), durations);
+                        self.complete_later(held, Some(json.to_owned()), durations);
                         Ok(Processed::Executed(value))
                     }
                     (Err(e), _) => Err(E::from(e)),

@@ -16,46 +16,64 @@ const MAX_RESULT_DEPTH: usize = 100;
 
 /// How deeply arrays and objects nest in the JSON text `json`: brackets
 /// and braces counted outside strings. The text is serde_json's own
-/// output, so it is well formed.
+/// output, so it is well formed; on text that is not, the answer is
+/// meaningless but the scan still ends without a panic.
 fn json_depth(json: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for &byte in json.as_bytes() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+    let bytes = json.as_bytes();
+    let (mut depth, mut deepest, mut at) = (0usize, 0usize, 0usize);
+    let structural = |b: &u8| matches!(b, b'"' | b'[' | b'{' | b']' | b'}');
+    while let Some(offset) = bytes
+        .get(at..)
+        .and_then(|rest| rest.iter().position(structural))
+    {
+        at += offset;
+        match bytes[at] {
+            b'"' => {
+                // Skip the string, escapes included, to its closing quote.
+                at += 1;
+                loop {
+                    let quote_or_escape = |b: &u8| matches!(b, b'"' | b'\\');
+                    match bytes
+                        .get(at..)
+                        .and_then(|rest| rest.iter().position(quote_or_escape))
+                    {
+                        Some(offset) if bytes[at + offset] == b'\\' => at += offset + 2,
+                        Some(offset) => {
+                            at += offset;
+                            break;
+                        }
+                        None => return deepest,
+                    }
+                }
             }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 deepest = deepest.max(depth);
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+            _ => depth = depth.saturating_sub(1),
         }
+        at += 1;
     }
     deepest
 }
 
 /// A handler's result as the JSON text to store, if it can be stored and
-/// replayed. Serialized once, straight from `value`: the store writes this
-/// text as it is.
-pub(super) fn storable<T: Serialize + ?Sized>(
+/// replayed: serialized once, into `text`, which the store then writes as
+/// it is. The text is borrowed, not boxed, so it costs one allocation.
+pub(super) fn storable<'a, T: Serialize + ?Sized>(
     value: &T,
-) -> std::result::Result<Box<RawValue>, serde_json::Error> {
-    let json = serde_json::value::to_raw_value(value)?;
-    if json_depth(json.get()) > MAX_RESULT_DEPTH {
+    text: &'a mut String,
+) -> std::result::Result<&'a RawValue, serde_json::Error> {
+    *text = serde_json::to_string(value)?;
+    // Nesting n levels takes 2n bytes of brackets: shorter text is never
+    // too deep, and most results are shorter.
+    let could_be_too_deep = text.len() >= 2 * (MAX_RESULT_DEPTH + 1);
+    if could_be_too_deep && json_depth(text) > MAX_RESULT_DEPTH {
         return Err(serde::ser::Error::custom(format!(
             "the result nests deeper than {MAX_RESULT_DEPTH} levels and could not be replayed"
         )));
     }
-    Ok(json)
+    serde_json::from_str(text)
 }
 
 /// The first attempt's result, or [`IdempotencyError::ResultNotStored`]
@@ -125,10 +143,27 @@ mod tests {
         }
     }
 
+    fn bare(depth: usize) -> serde_json::Value {
+        (0..depth).fold(serde_json::json!([]), |inner, _| serde_json::json!([inner]))
+    }
+
+    #[test]
+    fn depth_scan_ends_on_text_that_is_not_json() {
+        for text in ["\"", "\"\\", "[\"\\\"", "[[", "]]}", "\\", ""] {
+            assert!(json_depth(text) <= 2, "{text:?}");
+        }
+    }
+
     #[test]
     fn results_nested_past_the_limit_are_refused() {
-        assert!(storable(&nested(MAX_RESULT_DEPTH)).is_ok());
-        let refused = storable(&nested(MAX_RESULT_DEPTH + 1)).expect_err("too deep");
+        // The shortest text that nests one level too deep is still refused.
+        let shortest = serde_json::value::to_raw_value(&bare(MAX_RESULT_DEPTH)).expect("JSON");
+        assert_eq!(shortest.get().len(), 2 * (MAX_RESULT_DEPTH + 1));
+        let mut text = String::new();
+        assert!(storable(&bare(MAX_RESULT_DEPTH), &mut text).is_err());
+        assert!(storable(&bare(MAX_RESULT_DEPTH - 1), &mut text).is_ok());
+        assert!(storable(&nested(MAX_RESULT_DEPTH), &mut text).is_ok());
+        let refused = storable(&nested(MAX_RESULT_DEPTH + 1), &mut text).expect_err("too deep");
         assert!(refused.to_string().contains("nests deeper"), "{refused}");
     }
 
@@ -139,10 +174,14 @@ mod tests {
             order: u64,
             note: &'a str,
         }
-        let json = storable(&Receipt {
-            order: 7,
-            note: "a \"quoted\" {note}",
-        })
+        let mut text = String::new();
+        let json = storable(
+            &Receipt {
+                order: 7,
+                note: "a \"quoted\" {note}",
+            },
+            &mut text,
+        )
         .expect("storable");
         assert_eq!(json.get(), r#"{"order":7,"note":"a \"quoted\" {note}"}"#);
     }

@@ -13,7 +13,7 @@ use redis::Value;
 use super::ifeq::{self, IfeqReply};
 use super::retry::unexpected;
 use super::scripts::{eval, evalsha};
-use super::wire::{Reply, fast_claim, members, millis, ms_to_time, read_completed, text};
+use super::wire::{Reply, fast_claim, members, millis, ms_to_time, now_ms, read_completed, text};
 use super::{RedisStore, STORE};
 use crate::error::{IdempotencyError, Result, StoreRefusal};
 use crate::record::{
@@ -151,7 +151,7 @@ impl IdempotencyStore for RedisStore {
         let result = result.map_or("", serde_json::value::RawValue::get);
         // One clock for `completed_at` on every path: this host's (`SET ...
         // IFEQ` cannot read the store's).
-        let completed_at = Utc::now().timestamp_millis();
+        let completed_at = now_ms();
         let mut retried = false;
         if let Some(held) = ifeq::held(lease) {
             match self
