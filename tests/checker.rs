@@ -696,16 +696,18 @@ async fn unstorable_result_never_runs_twice_nor_replays_a_made_up_value(kind: Ki
     let env = env(kind, config().build().expect("config")).await;
     let runs = AtomicUsize::new(0);
     let deep = || (0..150).fold(json!(1), |inner, _| json!([inner]));
-    for key in ["unserializable", "too-deep"] {
+    // An integer beyond 64 bits would read back as a rounded float.
+    for key in ["unserializable", "too-deep", "too-wide", "too-negative"] {
         for delivery in 0..3 {
             let outcome = env
                 .checker
                 .process(&event(key), |_| async {
                     runs.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, IdempotencyError>(Some(if key == "too-deep" {
-                        Unstorable::Deep(deep())
-                    } else {
-                        Unstorable::Map(std::collections::HashMap::from([((1u8, 2u8), 3u8)]))
+                    Ok::<_, IdempotencyError>(Some(match key {
+                        "too-deep" => Unstorable::Deep(deep()),
+                        "too-wide" => Unstorable::Wide(u128::from(u64::MAX) + 1),
+                        "too-negative" => Unstorable::Negative(i128::from(i64::MIN) - 1),
+                        _ => Unstorable::Map(std::collections::HashMap::from([((1u8, 2u8), 3u8)])),
                     }))
                 })
                 .await;
@@ -736,13 +738,15 @@ async fn unstorable_result_never_runs_twice_nor_replays_a_made_up_value(kind: Ki
             Err(IdempotencyError::ResultNotStored { .. })
         ));
     }
-    assert_eq!(runs.load(Ordering::SeqCst), 2, "each side effect ran once");
+    assert_eq!(runs.load(Ordering::SeqCst), 4, "each side effect ran once");
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 enum Unstorable {
     Map(std::collections::HashMap<(u8, u8), u8>),
     Deep(serde_json::Value),
+    Wide(u128),
+    Negative(i128),
 }
 
 /// Claims `key` with the store applying the claim and the reply lost: the

@@ -176,7 +176,7 @@ impl IdempotencyGuard {
     /// [`IdempotencyError::LeaseLost`] if this caller does not hold the key
     /// (anymore).
     pub async fn complete<T: Serialize + ?Sized>(mut self, result: &T) -> Result<()> {
-        let mut text = String::new();
+        let mut text = Vec::new();
         let json = storable(result, &mut text)?;
         self.finish(Finish::Completed(Some(json))).await
     }

@@ -164,7 +164,7 @@ impl IdempotencyChecker {
         };
         handler_latency(started);
         match outcome {
-            Ok(Ok(value)) => match storable(&value, &mut String::new()) {
+            Ok(Ok(value)) => match storable(&value, &mut Vec::new()) {
                 Ok(json) => match guard.finish_returning(Finish::Completed(Some(json))).await {
                     (Ok(()), _) => {
                         self.remember(&key, &request, attempt, json, durations.ttl);

@@ -85,7 +85,7 @@ impl IdempotencyChecker {
     /// Records `result` for a lease from [`claim`](Self::claim).
     /// Fails with [`IdempotencyError::LeaseLost`](crate::IdempotencyError::LeaseLost) if the lease was taken over.
     pub async fn complete<T: Serialize + ?Sized>(&self, lease: &Lease, result: &T) -> Result<()> {
-        let mut text = String::new();
+        let mut text = Vec::new();
         let json = storable(result, &mut text)?;
         let completed = Finish::Completed(Some(json));
         self.finish(lease, completed, self.inner.config.ttl).await

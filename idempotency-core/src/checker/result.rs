@@ -18,8 +18,7 @@ const MAX_RESULT_DEPTH: usize = 100;
 /// and braces counted outside strings. The text is serde_json's own
 /// output, so it is well formed; on text that is not, the answer is
 /// meaningless but the scan still ends without a panic.
-fn json_depth(json: &str) -> usize {
-    let bytes = json.as_bytes();
+fn json_depth(bytes: &[u8]) -> usize {
     let (mut depth, mut deepest, mut at) = (0usize, 0usize, 0usize);
     let structural = |b: &u8| matches!(b, b'"' | b'[' | b'{' | b']' | b'}');
     while let Some(offset) = bytes
@@ -57,14 +56,50 @@ fn json_depth(json: &str) -> usize {
     deepest
 }
 
+/// serde_json's compact output, refusing integers wider than 64 bits: a
+/// record's result is read back as a [`serde_json::Value`], which would
+/// round them to floats, and a duplicate would get a value that was not
+/// the first result.
+struct Replayable;
+
+impl serde_json::ser::Formatter for Replayable {
+    fn write_i128<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: i128,
+    ) -> std::io::Result<()> {
+        let value = i64::try_from(value).map_err(|_| too_wide())?;
+        self.write_i64(writer, value)
+    }
+
+    fn write_u128<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: u128,
+    ) -> std::io::Result<()> {
+        let value = u64::try_from(value).map_err(|_| too_wide())?;
+        self.write_u64(writer, value)
+    }
+}
+
+fn too_wide() -> std::io::Error {
+    std::io::Error::other(
+        "the result holds an integer wider than 64 bits, which would not replay exactly",
+    )
+}
+
 /// A handler's result as the JSON text to store, if it can be stored and
 /// replayed: serialized once, into `text`, which the store then writes as
 /// it is. The text is borrowed, not boxed, so it costs one allocation.
 pub(super) fn storable<'a, T: Serialize + ?Sized>(
     value: &T,
-    text: &'a mut String,
+    text: &'a mut Vec<u8>,
 ) -> std::result::Result<&'a RawValue, serde_json::Error> {
-    *text = serde_json::to_string(value)?;
+    text.clear();
+    text.reserve(128);
+    value.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut *text, Replayable,
+    ))?;
     // Nesting n levels takes 2n bytes of brackets: shorter text is never
     // too deep, and most results are shorter.
     let could_be_too_deep = text.len() >= 2 * (MAX_RESULT_DEPTH + 1);
@@ -73,7 +108,7 @@ pub(super) fn storable<'a, T: Serialize + ?Sized>(
             "the result nests deeper than {MAX_RESULT_DEPTH} levels and could not be replayed"
         )));
     }
-    serde_json::from_str(text)
+    serde_json::from_slice(text)
 }
 
 /// The first attempt's result, or [`IdempotencyError::ResultNotStored`]
@@ -127,19 +162,19 @@ mod tests {
 
     #[test]
     fn depth_counts_brackets_and_braces_outside_strings() {
-        assert_eq!(json_depth("1"), 0);
-        assert_eq!(json_depth(r#""[[{{""#), 0);
-        assert_eq!(json_depth(r#""\"[\\""#), 0);
-        assert_eq!(json_depth("[]"), 1);
-        assert_eq!(json_depth(r#"{"a":[1,{"b":"]]}}"}],"c":[[]]}"#), 3);
-        assert_eq!(json_depth(r#"[{"\"":"\\"},[[["}"]]]]"#), 4);
+        assert_eq!(json_depth(b"1"), 0);
+        assert_eq!(json_depth(br#""[[{{""#), 0);
+        assert_eq!(json_depth(br#""\"[\\""#), 0);
+        assert_eq!(json_depth(b"[]"), 1);
+        assert_eq!(json_depth(br#"{"a":[1,{"b":"]]}}"}],"c":[[]]}"#), 3);
+        assert_eq!(json_depth(br#"[{"\"":"\\"},[[["}"]]]]"#), 4);
     }
 
     #[test]
     fn depth_agrees_with_the_value_it_was_written_from() {
         for depth in 0..=130 {
             let json = serde_json::value::to_raw_value(&nested(depth)).expect("serializes");
-            assert_eq!(json_depth(json.get()), depth, "{}", json.get());
+            assert_eq!(json_depth(json.get().as_bytes()), depth, "{}", json.get());
         }
     }
 
@@ -150,7 +185,7 @@ mod tests {
     #[test]
     fn depth_scan_ends_on_text_that_is_not_json() {
         for text in ["\"", "\"\\", "[\"\\\"", "[[", "]]}", "\\", ""] {
-            assert!(json_depth(text) <= 2, "{text:?}");
+            assert!(json_depth(text.as_bytes()) <= 2, "{text:?}");
         }
     }
 
@@ -159,12 +194,35 @@ mod tests {
         // The shortest text that nests one level too deep is still refused.
         let shortest = serde_json::value::to_raw_value(&bare(MAX_RESULT_DEPTH)).expect("JSON");
         assert_eq!(shortest.get().len(), 2 * (MAX_RESULT_DEPTH + 1));
-        let mut text = String::new();
+        let mut text = Vec::new();
         assert!(storable(&bare(MAX_RESULT_DEPTH), &mut text).is_err());
         assert!(storable(&bare(MAX_RESULT_DEPTH - 1), &mut text).is_ok());
         assert!(storable(&nested(MAX_RESULT_DEPTH), &mut text).is_ok());
         let refused = storable(&nested(MAX_RESULT_DEPTH + 1), &mut text).expect_err("too deep");
         assert!(refused.to_string().contains("nests deeper"), "{refused}");
+    }
+
+    #[test]
+    fn integers_wider_than_64_bits_are_refused_and_the_rest_written_as_serde_does() {
+        let mut text = Vec::new();
+        for fits in [u128::from(u64::MAX), 0] {
+            let json = storable(&fits, &mut text).expect("fits");
+            assert_eq!(json.get(), serde_json::to_string(&fits).expect("JSON"));
+        }
+        for fits in [i128::from(i64::MIN), i128::from(i64::MAX), -1] {
+            let json = storable(&fits, &mut text).expect("fits");
+            assert_eq!(json.get(), serde_json::to_string(&fits).expect("JSON"));
+        }
+        for wide in [u128::from(u64::MAX) + 1, u128::MAX] {
+            let refused = storable(&[wide], &mut text).expect_err("wider than 64 bits");
+            assert!(
+                refused.to_string().contains("wider than 64 bits"),
+                "{refused}"
+            );
+        }
+        for wide in [i128::from(i64::MIN) - 1, i128::MAX] {
+            assert!(storable(&Some(wide), &mut text).is_err());
+        }
     }
 
     #[test]
@@ -174,7 +232,7 @@ mod tests {
             order: u64,
             note: &'a str,
         }
-        let mut text = String::new();
+        let mut text = Vec::new();
         let json = storable(
             &Receipt {
                 order: 7,
