@@ -96,7 +96,9 @@
 //! (`perf record -p`) to attach to. It compares nothing.
 //! `spin:worker[:<messages>]` runs the `JetStreamWorker` alone over that
 //! many new events (100,000 unless told), `spin:bare[:<messages>]` the bare
-//! pull consumer.
+//! pull consumer. `spin:memory-store[:<seconds>]` and
+//! `spin:memory-checker[:<seconds>]` run the one-thread `MemoryStore` rows
+//! (a fresh store, new keys) for 5 seconds unless told.
 //!
 //! ## Method
 //!

@@ -29,6 +29,17 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
         println!("{which}: {rate:.0} msg/s over {messages} messages");
         return;
     }
+    if let Some(which @ ("memory-store" | "memory-checker")) = name {
+        let path = if which == "memory-store" {
+            crate::memory_store::MemoryPath::Store
+        } else {
+            crate::memory_store::MemoryPath::Checker
+        };
+        let seconds = parts.next().and_then(|s| s.parse().ok()).unwrap_or(5);
+        let rate = crate::memory_store::memory_store_rate(1, path, Duration::from_secs(seconds));
+        println!("{which}, 1 thread: {rate:.0}/s over {seconds} s");
+        return;
+    }
     let job = match name {
         Some("ref-new") => Job::RefNew,
         Some("ref-new-script") => Job::RefNewScript,
@@ -41,7 +52,7 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
         Some("peer-dup") => Job::PeerDup,
         other => {
             eprintln!(
-                "unknown job {other:?}: one of ref-new, ref-new-script, ref-dup, process-new, process-dup, macro-new, macro-dup, peer-new, peer-dup, worker, bare"
+                "unknown job {other:?}: one of ref-new, ref-new-script, ref-dup, process-new, process-dup, macro-new, macro-dup, peer-new, peer-dup, worker, bare, memory-store, memory-checker"
             );
             std::process::exit(2);
         }

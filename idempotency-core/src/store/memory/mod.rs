@@ -1,5 +1,6 @@
 //! [`MemoryStore`]: the in-process store.
 
+use std::borrow::Cow;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
+use serde_json::value::RawValue;
 
 use self::slot::{Field, Slot, State, present};
 use super::{
@@ -308,10 +310,7 @@ impl IdempotencyStore for MemoryStore {
         result: Option<&serde_json::value::RawValue>,
         ttl: Duration,
     ) -> Result<()> {
-        // Parsed once here, so that every read hands out a copy of the value.
-        let result = result
-            .map(|json| serde_json::from_str::<serde_json::Value>(json.get()))
-            .transpose()?;
+        let result = result.map(|json| Cow::Owned(json.to_owned()));
         let now = self.now();
         let hash = self.hasher.hash_one(&lease.key);
         self.shard(hash, now)
@@ -380,7 +379,7 @@ impl SeenSet for MemoryStore {
                     expires_at,
                     State::Completed {
                         completed_at: now,
-                        result: Some(serde_json::Value::Null),
+                        result: Some(Cow::Borrowed(RawValue::NULL)),
                     },
                 );
                 match shard.slots.entry(hash, |s| s.is(key), |s| s.hash) {
@@ -510,6 +509,37 @@ mod tests {
             token: "t",
             lease: ttl,
             ttl,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_result_too_deep_to_read_back_reads_as_none_never_a_made_up_value() {
+        let store = MemoryStore::new();
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        let deep = RawValue::from_string(deep).expect("JSON that serde_json wrote");
+        let shallow = serde_json::value::to_raw_value(&serde_json::json!({"id": 7, "ok": true}))
+            .expect("JSON");
+        for (key, text, expected) in [
+            ("deep", &deep, None),
+            (
+                "shallow",
+                &shallow,
+                Some(serde_json::json!({"id": 7, "ok": true})),
+            ),
+        ] {
+            let long = Duration::from_secs(60);
+            let ClaimOutcome::Acquired(lease) =
+                store.claim(&request(key, long)).await.expect("claim")
+            else {
+                panic!("a fresh key is acquired");
+            };
+            store
+                .complete(&lease, Some(text), long)
+                .await
+                .expect("complete");
+            let record = store.get(key).await.expect("get").expect("record");
+            assert_eq!(record.status, RecordStatus::Completed);
+            assert_eq!(record.result, expected, "{key}");
         }
     }
 

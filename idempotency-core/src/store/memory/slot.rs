@@ -4,7 +4,10 @@
 //! public [`IdempotencyRecord`], and to trim itself to what `COMPLETED`
 //! keeps.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
 
 use crate::record::{IdempotencyRecord, RecordStatus, RecordView};
 
@@ -34,8 +37,10 @@ pub(super) enum State {
     },
     Completed {
         completed_at: DateTime<Utc>,
-        /// `None` when the handler's result could not be stored.
-        result: Option<serde_json::Value>,
+        /// The result's JSON text as the checker wrote it (`None` when it
+        /// could not be stored), parsed on each read: a key completes once
+        /// and is read back only by its duplicates.
+        result: Option<Cow<'static, RawValue>>,
     },
 }
 
@@ -167,7 +172,12 @@ impl Slot {
                 result,
             } => {
                 record.completed_at = Some(*completed_at);
-                record.result.clone_from(result);
+                // Text the store cannot read back (nested deeper than
+                // serde_json reads, which the checker never writes) is no
+                // result: never a made-up value.
+                record.result = result
+                    .as_deref()
+                    .and_then(|json| serde_json::from_str(json.get()).ok());
             }
         }
         record
