@@ -15,9 +15,9 @@ use crate::record::IdempotencyRecord;
 const MAX_RESULT_DEPTH: usize = 100;
 
 /// How deeply arrays and objects nest in the JSON text `json`: brackets
-/// and braces counted outside strings. The text is serde_json's own
-/// output, so it is well formed; on text that is not, the answer is
-/// meaningless but the scan still ends without a panic.
+/// and braces counted outside strings. The text is a [`RawValue`]'s, so it
+/// is well formed; on text that is not, the answer is meaningless but the
+/// scan still ends without a panic.
 fn json_depth(bytes: &[u8]) -> usize {
     let (mut depth, mut deepest, mut at) = (0usize, 0usize, 0usize);
     let structural = |b: &u8| matches!(b, b'"' | b'[' | b'{' | b']' | b'}');
@@ -56,11 +56,29 @@ fn json_depth(bytes: &[u8]) -> usize {
     deepest
 }
 
-/// serde_json's compact output, refusing integers wider than 64 bits: a
-/// record's result is read back as a [`serde_json::Value`], which would
-/// round them to floats, and a duplicate would get a value that was not
-/// the first result.
-struct Replayable;
+/// serde_json's compact output, refusing what a duplicate could not be
+/// replayed from: integers wider than 64 bits (a record's result is read
+/// back as a [`serde_json::Value`], which would round them to floats) and
+/// arrays and objects nested deeper than [`MAX_RESULT_DEPTH`] (counted as
+/// they are written, so the text is never scanned again).
+#[derive(Default)]
+struct Replayable {
+    depth: usize,
+}
+
+impl Replayable {
+    /// Enters an array or object `levels` deep (a raw fragment can hold
+    /// several).
+    fn enter(&mut self, levels: usize) -> std::io::Result<()> {
+        if self.depth + levels > MAX_RESULT_DEPTH {
+            return Err(std::io::Error::other(format!(
+                "the result nests deeper than {MAX_RESULT_DEPTH} levels and could not be replayed"
+            )));
+        }
+        self.depth += levels;
+        Ok(())
+    }
+}
 
 impl serde_json::ser::Formatter for Replayable {
     fn write_i128<W: ?Sized + std::io::Write>(
@@ -80,6 +98,39 @@ impl serde_json::ser::Formatter for Replayable {
         let value = u64::try_from(value).map_err(|_| too_wide())?;
         self.write_u64(writer, value)
     }
+
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.enter(1)?;
+        writer.write_all(b"[")
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.depth = self.depth.saturating_sub(1);
+        writer.write_all(b"]")
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.enter(1)?;
+        writer.write_all(b"{")
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.depth = self.depth.saturating_sub(1);
+        writer.write_all(b"}")
+    }
+
+    /// A [`RawValue`] inside the result, written as it is: its own nesting
+    /// counts from where it sits.
+    fn write_raw_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let levels = json_depth(fragment.as_bytes());
+        self.enter(levels)?;
+        self.depth -= levels;
+        writer.write_all(fragment.as_bytes())
+    }
 }
 
 fn too_wide() -> std::io::Error {
@@ -98,16 +149,9 @@ pub(super) fn storable<'a, T: Serialize + ?Sized>(
     text.clear();
     text.reserve(128);
     value.serialize(&mut serde_json::Serializer::with_formatter(
-        &mut *text, Replayable,
+        &mut *text,
+        Replayable::default(),
     ))?;
-    // Nesting n levels takes 2n bytes of brackets: shorter text is never
-    // too deep, and most results are shorter.
-    let could_be_too_deep = text.len() >= 2 * (MAX_RESULT_DEPTH + 1);
-    if could_be_too_deep && json_depth(text) > MAX_RESULT_DEPTH {
-        return Err(serde::ser::Error::custom(format!(
-            "the result nests deeper than {MAX_RESULT_DEPTH} levels and could not be replayed"
-        )));
-    }
     serde_json::from_slice(text)
 }
 
@@ -200,6 +244,23 @@ mod tests {
         assert!(storable(&nested(MAX_RESULT_DEPTH), &mut text).is_ok());
         let refused = storable(&nested(MAX_RESULT_DEPTH + 1), &mut text).expect_err("too deep");
         assert!(refused.to_string().contains("nests deeper"), "{refused}");
+    }
+
+    #[test]
+    fn raw_values_inside_a_result_count_their_own_nesting() {
+        let raw = |depth| serde_json::value::to_raw_value(&bare(depth)).expect("JSON");
+        let mut text = Vec::new();
+        // `bare(d)` nests d + 1 levels; one more for the array around it.
+        let fits = [raw(MAX_RESULT_DEPTH - 2)];
+        let json = storable(&fits, &mut text).expect("exactly at the limit");
+        assert_eq!(json_depth(json.get().as_bytes()), MAX_RESULT_DEPTH);
+        let refused = storable(&[raw(MAX_RESULT_DEPTH - 1)], &mut text).expect_err("too deep");
+        assert!(refused.to_string().contains("nests deeper"), "{refused}");
+        // After a raw value, the depth is back where it was: both halves
+        // reach the limit, neither passes it.
+        let siblings = ([raw(MAX_RESULT_DEPTH - 3)], bare(MAX_RESULT_DEPTH - 2));
+        let json = storable(&siblings, &mut text).expect("both at the limit");
+        assert_eq!(json_depth(json.get().as_bytes()), MAX_RESULT_DEPTH);
     }
 
     #[test]

@@ -209,7 +209,8 @@ impl RedisStore {
                     .arg(ttl_ms);
                 cmd
             } else {
-                let mut cmd = evalsha(&self.scripts.complete_if_equal, &lease.key);
+                let args_len = 32 + held.doc.len() + doc.len();
+                let mut cmd = evalsha(&self.scripts.complete_if_equal, &lease.key, args_len);
                 cmd.arg(held.doc).arg(&doc).arg(ttl_ms);
                 cmd
             };

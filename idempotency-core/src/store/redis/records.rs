@@ -107,7 +107,7 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn renew(&self, lease: &Lease, lease_duration: Duration) -> Result<Lease> {
-        let mut cmd = evalsha(&self.scripts.renew, &lease.key);
+        let mut cmd = evalsha(&self.scripts.renew, &lease.key, 64 + lease.token().len());
         cmd.arg(lease.token()).arg(millis(lease_duration));
         let value = self.script(&lease.key, &self.scripts.renew, &cmd).await?;
         let reply = Reply::parse(&lease.key, value)?;
@@ -172,7 +172,7 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
-        let cmd = evalsha(&self.scripts.read, key);
+        let cmd = evalsha(&self.scripts.read, key, 0);
         let value = self.script(key, &self.scripts.read, &cmd).await?;
         let reply = Reply::parse(key, value)?;
         match reply.tag.as_str() {
@@ -236,7 +236,7 @@ impl RedisStore {
         request: &ClaimRequest<'_>,
         refused: IdempotencyError,
     ) -> Result<ClaimOutcome> {
-        let cmd = evalsha(&self.scripts.read, request.key);
+        let cmd = evalsha(&self.scripts.read, request.key, 0);
         let value = self.script(request.key, &self.scripts.read, &cmd).await?;
         let reply = Reply::parse(request.key, value)?;
         if reply.tag != "found" {
@@ -265,12 +265,15 @@ impl RedisStore {
 
     /// The claim script: every case, decided atomically in Redis.
     async fn claim_script(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome> {
-        let mut cmd = evalsha(&self.scripts.claim, request.key);
+        let members = members(request)?;
+        let fingerprint = request.fingerprint.unwrap_or("");
+        let args_len = 64 + request.token.len() + fingerprint.len() + members.len();
+        let mut cmd = evalsha(&self.scripts.claim, request.key, args_len);
         cmd.arg(request.token)
             .arg(millis(request.lease))
             .arg(millis(request.ttl))
-            .arg(request.fingerprint.unwrap_or(""))
-            .arg(members(request)?);
+            .arg(fingerprint)
+            .arg(members);
         let value = self.script(request.key, &self.scripts.claim, &cmd).await?;
         let reply = Reply::parse(request.key, value)?;
         match reply.tag.as_str() {
@@ -328,7 +331,8 @@ impl RedisStore {
         };
         let value: Value = self
             .run(&lease.key, |mut conn, retried| {
-                let mut cmd = evalsha(&self.scripts.finish, &lease.key);
+                let args_len = 64 + lease.token().len() + payload.len();
+                let mut cmd = evalsha(&self.scripts.finish, &lease.key, args_len);
                 cmd.arg(lease.token())
                     .arg(millis(ttl))
                     .arg(status)

@@ -68,10 +68,12 @@ impl Scripts {
     }
 }
 
-/// `EVALSHA <script> 1 <key>`, for the caller to add the script's arguments:
-/// built directly, since `ScriptInvocation` copies every argument twice.
-pub(super) fn evalsha(script: &Script, key: &str) -> redis::Cmd {
-    let mut cmd = redis::Cmd::with_capacity(8, 128 + key.len());
+/// `EVALSHA <script> 1 <key>`, for the caller to add the script's arguments,
+/// `args_len` bytes of them at most (so the command is never copied to
+/// grow): built directly, since `ScriptInvocation` copies every argument
+/// twice.
+pub(super) fn evalsha(script: &Script, key: &str, args_len: usize) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(10, 64 + key.len() + args_len);
     cmd.arg("EVALSHA").arg(script.get_hash()).arg(1).arg(key);
     cmd
 }
