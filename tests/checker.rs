@@ -1133,7 +1133,7 @@ async fn local_cache_honours_record_ttl_and_status(kind: Kind) {
     env.store
         .complete(
             &lease,
-            Some(&*serde_json::value::to_raw_value("done elsewhere").expect("JSON")),
+            Some(&idempotency::ResultJson::new(r#""done elsewhere""#).expect("JSON")),
             Duration::from_secs(60),
         )
         .await

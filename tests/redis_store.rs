@@ -698,7 +698,7 @@ async fn a_null_result_stays_null_and_no_result_stays_absent() {
         store
             .complete(
                 &lease,
-                result.as_ref().map(json_text).as_deref(),
+                result.as_ref().map(json_text).as_ref(),
                 Duration::from_secs(60),
             )
             .await
@@ -848,7 +848,7 @@ async fn a_full_redis_still_replays_duplicates_and_refuses_new_keys_as_out_of_me
     }
     // Every write is refused the same way: completing, renewing, marking.
     let completed = store
-        .complete(&live, Some(&*json_text(&json!(1))), Duration::from_secs(60))
+        .complete(&live, Some(&json_text(&json!(1))), Duration::from_secs(60))
         .await;
     assert!(
         matches!(
@@ -1136,7 +1136,7 @@ async fn completions_take_set_ifeq_on_valkey_and_a_script_on_redis_7() {
                               how: &str| {
             let before = command_calls(redis, "evalsha").await;
             store
-                .complete(lease, Some(&*json_text(&result)), ttl)
+                .complete(lease, Some(&json_text(&result)), ttl)
                 .await
                 .unwrap_or_else(|e| panic!("{kind:?}, {how}: complete: {e}"));
             let scripts = command_calls(redis, "evalsha").await - before;
@@ -1301,7 +1301,7 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
         .expect("SET");
     let before = command_calls(&mut redis, "evalsha").await;
     store
-        .complete(&lease, Some(&*json_text(&json!("done"))), ttl)
+        .complete(&lease, Some(&json_text(&json!("done"))), ttl)
         .await
         .expect("the finish script completes the rewritten record");
     assert_eq!(command_calls(&mut redis, "evalsha").await, before + 1);
@@ -1334,12 +1334,12 @@ async fn a_set_ifeq_mismatch_falls_back_to_the_finish_script() {
     };
     assert!(matches!(
         store
-            .complete(&stale, Some(&*json_text(&json!("stale"))), ttl)
+            .complete(&stale, Some(&json_text(&json!("stale"))), ttl)
             .await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
     store
-        .complete(&newer, Some(&*json_text(&json!("new"))), ttl)
+        .complete(&newer, Some(&json_text(&json!("new"))), ttl)
         .await
         .expect("the holder completes");
     let record = store.get(newer.key()).await.expect("get").expect("record");

@@ -72,7 +72,9 @@ pub(crate) async fn memory_loop(
     const TOKEN: &str = "4f9d2c7b1e0a48d6b3c5e7f9a1b3c5d7";
     let ttl = Duration::from_millis(TTL_MS);
     let lease = Duration::from_secs(300);
-    let result = serde_json::value::to_raw_value(RESULT).expect("a string serializes");
+    let result =
+        idempotency::ResultJson::new(serde_json::to_string(RESULT).expect("a string serializes"))
+            .expect("JSON");
     let mut key = String::new();
     let mut event = envelope(0);
     let mut i = 0u64;
@@ -88,7 +90,7 @@ pub(crate) async fn memory_loop(
                 request.event_type = Some("order.placed");
                 match store.claim(&request).await {
                     Ok(ClaimOutcome::Acquired(lease)) => {
-                        ok(store.complete(&lease, Some(black_box(&*result)), ttl).await);
+                        ok(store.complete(&lease, Some(black_box(&result)), ttl).await);
                     }
                     Ok(other) => problem(&ANOMALIES, format_args!("memory claim: {other:?}")),
                     Err(e) => problem(&ERRORS, e),

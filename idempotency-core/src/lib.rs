@@ -98,4 +98,6 @@ pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
-pub use store::{ClaimRequest, DynStore, IdempotencyStore, SeenSet, StoreAdmin, StoreSummary};
+pub use store::{
+    ClaimRequest, DynStore, IdempotencyStore, ResultJson, SeenSet, StoreAdmin, StoreSummary,
+};

@@ -20,7 +20,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use idempotency_core::record::{ClaimDecision, FinishDecision, decide_claim, decide_finish};
 use idempotency_core::{
     ClaimOutcome, ClaimRequest, IdempotencyError, IdempotencyRecord, IdempotencyStore, Lease,
-    RecordStatus, Result, SeenSet, StoreAdmin, StoreSummary,
+    RecordStatus, Result, ResultJson, SeenSet, StoreAdmin, StoreSummary,
 };
 
 type Records = HashMap<String, IdempotencyRecord>;
@@ -201,7 +201,7 @@ impl IdempotencyStore for HashMapStore {
     async fn complete(
         &self,
         lease: &Lease,
-        result: Option<&serde_json::value::RawValue>,
+        result: Option<&ResultJson<'_>>,
         ttl: Duration,
     ) -> Result<()> {
         // The checker hands over the result's JSON text; this store keeps

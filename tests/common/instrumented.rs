@@ -125,7 +125,7 @@ impl idempotency::IdempotencyStore for Instrumented {
     async fn complete(
         &self,
         lease: &idempotency::Lease,
-        result: Option<&serde_json::value::RawValue>,
+        result: Option<&idempotency::ResultJson<'_>>,
         ttl: Duration,
     ) -> idempotency::Result<()> {
         let _in_flight = self.count();

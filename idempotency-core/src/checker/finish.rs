@@ -10,13 +10,14 @@ use super::instrument::StoreCall;
 use crate::error::{IdempotencyError, Result};
 use crate::record::Lease;
 use crate::stats::bump;
+use crate::store::ResultJson;
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Finish<'a> {
     /// Completed with this result's JSON text (`None`: it could not be
     /// stored), which the caller made by [`storable`](super::result::storable).
-    Completed(Option<&'a serde_json::value::RawValue>),
+    Completed(Option<&'a ResultJson<'a>>),
     /// Failed with this error text.
     Failed(&'a str),
 }

@@ -178,7 +178,7 @@ impl IdempotencyGuard {
     pub async fn complete<T: Serialize + ?Sized>(mut self, result: &T) -> Result<()> {
         let mut text = Vec::new();
         let json = storable(result, &mut text)?;
-        self.finish(Finish::Completed(Some(json))).await
+        self.finish(Finish::Completed(Some(&json))).await
     }
 
     /// Records the attempt as `FAILED` with `error`, so the next delivery retries.

@@ -21,6 +21,7 @@ use crate::envelope::EventEnvelope;
 use crate::error::{IdempotencyError, Result};
 use crate::record::{IdempotencyRecord, Lease};
 use crate::stats::{bump, handler_latency};
+use crate::store::ResultJson;
 
 tokio::task_local! {
     static CURRENT_LEASE: Lease;
@@ -165,9 +166,9 @@ impl IdempotencyChecker {
         handler_latency(started);
         match outcome {
             Ok(Ok(value)) => match storable(&value, &mut Vec::new()) {
-                Ok(json) => match guard.finish_returning(Finish::Completed(Some(json))).await {
+                Ok(json) => match guard.finish_returning(Finish::Completed(Some(&json))).await {
                     (Ok(()), _) => {
-                        self.remember(&key, &request, attempt, json, durations.ttl);
+                        self.remember(&key, &request, attempt, &json, durations.ttl);
                         Ok(Processed::Executed(value))
                     }
                     // The side effects happened: report them, and keep
@@ -178,7 +179,7 @@ impl IdempotencyChecker {
                             error = %e.redacted(),
                             "the handler ran but the store did not take its completion; retrying it in the background"
                         );
-                        self.complete_later(held, Some(json.to_owned()), durations);
+                        self.complete_later(held, Some(json.into_owned()), durations);
                         Ok(Processed::Executed(value))
                     }
                     (Err(e), _) => Err(E::from(e)),
@@ -263,7 +264,7 @@ impl IdempotencyChecker {
         key: &str,
         request: &KeyedRequest<'_>,
         attempt: u32,
-        result: &serde_json::value::RawValue,
+        result: &ResultJson<'_>,
         ttl: Duration,
     ) {
         let Some(cache) = &self.inner.cache else {
@@ -275,8 +276,8 @@ impl IdempotencyChecker {
         if request.fingerprint.is_none() && attempt > 1 {
             return;
         }
-        // The text was serialized from the result and checked for depth, so
-        // it reads back; should it not, the next duplicate asks the store.
+        // The text was serialized from the result within the depth limit,
+        // so it reads back; should it not, the next duplicate asks the store.
         let Ok(result) = serde_json::from_str(result.get()) else {
             return;
         };

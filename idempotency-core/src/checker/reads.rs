@@ -87,7 +87,7 @@ impl IdempotencyChecker {
     pub async fn complete<T: Serialize + ?Sized>(&self, lease: &Lease, result: &T) -> Result<()> {
         let mut text = Vec::new();
         let json = storable(result, &mut text)?;
-        let completed = Finish::Completed(Some(json));
+        let completed = Finish::Completed(Some(&json));
         self.finish(lease, completed, self.inner.config.ttl).await
     }
 

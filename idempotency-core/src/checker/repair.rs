@@ -11,12 +11,13 @@ use super::instrument::StoreCall;
 use super::{Durations, IdempotencyChecker};
 use crate::error::{IdempotencyError, StoreRefusal};
 use crate::record::Lease;
+use crate::store::ResultJson;
 
 /// A write for an attempt, retried in the background.
 enum LateWrite {
     /// Complete with this result's JSON text (`None`: it could not be
     /// stored).
-    Complete(Option<Box<serde_json::value::RawValue>>),
+    Complete(Option<ResultJson<'static>>),
     /// Fail the attempt (a claim whose outcome is unknown).
     Fail,
 }
@@ -68,7 +69,7 @@ impl IdempotencyChecker {
     pub(super) fn complete_later(
         &self,
         lease: Lease,
-        result: Option<Box<serde_json::value::RawValue>>,
+        result: Option<ResultJson<'static>>,
         durations: Durations,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -100,7 +101,7 @@ impl IdempotencyChecker {
             let mut pause = Duration::from_millis(100);
             while Instant::now() < give_up {
                 let finish = match &write {
-                    LateWrite::Complete(result) => Finish::Completed(result.as_deref()),
+                    LateWrite::Complete(result) => Finish::Completed(result.as_ref()),
                     LateWrite::Fail => {
                         Finish::Failed("claim outcome unknown: the store did not answer")
                     }

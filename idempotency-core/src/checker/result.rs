@@ -1,60 +1,14 @@
 //! A handler's result as stored (JSON a later read can decode) and as
 //! replayed to duplicates.
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::value::RawValue;
-
 use super::Processed;
 use crate::config::DuplicatePolicy;
 use crate::error::{IdempotencyError, Result};
 use crate::record::IdempotencyRecord;
-
-/// Results nested deeper than this are refused: `serde_json` would not read
-/// them back (its limit is 128), so they could never be replayed.
-const MAX_RESULT_DEPTH: usize = 100;
-
-/// How deeply arrays and objects nest in the JSON text `json`: brackets
-/// and braces counted outside strings. The text is a [`RawValue`]'s, so it
-/// is well formed; on text that is not, the answer is meaningless but the
-/// scan still ends without a panic.
-fn json_depth(bytes: &[u8]) -> usize {
-    let (mut depth, mut deepest, mut at) = (0usize, 0usize, 0usize);
-    let structural = |b: &u8| matches!(b, b'"' | b'[' | b'{' | b']' | b'}');
-    while let Some(offset) = bytes
-        .get(at..)
-        .and_then(|rest| rest.iter().position(structural))
-    {
-        at += offset;
-        match bytes[at] {
-            b'"' => {
-                // Skip the string, escapes included, to its closing quote.
-                at += 1;
-                loop {
-                    let quote_or_escape = |b: &u8| matches!(b, b'"' | b'\\');
-                    match bytes
-                        .get(at..)
-                        .and_then(|rest| rest.iter().position(quote_or_escape))
-                    {
-                        Some(offset) if bytes[at + offset] == b'\\' => at += offset + 2,
-                        Some(offset) => {
-                            at += offset;
-                            break;
-                        }
-                        None => return deepest,
-                    }
-                }
-            }
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            _ => depth = depth.saturating_sub(1),
-        }
-        at += 1;
-    }
-    deepest
-}
+use crate::store::ResultJson;
+use crate::store::json::{MAX_RESULT_DEPTH, json_depth};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// serde_json's compact output, refusing what a duplicate could not be
 /// replayed from: integers wider than 64 bits (a record's result is read
@@ -119,7 +73,7 @@ impl serde_json::ser::Formatter for Replayable {
         writer.write_all(b"}")
     }
 
-    /// A [`RawValue`] inside the result, written as it is: its own nesting
+    /// A [`serde_json::value::RawValue`] inside the result, written as it is: its own nesting
     /// counts from where it sits.
     fn write_raw_fragment<W: ?Sized + std::io::Write>(
         &mut self,
@@ -141,18 +95,21 @@ fn too_wide() -> std::io::Error {
 
 /// A handler's result as the JSON text to store, if it can be stored and
 /// replayed: serialized once, into `text`, which the store then writes as
-/// it is. The text is borrowed, not boxed, so it costs one allocation.
+/// it is, never read again. The text is borrowed, not boxed, so it costs
+/// one allocation.
 pub(super) fn storable<'a, T: Serialize + ?Sized>(
     value: &T,
     text: &'a mut Vec<u8>,
-) -> std::result::Result<&'a RawValue, serde_json::Error> {
+) -> std::result::Result<ResultJson<'a>, serde_json::Error> {
     text.clear();
     text.reserve(128);
     value.serialize(&mut serde_json::Serializer::with_formatter(
         &mut *text,
         Replayable::default(),
     ))?;
-    serde_json::from_slice(text)
+    // serde_json writes UTF-8 only, and JSON by construction.
+    let text = std::str::from_utf8(text).map_err(serde::ser::Error::custom)?;
+    Ok(ResultJson::checked(text))
 }
 
 /// The first attempt's result, or [`IdempotencyError::ResultNotStored`]
@@ -204,33 +161,8 @@ mod tests {
         })
     }
 
-    #[test]
-    fn depth_counts_brackets_and_braces_outside_strings() {
-        assert_eq!(json_depth(b"1"), 0);
-        assert_eq!(json_depth(br#""[[{{""#), 0);
-        assert_eq!(json_depth(br#""\"[\\""#), 0);
-        assert_eq!(json_depth(b"[]"), 1);
-        assert_eq!(json_depth(br#"{"a":[1,{"b":"]]}}"}],"c":[[]]}"#), 3);
-        assert_eq!(json_depth(br#"[{"\"":"\\"},[[["}"]]]]"#), 4);
-    }
-
-    #[test]
-    fn depth_agrees_with_the_value_it_was_written_from() {
-        for depth in 0..=130 {
-            let json = serde_json::value::to_raw_value(&nested(depth)).expect("serializes");
-            assert_eq!(json_depth(json.get().as_bytes()), depth, "{}", json.get());
-        }
-    }
-
     fn bare(depth: usize) -> serde_json::Value {
         (0..depth).fold(serde_json::json!([]), |inner, _| serde_json::json!([inner]))
-    }
-
-    #[test]
-    fn depth_scan_ends_on_text_that_is_not_json() {
-        for text in ["\"", "\"\\", "[\"\\\"", "[[", "]]}", "\\", ""] {
-            assert!(json_depth(text.as_bytes()) <= 2, "{text:?}");
-        }
     }
 
     #[test]

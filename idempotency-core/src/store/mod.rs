@@ -12,6 +12,8 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::record::{ClaimOutcome, IdempotencyRecord, Lease, RecordStatus};
 
+pub use json::ResultJson;
+
 /// `now + d`, saturating instead of overflowing.
 pub(crate) fn after(
     now: chrono::DateTime<chrono::Utc>,
@@ -24,6 +26,7 @@ pub(crate) fn after(
 }
 
 // The stores this crate ships; their types are exported at the crate root.
+pub(crate) mod json;
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
@@ -134,11 +137,10 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
 
     /// Marks the key `COMPLETED` with `result`; the record then lives `ttl`.
     ///
-    /// `result` is the handler's result as JSON text, serialized once by
-    /// the checker: store it as it is (a byte string, a `jsonb` column, a
-    /// `result` field spliced into a document) and read it back as the
-    /// [`IdempotencyRecord::result`] value. It nests at most 100 levels
-    /// deep when the checker made it.
+    /// `result` is the handler's result as JSON text ([`ResultJson`]),
+    /// serialized once by the checker: store it as it is (a byte string, a
+    /// `jsonb` column, a `result` field spliced into a document) and read it
+    /// back as the [`IdempotencyRecord::result`] value.
     ///
     /// `None` records the key as done with no result: the handler ran but its
     /// result could not be stored. Reads then return the record with
@@ -149,7 +151,7 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
     async fn complete(
         &self,
         lease: &Lease,
-        result: Option<&serde_json::value::RawValue>,
+        result: Option<&ResultJson<'_>>,
         ttl: Duration,
     ) -> Result<()>;
 

@@ -42,7 +42,7 @@ pub async fn admin_summarizes_records_by_status(store: &dyn StoreAdmin) {
     acquire(store, &short_lease("a:sum:stuck", "t2", short)).await;
     let done = acquire(store, &claim_request("a:sum:done", "t3")).await;
     store
-        .complete(&done, Some(&*json_text(&json!(1))), LONG)
+        .complete(&done, Some(&json_text(&json!(1))), LONG)
         .await
         .expect("complete");
     let failed = acquire(store, &claim_request("a:sum:failed", "t4")).await;

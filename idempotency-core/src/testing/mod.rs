@@ -207,9 +207,10 @@ pub fn claim_request<'a>(key: &'a str, token: &'a str) -> ClaimRequest<'a> {
 }
 
 /// The JSON text of `value`: what [`IdempotencyStore::complete`] takes,
-/// for a store's own tests too.
-pub fn json_text(value: &serde_json::Value) -> Box<serde_json::value::RawValue> {
-    serde_json::value::to_raw_value(value).expect("a JSON value serializes")
+/// for a store's own tests too. Panics on a value nested deeper than
+/// [`ResultJson`](crate::ResultJson) allows (100 levels).
+pub fn json_text(value: &serde_json::Value) -> crate::ResultJson<'static> {
+    crate::ResultJson::new(value.to_string()).expect("JSON nested at most 100 levels")
 }
 
 async fn acquire(store: &dyn IdempotencyStore, req: &ClaimRequest<'_>) -> Lease {

@@ -49,7 +49,7 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
     let result = json!({"id": 9_007_199_254_740_993_u64, "neg": -12, "f": 0.1,
                         "nested": {"list": [1, "two", null, true]}, "text": "é\"\\\n"});
     store
-        .complete(&lease, Some(&*json_text(&result)), LONG)
+        .complete(&lease, Some(&json_text(&result)), LONG)
         .await
         .expect("complete");
     match store
@@ -85,7 +85,7 @@ pub async fn completed_is_duplicate_with_exact_result(store: &dyn IdempotencySto
 pub async fn a_null_result_is_stored_as_null(store: &dyn IdempotencyStore) {
     let lease = acquire(store, &claim_request("c:null", "t1")).await;
     store
-        .complete(&lease, Some(&*json_text(&serde_json::Value::Null)), LONG)
+        .complete(&lease, Some(&json_text(&serde_json::Value::Null)), LONG)
         .await
         .expect("complete");
     let record = store.get("c:null").await.expect("get").expect("record");
@@ -126,7 +126,7 @@ pub async fn failed_is_reclaimed_with_next_attempt(store: &dyn IdempotencyStore)
     );
     assert_eq!(record.error, None);
     store
-        .complete(&second, Some(&*json_text(&json!("ok"))), LONG)
+        .complete(&second, Some(&json_text(&json!("ok"))), LONG)
         .await
         .expect("complete");
     let record = store.get("c:failed").await.expect("get").expect("record");
@@ -152,7 +152,7 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
 
     for stale in [
         store
-            .complete(&old, Some(&*json_text(&json!("stale"))), LONG)
+            .complete(&old, Some(&json_text(&json!("stale"))), LONG)
             .await,
         store.fail(&old, "stale", LONG).await,
         store.renew(&old, LONG).await.map(|_| ()),
@@ -163,7 +163,7 @@ pub async fn expired_lease_is_taken_over_and_stale_holder_cannot_write(
         );
     }
     store
-        .complete(&new, Some(&*json_text(&json!("fresh"))), LONG)
+        .complete(&new, Some(&json_text(&json!("fresh"))), LONG)
         .await
         .expect("complete");
     let record = store.get("c:takeover").await.expect("get").expect("record");
@@ -194,7 +194,7 @@ pub async fn renew_keeps_the_lease_alive(store: &dyn IdempotencyStore) {
         ));
     }
     store
-        .complete(&lease, Some(&*json_text(&json!(1))), LONG)
+        .complete(&lease, Some(&json_text(&json!(1))), LONG)
         .await
         .expect("complete after renewals");
 }
@@ -216,12 +216,12 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
     // whose reply was lost is recognised inside the store.)
     let lease = acquire(store, &claim_request("c:twice", "t1")).await;
     store
-        .complete(&lease, Some(&*json_text(&json!(1))), LONG)
+        .complete(&lease, Some(&json_text(&json!(1))), LONG)
         .await
         .expect("complete");
     for again in [
         store
-            .complete(&lease, Some(&*json_text(&json!(2))), LONG)
+            .complete(&lease, Some(&json_text(&json!(2))), LONG)
             .await,
         store.fail(&lease, "late", LONG).await,
     ] {
@@ -244,7 +244,7 @@ pub async fn repeated_fail_succeeds_and_completed_takes_no_write(store: &dyn Ide
         .expect("repeated fail succeeds");
     assert!(matches!(
         store
-            .complete(&lease, Some(&*json_text(&json!(1))), LONG)
+            .complete(&lease, Some(&json_text(&json!(1))), LONG)
             .await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
@@ -270,7 +270,7 @@ pub async fn unknown_lease_writes_nothing(store: &dyn IdempotencyStore) {
     };
     assert!(matches!(
         store
-            .complete(&forged, Some(&*json_text(&json!(1))), LONG)
+            .complete(&forged, Some(&json_text(&json!(1))), LONG)
             .await,
         Err(IdempotencyError::LeaseLost { .. })
     ));
@@ -300,7 +300,7 @@ pub async fn fingerprints_guard_key_reuse(store: &dyn IdempotencyStore) {
     same.fingerprint = Some("aaa");
     let lease = acquire(store, &same).await;
     store
-        .complete(&lease, Some(&*json_text(&json!(1))), LONG)
+        .complete(&lease, Some(&json_text(&json!(1))), LONG)
         .await
         .expect("complete");
     let record = store.get("c:fp").await.expect("get").expect("record");
@@ -324,7 +324,7 @@ pub async fn records_expire_after_ttl(store: &dyn IdempotencyStore) {
     store
         .complete(
             &lease,
-            Some(&*json_text(&json!(1))),
+            Some(&json_text(&json!(1))),
             Duration::from_millis(200),
         )
         .await
@@ -360,7 +360,7 @@ pub async fn get_and_delete(store: &dyn IdempotencyStore) {
     assert!(!store.delete("c:gd").await.expect("delete"));
     let lease = acquire(store, &claim_request("c:gd", "t1")).await;
     store
-        .complete(&lease, Some(&*json_text(&json!(1))), LONG)
+        .complete(&lease, Some(&json_text(&json!(1))), LONG)
         .await
         .expect("complete");
     assert!(store.delete("c:gd").await.expect("delete"));
@@ -432,7 +432,7 @@ pub async fn keys_are_opaque_text(store: &dyn IdempotencyStore) {
     for (i, key) in keys.iter().enumerate() {
         let lease = acquire(store, &claim_request(key, &format!("t{i}"))).await;
         store
-            .complete(&lease, Some(&*json_text(&json!(key))), LONG)
+            .complete(&lease, Some(&json_text(&json!(key))), LONG)
             .await
             .expect("complete");
     }

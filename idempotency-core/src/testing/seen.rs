@@ -69,7 +69,7 @@ pub async fn contains_reads_without_marking(store: &dyn SeenSet) {
     let record = store.get("m:held").await.expect("get").expect("record");
     assert_eq!(record.status, RecordStatus::Processing);
     store
-        .complete(&lease, Some(&*json_text(&json!("done"))), LONG)
+        .complete(&lease, Some(&json_text(&json!("done"))), LONG)
         .await
         .expect("the holder still completes");
 }

@@ -4,12 +4,10 @@
 //! public [`IdempotencyRecord`], and to trim itself to what `COMPLETED`
 //! keeps.
 
-use std::borrow::Cow;
-
 use chrono::{DateTime, Utc};
-use serde_json::value::RawValue;
 
 use crate::record::{IdempotencyRecord, RecordStatus, RecordView};
+use crate::store::ResultJson;
 
 /// One record in compact form: every text field in one allocation, and the
 /// fields each status keeps (see [`IdempotencyRecord`]) in its [`State`].
@@ -40,7 +38,7 @@ pub(super) enum State {
         /// The result's JSON text as the checker wrote it (`None` when it
         /// could not be stored), parsed on each read: a key completes once
         /// and is read back only by its duplicates.
-        result: Option<Cow<'static, RawValue>>,
+        result: Option<ResultJson<'static>>,
     },
 }
 
@@ -176,7 +174,7 @@ impl Slot {
                 // serde_json reads, which the checker never writes) is no
                 // result: never a made-up value.
                 record.result = result
-                    .as_deref()
+                    .as_ref()
                     .and_then(|json| serde_json::from_str(json.get()).ok());
             }
         }

@@ -19,7 +19,7 @@ use crate::error::{IdempotencyError, Result, StoreRefusal};
 use crate::record::{
     ClaimDecision, ClaimOutcome, IdempotencyRecord, Lease, RecordStatus, decide_claim,
 };
-use crate::store::{ClaimRequest, IdempotencyStore};
+use crate::store::{ClaimRequest, IdempotencyStore, ResultJson};
 
 #[async_trait]
 impl IdempotencyStore for RedisStore {
@@ -144,11 +144,11 @@ impl IdempotencyStore for RedisStore {
     async fn complete(
         &self,
         lease: &Lease,
-        result: Option<&serde_json::value::RawValue>,
+        result: Option<&ResultJson<'_>>,
         ttl: Duration,
     ) -> Result<()> {
         // An empty payload completes the record without a `result` field.
-        let result = result.map_or("", serde_json::value::RawValue::get);
+        let result = result.map_or("", ResultJson::get);
         // One clock for `completed_at` on every path: this host's (`SET ...
         // IFEQ` cannot read the store's).
         let completed_at = now_ms();
