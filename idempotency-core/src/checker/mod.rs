@@ -171,24 +171,38 @@ fn new_token() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let (high, low) = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair());
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // 32 lower-case hex digits, as `{high:016x}{low:016x}` writes them
-    // (without the formatter's padding machinery: this runs per claim).
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 32];
-    for (out, word) in digits.chunks_exact_mut(16).zip([high, low.wrapping_add(n)]) {
-        for (i, digit) in out.iter_mut().enumerate() {
-            *digit = HEX[((word >> ((15 - i) * 4)) & 0xf) as usize];
-        }
-    }
+    let digits = hex_digits(high, low.wrapping_add(n));
     // Always ASCII, so never the empty default.
     std::str::from_utf8(&digits)
         .map(str::to_owned)
         .unwrap_or_default()
 }
 
+/// `high` then `low` as 32 lower-case hex digits, as `{high:016x}{low:016x}`
+/// writes them (without the formatter's padding machinery: this runs per
+/// claim), two digits a byte.
+fn hex_digits(high: u64, low: u64) -> [u8; 32] {
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut pairs = [[0u8; 2]; 256];
+        let mut byte = 0;
+        while byte < 256 {
+            pairs[byte] = [HEX[byte >> 4], HEX[byte & 0xf]];
+            byte += 1;
+        }
+        pairs
+    };
+    let mut digits = [0u8; 32];
+    let bytes = (u128::from(high) << 64 | u128::from(low)).to_be_bytes();
+    for (out, byte) in digits.chunks_exact_mut(2).zip(bytes) {
+        out.copy_from_slice(&PAIRS[usize::from(byte)]);
+    }
+    digits
+}
+
 #[cfg(test)]
 mod tests {
-    use super::new_token;
+    use super::{hex_digits, new_token};
 
     #[test]
     fn tokens_are_unique_hex_of_fixed_length() {
@@ -199,5 +213,20 @@ mod tests {
                 .iter()
                 .all(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
         );
+    }
+
+    #[test]
+    fn hex_digits_are_what_the_formatter_writes() {
+        for (high, low) in [
+            (0, 0),
+            (u64::MAX, 1),
+            (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210),
+        ] {
+            let digits = hex_digits(high, low);
+            assert_eq!(
+                std::str::from_utf8(&digits).expect("ASCII"),
+                format!("{high:016x}{low:016x}")
+            );
+        }
     }
 }

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
 use redis::Value;
 
 use super::ifeq::{self, IfeqReply};
@@ -44,7 +43,7 @@ impl IdempotencyStore for RedisStore {
             .arg("PX")
             .arg(px)
             .arg("GET");
-        let sent_at = Utc::now();
+        let sent_at = now_ms();
         let existing: Result<Option<Vec<u8>>> = self
             .run(request.key, |mut conn, _| {
                 let cmd = &cmd;
@@ -66,7 +65,10 @@ impl IdempotencyStore for RedisStore {
             key: request.key.into(),
             token: request.token.into(),
             attempt,
-            expires_at: crate::store::after(sent_at, request.lease),
+            // On this host's clock, from when the claim was sent: early.
+            expires_at: ms_to_time(
+                sent_at.saturating_add(i64::try_from(millis(request.lease)).unwrap_or(i64::MAX)),
+            ),
             taken_over: false,
             version: None,
         };
