@@ -12,7 +12,9 @@ use redis::Value;
 use super::ifeq::{self, IfeqReply};
 use super::retry::unexpected;
 use super::scripts::{eval, evalsha};
-use super::wire::{Reply, fast_claim, members, millis, ms_to_time, now_ms, read_completed, text};
+use super::wire::{
+    Reply, fast_claim, lease_end, members, millis, ms_to_time, now_ms, read_completed, text,
+};
 use super::{RedisStore, STORE};
 use crate::error::{IdempotencyError, Result, StoreRefusal};
 use crate::record::{
@@ -65,10 +67,7 @@ impl IdempotencyStore for RedisStore {
             key: request.key.into(),
             token: request.token.into(),
             attempt,
-            // On this host's clock, from when the claim was sent: early.
-            expires_at: ms_to_time(
-                sent_at.saturating_add(i64::try_from(millis(request.lease)).unwrap_or(i64::MAX)),
-            ),
+            expires_at: lease_end(sent_at, request.lease),
             taken_over: false,
             version: None,
         };

@@ -26,6 +26,18 @@ pub(super) fn now_ms() -> i64 {
         })
 }
 
+/// When a lease of `lease` claimed at `sent_ms` (this host's clock, in
+/// milliseconds since the epoch) runs out: whole milliseconds, so never
+/// later than the lease the store holds; the latest time there is when out
+/// of range.
+pub(super) fn lease_end(sent_ms: i64, lease: Duration) -> DateTime<Utc> {
+    i64::try_from(millis(lease))
+        .ok()
+        .and_then(|lease_ms| sent_ms.checked_add(lease_ms))
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// Milliseconds since the epoch as a time (the epoch when out of range).
 pub(super) fn ms_to_time(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::UNIX_EPOCH)
@@ -259,7 +271,9 @@ pub(super) fn parse_record(key: &str, raw: &str) -> Result<IdempotencyRecord> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Reply, fast_claim, fast_claim_capacity, push_json_str, read_completed};
+    use super::{
+        Reply, fast_claim, fast_claim_capacity, lease_end, now_ms, push_json_str, read_completed,
+    };
     use crate::IdempotencyRecord;
     use crate::store::ClaimRequest;
 
@@ -386,5 +400,26 @@ mod tests {
                 format!("x{}", serde_json::to_string(text).expect("serializable"))
             );
         }
+    }
+
+    #[test]
+    fn a_fast_claims_lease_ends_no_later_than_the_stores() {
+        use std::time::Duration;
+        let lease = Duration::from_micros(30_000_999);
+        let before = chrono::Utc::now();
+        let end = lease_end(now_ms(), lease);
+        let after = chrono::Utc::now();
+        // Whole milliseconds of both: never past the sent time plus the
+        // lease the store was given (30,000 ms), and less than 1 ms before.
+        assert!(end <= after + chrono::TimeDelta::milliseconds(30_000));
+        assert!(end > before + chrono::TimeDelta::milliseconds(29_999));
+        assert_eq!(
+            lease_end(i64::MAX - 5, Duration::from_secs(1)),
+            chrono::DateTime::<chrono::Utc>::MAX_UTC
+        );
+        assert_eq!(
+            lease_end(0, Duration::from_secs(u64::MAX)),
+            chrono::DateTime::<chrono::Utc>::MAX_UTC
+        );
     }
 }
