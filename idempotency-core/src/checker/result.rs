@@ -156,17 +156,8 @@ pub(super) fn replay<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::json::nested;
     use serde_json::value::RawValue;
-
-    fn nested(depth: usize) -> serde_json::Value {
-        (0..depth).fold(serde_json::json!("x"), |inner, i| {
-            if i % 2 == 0 {
-                serde_json::json!([inner])
-            } else {
-                serde_json::json!({ "k": inner })
-            }
-        })
-    }
 
     fn bare(depth: usize) -> serde_json::Value {
         (0..depth).fold(serde_json::json!([]), |inner, _| serde_json::json!([inner]))

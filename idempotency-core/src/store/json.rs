@@ -177,19 +177,21 @@ pub(crate) fn json_shape(bytes: &[u8]) -> JsonShape {
     }
 }
 
+/// A value nesting `depth` levels, arrays and objects in turn, for tests.
+#[cfg(test)]
+pub(crate) fn nested(depth: usize) -> serde_json::Value {
+    (0..depth).fold(serde_json::json!("x"), |inner, i| {
+        if i % 2 == 0 {
+            serde_json::json!([inner])
+        } else {
+            serde_json::json!({ "k": inner })
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn nested(depth: usize) -> serde_json::Value {
-        (0..depth).fold(serde_json::json!("x"), |inner, i| {
-            if i % 2 == 0 {
-                serde_json::json!([inner])
-            } else {
-                serde_json::json!({ "k": inner })
-            }
-        })
-    }
 
     #[test]
     fn depth_counts_brackets_and_braces_outside_strings() {
