@@ -15,10 +15,10 @@ use serde_json::value::RawValue;
 /// document) and reads it back as
 /// [`IdempotencyRecord::result`](crate::IdempotencyRecord::result).
 ///
-/// Every `ResultJson` is one JSON value that `serde_json` reads back as it
-/// was written: it nests at most 100 levels deep (serde_json's limit is
-/// 128) and holds no integer wider than 64 bits (which would read back as a
-/// float). The checker's text is serde_json's compact output (with any
+/// Every `ResultJson` is one JSON value that `serde_json` reads back, its
+/// integers exactly: it nests at most 100 levels deep (serde_json's limit
+/// is 128) and holds no integer wider than 64 bits (which would read back
+/// as a rounded float). The checker's text is serde_json's compact output (with any
 /// `RawValue` inside the result as it is). Text from elsewhere (a store's
 /// own tests, a migration) is checked by [`ResultJson::new`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -27,8 +27,8 @@ pub struct ResultJson<'a> {
 }
 
 impl<'a> ResultJson<'a> {
-    /// Checks that `text` is one JSON value that serde_json reads back as
-    /// it was written: valid escapes and numbers, nesting at most 100
+    /// Checks that `text` is one JSON value that serde_json reads back,
+    /// its integers exactly: valid escapes and numbers, nesting at most 100
     /// levels deep, no integer wider than 64 bits. `Err` otherwise
     /// (serde_json's error, which names the position, when the text is not
     /// JSON). Whitespace around the value is kept; the text is never
@@ -93,8 +93,8 @@ pub(crate) fn too_deep() -> String {
 }
 
 /// Why the JSON text `text`, nested inside `outer_depth` levels, could
-/// not be replayed exactly: `None` when serde_json reads it back as it
-/// was written. For text the checker did not serialize itself (a
+/// not be replayed: `None` when serde_json reads it back, its integers
+/// exactly. For text the checker did not serialize itself (a
 /// [`RawValue`] inside a result, [`ResultJson::new`]): a `RawValue` is
 /// checked only loosely when it is made (an escape like `\ud800` or a
 /// number like `1e400` passes, and serde_json cannot read either back).
@@ -106,7 +106,8 @@ pub(crate) fn unreplayable(text: &str, outer_depth: usize) -> Option<String> {
 }
 
 /// Why the JSON text `text`, which serde_json reads, nested inside
-/// `outer_depth` levels, would not read back as it was written.
+/// `outer_depth` levels, would not be replayed: too deep, or an integer
+/// too wide to read back exactly.
 fn shape_problem(text: &str, outer_depth: usize) -> Option<String> {
     let shape = json_shape(text.as_bytes());
     if outer_depth + shape.depth > MAX_RESULT_DEPTH {
