@@ -123,10 +123,34 @@ impl IdempotencyChecker {
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.process_keyed(request, handler)
+            .await
+            .map(|(processed, _)| processed)
+    }
+
+    /// [`process_request`](Self::process_request), also handing back the
+    /// JSON text the store took when the handler ran here and its result
+    /// was recorded: the consume core answers with it rather than
+    /// serializing the value a second time. `None` for a replayed value and
+    /// a fail-open run.
+    pub(crate) async fn process_keyed<T, E, F, Fut>(
+        &self,
+        request: KeyedRequest<'_>,
+        handler: F,
+    ) -> Result<(Processed<T>, Option<Vec<u8>>), E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<IdempotencyError> + std::fmt::Display,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let (claimed, durations, key) = match self.claim_key(&request).await {
             Ok(claimed) => claimed,
             Err(error) if error.is_unavailable() && self.inner.config.fail_open => {
-                return self.run_unguarded(&request, &error, handler).await;
+                return self
+                    .run_unguarded(&request, &error, handler)
+                    .await
+                    .map(|processed| (processed, None));
             }
             Err(error) => return Err(E::from(error)),
         };
@@ -136,7 +160,9 @@ impl IdempotencyChecker {
                 let policy = request
                     .on_duplicate
                     .unwrap_or(self.inner.config.on_duplicate);
-                return replay(policy, key, record).map_err(E::from);
+                return replay(policy, key, record)
+                    .map(|processed| (processed, None))
+                    .map_err(E::from);
             }
             Claimed::InProgress(record) => {
                 return Err(E::from(IdempotencyError::InProgress {
@@ -164,12 +190,13 @@ impl IdempotencyChecker {
             }
         };
         handler_latency(started);
+        let mut text = Vec::new();
         match outcome {
-            Ok(Ok(value)) => match storable(&value, &mut Vec::new()) {
+            Ok(Ok(value)) => match storable(&value, &mut text) {
                 Ok(json) => match guard.finish_returning(Finish::Completed(Some(&json))).await {
                     (Ok(()), _) => {
                         self.remember(&key, &request, attempt, &json, durations.ttl);
-                        Ok(Processed::Executed(value))
+                        Ok((Processed::Executed(value), Some(text)))
                     }
                     // The side effects happened: report them, and keep
                     // trying to record them. Returning an error would only
@@ -180,7 +207,7 @@ impl IdempotencyChecker {
                             "the handler ran but the store did not take its completion; retrying it in the background"
                         );
                         self.complete_later(held, Some(json.into_owned()), durations);
-                        Ok(Processed::Executed(value))
+                        Ok((Processed::Executed(value), Some(text)))
                     }
                     (Err(e), _) => Err(E::from(e)),
                 },

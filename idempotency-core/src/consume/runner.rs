@@ -106,8 +106,10 @@ where
     F: FnOnce(Lease) -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    match checker.process_request(request, handler).await {
-        Ok(processed) => Disposition::reply_of(processed.value()),
+    match checker.process_keyed(request, handler).await {
+        // The JSON the store took is the reply: no second serialization.
+        Ok((_, Some(reply))) => Disposition::Ack { reply },
+        Ok((processed, None)) => Disposition::reply_of(processed.value()),
         Err(error) => error.disposition(),
     }
 }
@@ -260,6 +262,23 @@ mod tests {
             Disposition::ack(b"1".to_vec())
         );
         assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_reply_is_the_results_json_whether_run_or_replayed() {
+        let result = json!({"receipt": "r-\"42\"\n", "lines": [1, -2, 3.5], "empty": {}});
+        let expected = serde_json::to_vec(&result).expect("json");
+        let returned = result.clone();
+        let runner = Runner::new(checker(), move |_: EventEnvelope<Value>| {
+            let value = returned.clone();
+            async move { Ok::<_, IdempotencyError>(value) }
+        });
+        for _delivery in 0..2 {
+            assert_eq!(
+                runner.consume(Delivery::new(&body("k", 1))).await,
+                Disposition::ack(expected.clone())
+            );
+        }
     }
 
     #[tokio::test]
