@@ -1,7 +1,9 @@
 //! The event envelope handlers receive.
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use chrono::{DateTime, FixedOffset, Utc};
+use serde::{Deserialize, Deserializer, Serialize, de};
 use uuid::Uuid;
 
 use crate::error::{IdempotencyError, InvalidKeyReason};
@@ -48,7 +50,7 @@ pub struct EventEnvelope<P = serde_json::Value> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// When the event happened.
-    #[serde(default = "Utc::now")]
+    #[serde(default = "Utc::now", deserialize_with = "rfc3339")]
     pub occurred_at: DateTime<Utc>,
     /// The event's data.
     pub payload: P,
@@ -58,6 +60,31 @@ pub struct EventEnvelope<P = serde_json::Value> {
     /// An id shared by the events of one business flow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+}
+
+/// Reads `occurred_at` as chrono's own `Deserialize` does (RFC 3339, with
+/// chrono's relaxations: a space for the `T`, for one), trying chrono's
+/// strict RFC 3339 parser first: the same instant for the same text, and the
+/// strict form, which every serializer writes, parses several times faster.
+fn rfc3339<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    struct Rfc3339;
+
+    impl de::Visitor<'_> for Rfc3339 {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("an RFC 3339 formatted date and time string")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            DateTime::parse_from_rfc3339(text)
+                .or_else(|_| text.parse::<DateTime<FixedOffset>>())
+                .map(|at| at.with_timezone(&Utc))
+                .map_err(E::custom)
+        }
+    }
+
+    deserializer.deserialize_str(Rfc3339)
 }
 
 fn new_event_id() -> String {
@@ -148,6 +175,53 @@ impl<P> EventEnvelope<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn occurred_at_reads_as_chronos_own_deserializer_reads_it() {
+        for text in [
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:00.123456789Z",
+            "2026-01-01T02:30:00+02:30",
+            "2026-01-01t00:00:00z",
+            "2026-01-01 00:00:00Z",
+            "2026-01-01T00:00:00 +00:00",
+            "2016-12-31T23:59:60Z",
+            "2026-01-01T00:00:00",
+            "2026-13-01T00:00:00Z",
+            "",
+            "yesterday",
+        ] {
+            let json = format!(
+                r#"{{"event_id":"e","event_type":"t","occurred_at":"{text}","payload":null}}"#
+            );
+            let ours = serde_json::from_str::<EventEnvelope<()>>(&json)
+                .map(|e| e.occurred_at)
+                .map_err(|e| e.to_string());
+            #[derive(Deserialize)]
+            struct Chrono {
+                occurred_at: DateTime<Utc>,
+            }
+            let chrono = serde_json::from_str::<Chrono>(&format!(r#"{{"occurred_at":"{text}"}}"#))
+                .map(|c| c.occurred_at)
+                .map_err(|e| e.to_string());
+            assert_eq!(
+                ours.is_ok(),
+                chrono.is_ok(),
+                "{text}: {ours:?} / {chrono:?}"
+            );
+            if let (Ok(ours), Ok(chrono)) = (ours, chrono) {
+                assert_eq!(ours, chrono, "{text}");
+            }
+        }
+        let not_a_string = r#"{"event_id":"e","event_type":"t","occurred_at":7,"payload":null}"#;
+        let error = serde_json::from_str::<EventEnvelope<()>>(not_a_string).expect_err("a number");
+        assert!(
+            error
+                .to_string()
+                .contains("expected an RFC 3339 formatted date and time string"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn effective_key_prefers_the_explicit_key() {
