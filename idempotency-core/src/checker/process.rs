@@ -112,11 +112,13 @@ impl IdempotencyChecker {
 
     /// [`process`](Self::process) for a key-based request: the path the macro,
     /// NATS and HTTP integrations share.
-    pub async fn process_request<T, E, F, Fut>(
+    // An `async fn` in all but name: the future is `process_keyed`'s, with
+    // no second state machine around it.
+    pub fn process_request<T, E, F, Fut>(
         &self,
         request: KeyedRequest<'_>,
         handler: F,
-    ) -> Result<Processed<T>, E>
+    ) -> impl Future<Output = Result<Processed<T>, E>>
     where
         T: Serialize + DeserializeOwned,
         E: From<IdempotencyError> + std::fmt::Display,
@@ -124,8 +126,7 @@ impl IdempotencyChecker {
         Fut: Future<Output = Result<T, E>>,
     {
         self.process_keyed(request, handler)
-            .await
-            .map(|(processed, _)| processed)
+            .map(|outcome| outcome.map(|(processed, _)| processed))
     }
 
     /// [`process_request`](Self::process_request), also handing back the
