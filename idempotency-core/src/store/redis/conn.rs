@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
+use redis::{
+    Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
+    Value,
+};
 
 use crate::error::{IdempotencyError, Result};
 
@@ -145,6 +148,21 @@ pub(super) enum Conn {
     Node(ConnectionManager),
     /// A cluster: routes each command by its key.
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Sends one command and reads its reply, as `Cmd::query_async` does.
+    /// On a node it awaits the connection manager's own `send_packed_command`
+    /// rather than `ConnectionLike::req_packed_command`, which boxes a
+    /// 1.3 KB future per call (past glibc's per-thread cache, so each box
+    /// takes the allocator's slow path).
+    pub(super) async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> redis::RedisResult<T> {
+        let reply = match self {
+            Self::Node(c) => c.send_packed_command(cmd).await?,
+            Self::Cluster(c) => c.req_packed_command(cmd).await?,
+        };
+        Ok(redis::from_redis_value(reply.extract_error()?)?)
+    }
 }
 
 impl ConnectionLike for Conn {

@@ -222,7 +222,7 @@ impl RedisStore {
                     let cmd = &cmd;
                     async move {
                         let reply = if native {
-                            cmd.query_async::<Value>(&mut conn).await
+                            conn.query::<Value>(cmd).await
                         } else {
                             eval(&mut conn, &self.scripts.complete_if_equal, cmd).await
                         };

@@ -49,7 +49,7 @@ impl IdempotencyStore for RedisStore {
         let existing: Result<Option<Vec<u8>>> = self
             .run(request.key, |mut conn, _| {
                 let cmd = &cmd;
-                async move { cmd.query_async(&mut conn).await }
+                async move { conn.query(cmd).await }
             })
             .await;
         let existing = match existing {
@@ -185,7 +185,9 @@ impl IdempotencyStore for RedisStore {
     async fn delete(&self, key: &str) -> Result<bool> {
         let removed: i64 = self
             .run(key, |mut conn, _| async move {
-                redis::cmd("DEL").arg(key).query_async(&mut conn).await
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(key);
+                conn.query(&cmd).await
             })
             .await?;
         Ok(removed > 0)

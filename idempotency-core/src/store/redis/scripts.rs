@@ -85,10 +85,10 @@ pub(super) async fn eval<T: redis::FromRedisValue>(
     script: &Script,
     cmd: &redis::Cmd,
 ) -> redis::RedisResult<T> {
-    match cmd.query_async(conn).await {
+    match conn.query(cmd).await {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             script.load_async(conn).await?;
-            cmd.query_async(conn).await
+            conn.query(cmd).await
         }
         result => result,
     }
