@@ -110,8 +110,9 @@ impl IdempotencyChecker {
         self.process_request(request, handler).await
     }
 
-    /// [`process`](Self::process) for a key-based request: the path the macro,
-    /// NATS and HTTP integrations share.
+    /// [`process`](Self::process) for a key-based request: the path the macro
+    /// and the HTTP layer take, and the consume core (NATS) through its
+    /// crate-private twin, which also hands back the result's JSON text.
     // An `async fn` in all but name: the future is `process_keyed`'s, with
     // no second state machine around it.
     pub fn process_request<T, E, F, Fut>(
@@ -130,8 +131,9 @@ impl IdempotencyChecker {
     }
 
     /// [`process_request`](Self::process_request), also handing back the
-    /// JSON text the store took when the handler ran here and its result
-    /// was recorded: the consume core answers with it rather than
+    /// result's JSON text when the handler ran here and the result was
+    /// recorded (or is being recorded in the background, after a missed
+    /// completion): the consume core answers with it rather than
     /// serializing the value a second time. `None` for a replayed value and
     /// a fail-open run.
     pub(crate) async fn process_keyed<T, E, F, Fut>(

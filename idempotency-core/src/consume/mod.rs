@@ -52,7 +52,9 @@
 //! and replays is the whole response (status, headers, body) under the
 //! `Idempotency-Key` draft's rules, not a disposition. It calls the
 //! checker's [`process_request`](crate::IdempotencyChecker::process_request)
-//! directly, the same path [`Runner`] takes. An HTTP endpoint that receives
+//! directly, the path [`Runner`] takes too (through a crate-private twin
+//! that also hands back the result's JSON text, the `Ack`'s reply). An
+//! HTTP endpoint that receives
 //! envelopes as JSON bodies is an adapter like the others: a [`Delivery`]
 //! from the body and the header, a response from the [`Disposition`].
 //!

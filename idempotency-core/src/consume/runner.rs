@@ -281,6 +281,34 @@ mod tests {
         }
     }
 
+    /// A result that counts how often it is serialized.
+    struct Counted;
+
+    static SERIALIZED: AtomicUsize = AtomicUsize::new(0);
+
+    impl Serialize for Counted {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            SERIALIZED.fetch_add(1, Ordering::SeqCst);
+            serializer.serialize_str("counted")
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for Counted {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            String::deserialize(deserializer).map(|_| Self)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_executed_result_is_serialized_once_for_the_store_and_the_reply() {
+        let runner = Runner::new(checker(), |_: EventEnvelope<Value>| async {
+            Ok::<_, IdempotencyError>(Counted)
+        });
+        let reply = runner.consume(Delivery::new(&body("k", 1))).await;
+        assert_eq!(reply, Disposition::ack(b"\"counted\"".to_vec()));
+        assert_eq!(SERIALIZED.load(Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn handler_errors_are_classified_by_their_type() {
         // A String error: retried with its message.
