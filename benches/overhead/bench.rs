@@ -94,6 +94,7 @@ impl Bench {
             ref_keys: Arc::clone(&self.ref_keys),
             dup_envelopes: Arc::clone(&self.dup_envelopes),
             peer: self.peer.clone(),
+            burn: 0,
         }
     }
 

@@ -8,6 +8,9 @@ pub(crate) struct CpuSample {
     pub(crate) steal: u64,
     pub(crate) total: u64,
     pub(crate) own: u64,
+    /// The part of `own` spent in the kernel (system calls, the network
+    /// stack).
+    pub(crate) own_system: u64,
 }
 
 pub(crate) const TICKS_PER_SECOND: f64 = 100.0;
@@ -42,6 +45,7 @@ pub(crate) fn cpu_sample() -> CpuSample {
         // utime and stime are fields 14 and 15 of /proc/self/stat: the 12th
         // and 13th after the `)` (the state letter is the 1st).
         own: own_field(11) + own_field(12),
+        own_system: own_field(12),
     }
 }
 
@@ -57,4 +61,17 @@ pub(crate) fn machine() -> (String, usize) {
         .count()
         .max(std::thread::available_parallelism().map_or(0, usize::from));
     (model, cores)
+}
+
+/// This process's read and write system calls so far (`syscr` and `syscw`
+/// of `/proc/self/io`; socket reads by `recv` are not among them): how
+/// many requests each socket write carried, the client's side of batching.
+pub(crate) fn syscalls() -> (u64, u64) {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("syscr:"), field("syscw:"))
 }

@@ -92,8 +92,12 @@
 //! `IDEMPOTENCY_BENCH_ONLY=spin:<job>[:<tasks>[:<seconds>]]` runs one
 //! workload on Redis alone (`ref-new`, `ref-new-script`, `ref-dup`, `process-new`,
 //! `process-dup`, `macro-new`, `macro-dup`, `peer-new`, `peer-dup`; 32 tasks for 20 seconds unless
-//! told) and prints its rate and client CPU per event: for a profiler
-//! (`perf record -p`) to attach to. It compares nothing.
+//! told) and prints its rate and, per event, the client's CPU (and the
+//! kernel's part of it), Redis's CPU, Redis's socket reads and the client's
+//! write system calls: for a profiler (`perf record -p`) to attach to. It
+//! compares nothing. With `IDEMPOTENCY_BENCH_BURN=<iterations>`, `ref-dup`
+//! spends a busy loop of that many iterations after each reply: client CPU
+//! added on purpose, to see how batching follows it.
 //! `spin:worker[:<messages>]` runs the `JetStreamWorker` alone over that
 //! many new events (100,000 unless told), `spin:bare[:<messages>]` the bare
 //! pull consumer. `spin:memory-store[:<seconds>]` and

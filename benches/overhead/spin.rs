@@ -1,12 +1,14 @@
 //! `IDEMPOTENCY_BENCH_ONLY=spin:<job>[:<tasks>[:<seconds>]]`: one workload
 //! on Redis, alone and long enough for a profiler to attach to.
+//! `IDEMPOTENCY_BENCH_BURN=<iterations>` adds a busy loop to each of the
+//! hand-written client's duplicates (`ref-dup`).
 
 use std::time::{Duration, Instant};
 
 use idempotency_test_support::RedisServer;
 
 use crate::bench::Bench;
-use crate::cpu::{TICKS_PER_SECOND, cpu_sample};
+use crate::cpu::{TICKS_PER_SECOND, cpu_sample, syscalls};
 use crate::workload::{Job, run};
 
 /// Runs the job `spec` names and prints its rate and the client's CPU per
@@ -66,13 +68,29 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
             "spinning {job:?} in {tasks} tasks for {seconds} s (pid {})",
             std::process::id()
         ));
+        let (redis_before, reads_before) = bench.redis_cpu().await;
         let before = cpu_sample();
-        let (events, rate) = run(&bench.worker(job), tasks, Duration::from_secs(seconds)).await;
+        let calls_before = syscalls();
+        let mut worker = bench.worker(job);
+        worker.burn = std::env::var("IDEMPOTENCY_BENCH_BURN")
+            .ok()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(0);
+        let (events, rate) = run(&worker, tasks, Duration::from_secs(seconds)).await;
+        let calls_after = syscalls();
         let after = cpu_sample();
-        let own = (after.own - before.own) as f64 / TICKS_PER_SECOND;
+        let (redis_after, reads_after) = bench.redis_cpu().await;
+        let per_event = |x: f64| x / events.max(1) as f64;
+        let micros = |ticks: u64| per_event(ticks as f64 / TICKS_PER_SECOND * 1e6);
         println!(
-            "{job:?}, {tasks} tasks: {rate:.0}/s; client CPU {:.1} us per event",
-            own * 1e6 / events.max(1) as f64
+            "{job:?}, {tasks} tasks: {rate:.0}/s; per event: client CPU {:.1} us ({:.1} us in \
+             the kernel), Redis CPU {:.1} us, Redis socket reads {:.3}, client writes {:.3}",
+            micros(after.own - before.own),
+            micros(after.own_system - before.own_system),
+            per_event((redis_after - redis_before) * 1e6),
+            // Less the INFO call that read the counter.
+            per_event(reads_after.saturating_sub(reads_before).saturating_sub(1) as f64),
+            per_event((calls_after.1 - calls_before.1) as f64),
         );
     });
 }

@@ -158,6 +158,10 @@ pub(crate) struct Worker {
     pub(crate) ref_keys: Arc<[String]>,
     pub(crate) dup_envelopes: Arc<[EventEnvelope<Payload>]>,
     pub(crate) peer: Peer,
+    /// Iterations of a busy loop the hand-written client's duplicate spends
+    /// after its reply (0 but in `spin` runs with `IDEMPOTENCY_BENCH_BURN`):
+    /// client CPU added on purpose, to see what it does to batching.
+    pub(crate) burn: u64,
 }
 
 impl Worker {
@@ -234,6 +238,10 @@ impl Worker {
                     claim_command(key).query_async(&mut self.conn).await;
                 if let Some(None) = black_box(ok(existing)) {
                     problem(&ANOMALIES, "reference: a duplicate's key was absent");
+                }
+                let mut spent = 0u64;
+                for j in 0..self.burn {
+                    spent = black_box(spent.wrapping_add(j));
                 }
                 1
             }
