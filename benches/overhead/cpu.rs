@@ -63,15 +63,12 @@ pub(crate) fn machine() -> (String, usize) {
     (model, cores)
 }
 
-/// This process's read and write system calls so far (`syscr` and `syscw`
-/// of `/proc/self/io`; socket reads by `recv` are not among them): how
-/// many requests each socket write carried, the client's side of batching.
-pub(crate) fn syscalls() -> (u64, u64) {
+/// This process's write system calls so far (`syscw` of `/proc/self/io`):
+/// how many requests each socket write carried, the client's side of
+/// batching.
+pub(crate) fn write_calls() -> u64 {
     let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
-    let field = |name: &str| {
-        io.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("syscr:"), field("syscw:"))
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:")?.trim().parse().ok())
+        .unwrap_or(0)
 }

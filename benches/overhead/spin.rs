@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use idempotency_test_support::RedisServer;
 
 use crate::bench::Bench;
-use crate::cpu::{TICKS_PER_SECOND, cpu_sample, syscalls};
+use crate::cpu::{TICKS_PER_SECOND, cpu_sample, write_calls};
 use crate::workload::{Job, run};
 
-/// Runs the job `spec` names and prints its rate and the client's CPU per
-/// event.
+/// Runs the job `spec` names and prints its rate and what each event cost
+/// the client and Redis.
 pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -70,14 +70,14 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
         ));
         let (redis_before, reads_before) = bench.redis_cpu().await;
         let before = cpu_sample();
-        let calls_before = syscalls();
+        let writes_before = write_calls();
         let mut worker = bench.worker(job);
         worker.burn = std::env::var("IDEMPOTENCY_BENCH_BURN")
             .ok()
             .and_then(|b| b.parse().ok())
             .unwrap_or(0);
         let (events, rate) = run(&worker, tasks, Duration::from_secs(seconds)).await;
-        let calls_after = syscalls();
+        let writes_after = write_calls();
         let after = cpu_sample();
         let (redis_after, reads_after) = bench.redis_cpu().await;
         let per_event = |x: f64| x / events.max(1) as f64;
@@ -90,7 +90,7 @@ pub(crate) fn spin_alone(server: &RedisServer, started: Instant, spec: &str) {
             per_event((redis_after - redis_before) * 1e6),
             // Less the INFO call that read the counter.
             per_event(reads_after.saturating_sub(reads_before).saturating_sub(1) as f64),
-            per_event((calls_after.1 - calls_before.1) as f64),
+            per_event((writes_after - writes_before) as f64),
         );
     });
 }
