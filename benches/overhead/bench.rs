@@ -48,7 +48,8 @@ impl Bench {
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
+            .set_max_delay(Duration::from_secs(1))
+            .set_write_backpressure_boundary(64 * 1024);
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .expect("connect the reference client");
