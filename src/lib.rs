@@ -64,8 +64,9 @@ pub use idempotency_nats as nats;
 struct ReadmeDoctests;
 
 /// The guide, one module per chapter: the files of `docs/guide/`, indexed by
-/// `IDEMPOTENCY_GUIDE.md`. Every Rust snippet in it is compiled as a doctest,
-/// and run unless it needs a server (`no_run`). Built with every feature on
+/// `IDEMPOTENCY_GUIDE.md`. Every Rust snippet in it but one (a
+/// `tracing-subscriber` set-up, shown only) is compiled as a doctest, and run
+/// unless it needs a server (`no_run`). Built with every feature on
 /// (as on docs.rs), since its chapters use them all.
 #[cfg(all(
     any(doc, doctest),

@@ -241,10 +241,10 @@ impl TlsMaterial {
 /// claim is about 380 bytes on the wire (its document carries the key, the
 /// event's id and type, the token and the lease) and a completion more, so
 /// the commands of 32 concurrent tasks overran 8 KiB: the connection flushed
-/// in the middle of a batch, made about a third more write calls and
+/// in the middle of a batch, made about a quarter more write calls and
 /// reached the server in smaller batches (0.20 server reads per duplicate
-/// rather than 0.16 in the benchmark). The buffer grows only as far as a
-/// batch needs.
+/// rather than 0.16 in paired runs of the benchmark). The buffer grows only
+/// as far as a batch needs.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 impl Settings {
